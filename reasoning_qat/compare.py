@@ -1,0 +1,90 @@
+"""`rqat compare`: one table (and a plot) of BF16 vs RTN vs GPTQ vs QAT vs QAT+RL per bit width."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .pipeline import read_manifest
+from .quant.formats import directory_size
+
+METHOD_ORDER = ["rtn", "gptq_generic", "gptq", "qat", "qat_rl"]
+METHOD_LABEL = {"bf16": "BF16", "rtn": "RTN", "gptq": "GPTQ (domain calib)", "gptq_generic": "GPTQ (generic calib)",
+                "qat": "KD-QAT", "qat_rl": "KD-QAT + RL"}
+
+
+def collect(run_dirs: list[str | Path]) -> list[dict]:
+    rows = []
+    for run in map(Path, run_dirs):
+        ev = read_manifest(run / "eval")
+        if ev is None:
+            raise ValueError(f"{run}: no finished eval stage; run `rqat run RECIPE --stages eval` first")
+        sizes = (read_manifest(run / "export") or {}).get("metrics", {})
+        teacher_model = run / "teacher" / "model"
+        bf16_bytes = directory_size(teacher_model) if teacher_model.is_dir() else None
+        for name, tasks in ev["metrics"].items():
+            m = re.fullmatch(r"w(\d)-(\w+)", name)
+            bits, method = (int(m.group(1)), m.group(2)) if m else (16, "bf16")
+            size = bf16_bytes if method == "bf16" else sizes.get(name, {}).get("gptq_bytes", sizes.get(name, {}).get("dequantized_bytes"))
+            for task, tm in tasks.items():
+                rows.append({"run": run.name, "task": task, "bits": bits, "method": method, "pass@1": tm["pass@1"],
+                             "ci95": tm["ci95"], "size_bytes": size})
+    for r in rows:
+        base = [b for b in rows if b["run"] == r["run"] and b["task"] == r["task"] and b["method"] == "bf16"]
+        r["recovery"] = r["pass@1"] / base[0]["pass@1"] if base and base[0]["pass@1"] > 0 else None
+    key = {m: i for i, m in enumerate(["bf16", *METHOD_ORDER])}
+    return sorted(rows, key=lambda r: (r["run"], r["task"], -r["bits"], key.get(r["method"], 99)))
+
+
+def to_markdown(rows: list[dict]) -> str:
+    lines = ["| run | task | bits | method | pass@1 | ±95% CI | recovery (% of BF16) | size on disk (MB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rec = f"{100 * r['recovery']:.1f}" if r["recovery"] is not None else "-"
+        size = f"{r['size_bytes'] / 2**20:.2f}" if r["size_bytes"] else "-"
+        bits = "16" if r["method"] == "bf16" else str(r["bits"])
+        lines.append(f"| {r['run']} | {r['task']} | {bits} | {METHOD_LABEL.get(r['method'], r['method'])} | "
+                     f"{r['pass@1']:.3f} | {r['ci95']:.3f} | {rec} | {size} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({(r["run"], r["task"]) for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    for ax, (run, task) in zip(axes[0], tasks):
+        sub = [r for r in rows if r["run"] == run and r["task"] == task]
+        for method in METHOD_ORDER:
+            pts = sorted((r["bits"], r["pass@1"]) for r in sub if r["method"] == method)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=METHOD_LABEL[method])
+        for r in sub:
+            if r["method"] == "bf16":
+                ax.axhline(r["pass@1"], color="black", linestyle="--", label="BF16")
+        ax.set_xlabel("weight bits")
+        ax.set_ylabel("pass@1")
+        ax.set_title(f"{run}: {task}")
+        ax.set_xticks(sorted({r["bits"] for r in sub if r["method"] != "bf16"}))
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path, make_plot: bool = True) -> tuple[list[dict], str]:
+    rows = collect(run_dirs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = to_markdown(rows)
+    (out_dir / "compare.md").write_text(md + "\n")
+    (out_dir / "compare.json").write_text(json.dumps(rows, indent=1))
+    if make_plot:
+        plot(rows, out_dir / "compare.png")
+    return rows, md

@@ -1,0 +1,112 @@
+"""Reasoning data: rows of (prompt, response-with-thinking), formatted exactly as at inference.
+
+A training example is the chat template's generation prompt for the user turn followed by the
+response and the end-of-turn token; the loss mask covers the response only. Calibration uses the
+same text, so PTQ sees the domain and format that QAT trains on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def load_rows(source: str, split: str = "train", demo_dir: str | Path | None = None, subset: str | None = None) -> list[dict]:
+    """Rows from `demo` (the run's generated split), a local .jsonl file, or a hub dataset id."""
+    if source == "demo":
+        if demo_dir is None:
+            raise ValueError("data.source: 'demo' needs the demo teacher (model.demo) in the recipe")
+        return read_jsonl(Path(demo_dir) / f"{split}.jsonl")
+    if source.endswith(".jsonl"):
+        if not Path(source).is_file():
+            raise ValueError(f"data.source: no such file {source!r}")
+        return read_jsonl(source)
+    from datasets import load_dataset  # hub ids (or local dataset directories)
+
+    return [dict(r) for r in load_dataset(source, subset, split=split)]
+
+
+def select_fields(rows: list[dict], prompt_field: str, response_field: str, max_samples: int | None = None) -> list[dict]:
+    out = []
+    for i, r in enumerate(rows[:max_samples] if max_samples else rows):
+        if prompt_field not in r or response_field not in r:
+            raise ValueError(f"data: row {i} lacks field {prompt_field!r} or {response_field!r} (has {sorted(r)})")
+        response = r[response_field]
+        if isinstance(response, list):  # datasets with several generations per prompt: take the first
+            response = response[0] if response else ""
+        out.append({"prompt": r[prompt_field], "response": response, **({"answer": str(r["answer"])} if "answer" in r else {})})
+    return out
+
+
+def generation_prompt(tokenizer, prompt: str, enable_thinking: bool = True) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+    )
+
+
+def format_example(tokenizer, prompt: str, response: str) -> tuple[str, str]:
+    """(prompt text, completion text) exactly as the model sees them at inference."""
+    return generation_prompt(tokenizer, prompt), response + tokenizer.eos_token + "\n"
+
+
+def tokenize_example(tokenizer, prompt: str, response: str, max_length: int) -> dict:
+    p_text, c_text = format_example(tokenizer, prompt, response)
+    p_ids = tokenizer(p_text, add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer(c_text, add_special_tokens=False)["input_ids"]
+    ids = (p_ids + c_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(p_ids) + c_ids)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+class ReasoningSFTDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict], tokenizer, max_length: int):
+        self.examples = [tokenize_example(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
+        if not self.examples:
+            raise ValueError("data: the training set is empty")
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+
+class PadCollator:
+    """Right-pads input_ids/labels and builds the attention mask."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), n), self.pad, dtype=torch.long)
+        labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, b in enumerate(batch):
+            k = len(b["input_ids"])
+            ids[i, :k] = torch.tensor(b["input_ids"])
+            labels[i, :k] = torch.tensor(b["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -1,0 +1,168 @@
+"""Knowledge-distillation losses and the KD-QAT trainer (a `transformers.Trainer` subclass).
+
+The vocabulary projection runs in chunks of positions under activation checkpointing, so neither
+the student's nor the teacher's full [tokens, vocab] float32 logits ever exist at once (Qwen3's
+vocabulary is 151k). Only response tokens (labels != -100) enter the loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import Trainer
+
+from .data.reasoning import IGNORE_INDEX
+
+# ---- per-token losses on [n, vocab] logits; each returns the summed loss over the n tokens ---------
+
+def forward_kl(s_logits, t_logits, temperature=1.0, top_k=None):
+    s_logp = F.log_softmax(s_logits / temperature, dim=-1)
+    if top_k:
+        t_top, idx = (t_logits / temperature).topk(top_k, dim=-1)
+        t_logp = F.log_softmax(t_top, dim=-1)  # teacher renormalised over its top-k
+        return (t_logp.exp() * (t_logp - s_logp.gather(-1, idx))).sum() * temperature**2
+    t_logp = F.log_softmax(t_logits / temperature, dim=-1)
+    return (t_logp.exp() * (t_logp - s_logp)).sum() * temperature**2
+
+
+def reverse_kl(s_logits, t_logits, temperature=1.0, top_k=None):
+    s_logp = F.log_softmax(s_logits / temperature, dim=-1)
+    t_logp = F.log_softmax(t_logits / temperature, dim=-1)
+    return (s_logp.exp() * (s_logp - t_logp)).sum() * temperature**2
+
+
+def jsd(s_logits, t_logits, temperature=1.0, beta=0.5, top_k=None):
+    """Generalised JSD: beta * KL(teacher || m) + (1 - beta) * KL(student || m), m = beta*t + (1-beta)*s."""
+    s_logp = F.log_softmax(s_logits / temperature, dim=-1)
+    t_logp = F.log_softmax(t_logits / temperature, dim=-1)
+    m_logp = torch.logsumexp(torch.stack([t_logp + math.log(beta), s_logp + math.log(1 - beta)]), dim=0)
+    kl_t = (t_logp.exp() * (t_logp - m_logp)).sum()
+    kl_s = (s_logp.exp() * (s_logp - m_logp)).sum()
+    return (beta * kl_t + (1 - beta) * kl_s) * temperature**2
+
+
+def chunked_distill_loss(h_s, h_t, head_s: nn.Module, head_t: nn.Module | None, targets, kd, chunk_size: int):
+    """Mean per-token loss over n selected positions from hidden states [n, H].
+
+    kd.loss == "ce" uses `targets` (next tokens) and ignores the teacher.
+    """
+    n = h_s.shape[0]
+    total = h_s.new_zeros((), dtype=torch.float32)
+
+    def piece(hs, ht, tg):
+        s_logits = head_s(hs).float()
+        if kd.loss == "ce":
+            return F.cross_entropy(s_logits, tg, reduction="sum")
+        with torch.no_grad():
+            t_logits = head_t(ht).float()
+        if kd.loss == "forward_kl":
+            return forward_kl(s_logits, t_logits, kd.temperature, kd.top_k)
+        if kd.loss == "reverse_kl":
+            return reverse_kl(s_logits, t_logits, kd.temperature)
+        return jsd(s_logits, t_logits, kd.temperature, kd.jsd_beta)
+
+    for i in range(0, n, chunk_size):
+        ht = h_t[i : i + chunk_size] if h_t is not None else None
+        # Checkpointing recomputes this chunk's logits in the backward pass instead of storing them.
+        total = total + checkpoint(piece, h_s[i : i + chunk_size], ht, targets[i : i + chunk_size], use_reentrant=False)
+    return total / max(n, 1)
+
+
+def naive_distill_loss(s_logits_full, t_logits_full, labels, kd):
+    """Reference: full-logits loss (what chunking avoids); used by tests and the benchmark."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    s, t = s_logits_full[:, :-1][mask].float(), t_logits_full[:, :-1][mask].float()
+    if kd.loss == "ce":
+        return F.cross_entropy(s, labels[:, 1:][mask], reduction="mean")
+    fn = {"forward_kl": lambda: forward_kl(s, t, kd.temperature, kd.top_k),
+          "reverse_kl": lambda: reverse_kl(s, t, kd.temperature),
+          "jsd": lambda: jsd(s, t, kd.temperature, kd.jsd_beta)}[kd.loss]
+    return fn() / max(int(mask.sum()), 1)
+
+
+class _HiddenOnly:
+    """Temporarily swap a causal LM's output head for identity, so the wrapped forward (DDP,
+    DeepSpeed) returns final hidden states and the vocabulary projection can run chunked."""
+
+    def __init__(self, model):
+        self.model = model
+        self.head = model.get_output_embeddings()
+
+    def __enter__(self):
+        self.model.set_output_embeddings(nn.Identity())
+        return self.head
+
+    def __exit__(self, *exc):
+        self.model.set_output_embeddings(self.head)
+
+
+def hidden_and_head(model, unwrapped, input_ids, attention_mask):
+    with _HiddenOnly(unwrapped) as head:
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return hidden, head
+
+
+class KDTrainer(Trainer):
+    """Trainer whose loss is distillation from a frozen teacher (or plain CE, for comparison).
+
+    Quantizer scales/zeros get their own learning rate (`scale_lr`); everything else about the loop
+    (accumulation, mixed precision, DeepSpeed, checkpoints, resume, logging) is the Trainer's.
+    """
+
+    def __init__(self, *args, teacher=None, kd=None, scale_lr: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The loss below is a per-batch mean; let the Trainer average it over accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.kd = kd
+        self.scale_lr = scale_lr
+        self.teacher = None
+        if teacher is not None and kd.loss != "ce":
+            teacher.eval().requires_grad_(False)
+            if self.is_deepspeed_enabled:
+                from trl.models.utils import prepare_deepspeed
+
+                self.teacher = prepare_deepspeed(teacher, self.accelerator)
+            else:
+                self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.scale_lr is not None:
+            model = self.model
+            quant = [p for n, p in model.named_parameters() if p.requires_grad and n.rsplit(".", 1)[-1] in ("scale", "zero")]
+            ids = {id(p) for p in quant}
+            decay = self.get_decay_parameter_names(model)
+            rest_decay = [p for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids and n in decay]
+            rest_nodecay = [p for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids and n not in decay]
+            groups = [
+                {"params": rest_decay, "weight_decay": self.args.weight_decay},
+                {"params": rest_nodecay, "weight_decay": 0.0},
+                {"params": quant, "weight_decay": 0.0, "lr": self.scale_lr},
+            ]
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer = cls([g for g in groups if g["params"]], **kwargs)
+            return self.optimizer
+        return super().create_optimizer(model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
+        unwrapped = self.accelerator.unwrap_model(model)
+        h_s, head_s = hidden_and_head(model, unwrapped, ids, mask)
+        sel = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
+        targets = labels[:, 1:][sel]
+        h_t, head_t = None, None
+        if self.kd.loss != "ce":
+            with torch.no_grad():
+                t_model = self.teacher
+                h_t, head_t = hidden_and_head(t_model, self.accelerator.unwrap_model(t_model), ids, mask)
+            h_t = h_t[:, :-1][sel]
+        loss = chunked_distill_loss(h_s[:, :-1][sel], h_t, head_s, head_t, targets, self.kd, self.kd.chunk_size)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"qat: the loss became {loss.item()} at step {self.state.global_step + 1}; the last good checkpoint is "
+                f"kept in {self.args.output_dir}; lower qat.lr or qat.scale_lr and re-run (it resumes from there)"
+            )
+        return (loss, None) if return_outputs else loss

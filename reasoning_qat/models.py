@@ -1,0 +1,65 @@
+"""Loading models and tokenizers (hub ids or local directories), and building the demo teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]
+
+
+def load_tokenizer(path_or_id: str, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, revision=revision)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path_or_id: str, dtype: torch.dtype = torch.bfloat16, trust_remote_code: bool = False,
+               revision: str | None = None, device: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision
+    )
+    return model.to(device) if device else model
+
+
+def load_config(path_or_id: str, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, revision=revision)
+
+
+def demo_config(demo, vocab_size: int, max_positions: int = 256):
+    from transformers import Qwen3Config
+
+    if demo.hidden_size % demo.num_heads:
+        raise ValueError(f"model.demo.num_heads: {demo.num_heads} does not divide hidden_size {demo.hidden_size}")
+    return Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=demo.hidden_size,
+        intermediate_size=demo.intermediate_size,
+        num_hidden_layers=demo.num_layers,
+        num_attention_heads=demo.num_heads,
+        num_key_value_heads=demo.num_kv_heads,
+        head_dim=demo.hidden_size // demo.num_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    )
+
+
+def best_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def is_local(path_or_id: str) -> bool:
+    return Path(path_or_id).exists()

@@ -1,0 +1,211 @@
+"""The staged pipeline: which stages run, in what order, and the run directory they share.
+
+Each stage writes into `runs/<name>/.<stage>.partial/` and, on success, a `manifest.json` is written
+and the directory is renamed to `runs/<name>/<stage>/`: a crash never leaves a half stage that looks
+done, and a stage that crashed resumes from what its partial directory holds (QAT checkpoints,
+finished eval variants). A stage is stale when its recipe sections or any input stage changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from .recipe import Recipe, RecipeError, parse_recipe
+
+MANIFEST = "manifest.json"
+RECIPE_SNAPSHOT = "recipe.yaml"
+
+
+@dataclass
+class StageContext:
+    recipe: Recipe
+    run_dir: Path
+    out: Path  # the stage's working directory (renamed into place on success)
+    inputs: dict[str, Path]  # input stage name -> its finished directory
+    metrics: dict = field(default_factory=dict)
+
+    def input(self, stage: str) -> Path:
+        if stage not in self.inputs:
+            raise RuntimeError(f"stage input {stage!r} is not available")
+        return self.inputs[stage]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[StageContext], dict | None]
+    deps: tuple[str, ...]
+    recipe_keys: tuple[str, ...]
+    enabled: Callable[[Recipe], bool] = lambda r: True
+    help: str = ""
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("reasoning-qat", "torch", "transformers", "accelerate", "trl", "peft", "deepspeed", "vllm", "math-verify"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    path = stage_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+class Pipeline:
+    def __init__(self, recipe: Recipe, stages: list[Stage], console=None):
+        self.recipe = recipe
+        self.stages = {s.name: s for s in stages}
+        self.order = [s.name for s in stages]
+        self.run_dir = recipe.run_dir
+        self.console = console
+
+    # ---- state ----------------------------------------------------------------------------------
+    def stage_dir(self, name: str) -> Path:
+        return self.run_dir / name
+
+    def partial_dir(self, name: str) -> Path:
+        return self.run_dir / f".{name}.partial"
+
+    def enabled(self, name: str) -> bool:
+        return self.stages[name].enabled(self.recipe)
+
+    def manifest(self, name: str) -> dict | None:
+        self._recover(name)
+        return read_manifest(self.stage_dir(name))
+
+    def _recover(self, name: str) -> None:
+        """Finish a rename that a crash interrupted (old moved away, new not yet in place)."""
+        old, final = self.run_dir / f".{name}.old", self.stage_dir(name)
+        if old.exists() and not final.exists():
+            old.rename(final)
+
+    def active_deps(self, name: str) -> list[str]:
+        return [d for d in self.stages[name].deps if self.enabled(d)]
+
+    def status(self, name: str) -> str:
+        """done | stale | missing | partial | disabled"""
+        if not self.enabled(name):
+            return "disabled"
+        m = self.manifest(name)
+        if m is None:
+            return "partial" if self.partial_dir(name).exists() else "missing"
+        stage = self.stages[name]
+        if m.get("recipe_hash") != self.recipe.section_hash(*stage.recipe_keys):
+            return "stale"
+        for dep in self.active_deps(name):
+            dm = self.manifest(dep)
+            if dm is None or m.get("inputs", {}).get(dep) != dm.get("fingerprint"):
+                return "stale"
+            if self.status(dep) == "stale":
+                return "stale"
+        return "done"
+
+    # ---- running --------------------------------------------------------------------------------
+    def plan(self, only: list[str] | None = None, force: bool = False) -> list[str]:
+        if only:
+            unknown = [s for s in only if s not in self.stages]
+            if unknown:
+                raise RecipeError(f"--stages: unknown stage {unknown[0]!r} (stages: {', '.join(self.order)})")
+            disabled = [s for s in only if not self.enabled(s)]
+            if disabled:
+                raise RecipeError(f"--stages: stage {disabled[0]!r} is disabled in the recipe ({disabled[0]}.enabled: false)")
+            chosen = [s for s in self.order if s in only]
+            for s in chosen:
+                for dep in self.active_deps(s):
+                    if dep not in chosen and self.manifest(dep) is None:
+                        raise RecipeError(
+                            f"--stages: {s} needs the {dep} stage, which has not run in {self.run_dir}; "
+                            f"run `rqat run RECIPE --stages {dep},{s}` or `rqat run RECIPE`"
+                        )
+            return chosen
+        chosen = []
+        for s in self.order:
+            if not self.enabled(s):
+                continue
+            if force or self.status(s) != "done" or any(d in chosen for d in self.active_deps(s)):
+                chosen.append(s)
+        return chosen
+
+    def run(self, only: list[str] | None = None, force: bool = False) -> list[str]:
+        chosen = self.plan(only, force)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / RECIPE_SNAPSHOT).write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
+        for name in chosen:
+            self._run_stage(name, fresh=force)
+        return chosen
+
+    def _run_stage(self, name: str, fresh: bool) -> None:
+        stage = self.stages[name]
+        partial = self.partial_dir(name)
+        if fresh and partial.exists():
+            shutil.rmtree(partial)
+        resuming = partial.exists()
+        partial.mkdir(parents=True, exist_ok=True)
+        inputs = {d: self.stage_dir(d) for d in self.active_deps(name)}
+        ctx = StageContext(self.recipe, self.run_dir, partial, inputs)
+        self._say(f"[bold cyan]stage {name}[/]" + (" (resuming)" if resuming else ""))
+        started = time.time()
+        metrics = stage.run(ctx) or {}
+        manifest = {
+            "stage": name,
+            "status": "done",
+            "recipe_hash": self.recipe.section_hash(*stage.recipe_keys),
+            "inputs": {d: self.manifest(d)["fingerprint"] for d in inputs},
+            "versions": package_versions(),
+            "metrics": {**ctx.metrics, **metrics},
+            "wall_time_s": round(time.time() - started, 2),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        manifest["fingerprint"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+        (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        final, old = self.stage_dir(name), self.run_dir / f".{name}.old"
+        if final.exists():
+            final.rename(old)
+        partial.rename(final)
+        if old.exists():
+            shutil.rmtree(old)
+        self._say(f"  [green]done[/] {name} in {manifest['wall_time_s']:.1f}s")
+
+    def _say(self, msg: str) -> None:
+        if self.console is not None:
+            self.console.print(msg)
+
+    def status_rows(self) -> list[dict]:
+        rows = []
+        for name in self.order:
+            m = self.manifest(name) or {}
+            rows.append({
+                "stage": name,
+                "status": self.status(name),
+                "wall_time_s": m.get("wall_time_s"),
+                "finished_at": m.get("finished_at"),
+            })
+        return rows
+
+
+def recipe_from_run(run_dir: str | Path) -> Recipe:
+    path = Path(run_dir) / RECIPE_SNAPSHOT
+    if not path.is_file():
+        raise RecipeError(f"{run_dir}: not a run directory (no {RECIPE_SNAPSHOT}); give the path runs/<name>")
+    return parse_recipe(yaml.safe_load(path.read_text()), str(path))

@@ -1,0 +1,124 @@
+"""Fake-quant Linear with learnable scales and zero points, and swap-in/swap-out over a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizer import (
+    default_g_idx,
+    dequantize,
+    export_params,
+    fake_quantize,
+    find_group_params,
+    quantize_weight,
+)
+from .scheme import QuantScheme, QuantTargets
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized Linear weight: integer codes plus per-group scale, zero and the column->group map."""
+
+    codes: torch.Tensor  # uint8 [out, in]
+    scale: torch.Tensor  # float32 [out, groups]
+    zero: torch.Tensor  # float32 [out, groups], integer-valued
+    g_idx: torch.Tensor  # int32 [in]
+    scheme: QuantScheme
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scale, self.zero, self.g_idx)
+
+    @classmethod
+    def rtn(cls, weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
+        """Round-to-nearest with the scheme's observer."""
+        scale, zero = find_group_params(weight, scheme)
+        g_idx = default_g_idx(weight.shape[1], scheme, weight.device)
+        return cls(quantize_weight(weight, scale, zero, g_idx, scheme.maxq), scale, zero, g_idx, scheme)
+
+
+class FakeQuantLinear(nn.Module):
+    """Linear whose forward uses the fake-quantized latent weight; scale and zero are parameters."""
+
+    def __init__(self, linear: nn.Linear, qw: QuantizedWeight, keep_latent: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.scheme = qw.scheme
+        # The latent weight starts on the quantization grid, so the forward equals the PTQ model's. It is
+        # kept in float32 whatever the model's dtype: it is the master copy QAT updates, and a
+        # bfloat16 copy could round an 8-bit code to its neighbour.
+        # keep_latent=True keeps the full-precision weight as the latent instead (QAT from BF16).
+        latent = linear.weight.data.float().clone() if keep_latent else qw.dequantize()
+        self.weight = nn.Parameter(latent, requires_grad=linear.weight.requires_grad)
+        self.bias = linear.bias
+        self.scale = nn.Parameter(qw.scale.float().clone())
+        self.zero = nn.Parameter(qw.zero.float().clone(), requires_grad=not qw.scheme.symmetric)
+        self.register_buffer("g_idx", qw.g_idx.to(torch.int32).clone())
+
+    def quantized_weight(self) -> torch.Tensor:
+        return fake_quantize(self.weight, self.scale, self.zero, self.g_idx, self.scheme.maxq)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
+
+    @torch.no_grad()
+    def export(self) -> QuantizedWeight:
+        """The integer codes, scales and zeros this module's forward uses."""
+        scale, zero = export_params(self.scale, self.zero, self.scheme.maxq)
+        codes = quantize_weight(self.weight, scale, zero, self.g_idx, self.scheme.maxq)
+        return QuantizedWeight(codes, scale.clone(), zero.clone(), self.g_idx.clone(), self.scheme)
+
+    def extra_repr(self) -> str:
+        s = self.scheme
+        return f"{self.in_features}, {self.out_features}, w{s.bits}g{s.group_size}{'sym' if s.symmetric else 'asym'}"
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def swap_in_fake_quant(
+    model: nn.Module, targets: QuantTargets, init: dict[str, QuantizedWeight] | None = None, keep_latent: bool = False
+) -> dict[str, QuantScheme]:
+    """Replace every targeted nn.Linear by a FakeQuantLinear, in place.
+
+    `init` maps module names to quantized weights (e.g. a GPTQ result); modules it lacks are
+    initialised by round-to-nearest of their current weight.
+    """
+    plan = targets.resolve(model)
+    for name, scheme in plan.items():
+        linear = model.get_submodule(name)
+        qw = (init or {}).get(name)
+        if qw is None:
+            qw = QuantizedWeight.rtn(linear.weight.data, scheme)
+        elif qw.scheme != scheme:
+            raise ValueError(f"{name}: the checkpoint holds {qw.scheme}, the recipe asks for {scheme}")
+        _set_module(model, name, FakeQuantLinear(linear, qw, keep_latent))
+    return plan
+
+
+def fake_quant_modules(model: nn.Module) -> dict[str, FakeQuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+
+
+@torch.no_grad()
+def swap_out_fake_quant(model: nn.Module) -> dict[str, QuantizedWeight]:
+    """Replace FakeQuantLinear modules by plain Linear layers holding the dequantized weights.
+
+    Returns the quantized weights, so a caller can also write the packed format.
+    """
+    exported = {}
+    for name, fq in fake_quant_modules(model).items():
+        qw = fq.export()
+        linear = nn.Linear(fq.in_features, fq.out_features, bias=fq.bias is not None, device=fq.weight.device,
+                           dtype=fq.weight.dtype)
+        linear.weight.data.copy_(qw.dequantize().to(fq.weight.dtype))
+        if fq.bias is not None:
+            linear.bias.data.copy_(fq.bias.data)
+        _set_module(model, name, linear)
+        exported[name] = qw
+    return exported

@@ -1,0 +1,219 @@
+"""The one place that knows the on-disk formats.
+
+1. `rqat` quantized checkpoint (what ptq, qat and rl write): a transformers config and tokenizer,
+   `model.safetensors` with every non-quantized tensor plus, for each quantized Linear,
+   `<name>.codes` (uint8), `<name>.scale`, `<name>.zero` (float32) and `<name>.g_idx` (int32), and
+   `quant_meta.json` with each module's scheme. Loading it gives a fake-quant model whose forward is
+   the quantized function (the PTQ -> QAT bridge).
+2. Dequantized export: a plain transformers checkpoint holding w_hat = (q - zero) * scale, which any
+   engine runs (used for evaluating every bit width; vLLM serves GPTQ only at 4/8 bits).
+3. GPTQ v1 export: `qweight`/`qzeros`/`scales`/`g_idx` with `quantization_config` in config.json.
+   Codes are packed as a little-endian bit stream into int32 words (qweight along the input
+   dimension, qzeros along the output dimension); zeros are stored minus one; scales are float16.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .fake_quant import FakeQuantLinear, QuantizedWeight, _set_module, fake_quant_modules, swap_out_fake_quant
+from .scheme import QuantScheme
+
+QUANT_META = "quant_meta.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = "rqat-fakequant-v1"
+_PARTS = ("codes", "scale", "zero", "g_idx")
+
+
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / QUANT_META).is_file()
+
+
+def _dedup_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop tensors that share storage with an earlier one (tied embeddings); safetensors refuses them."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v.detach().contiguous().cpu()
+    return out
+
+
+def save_quantized_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer=None, extra_meta: dict | None = None):
+    """Write a fake-quant model (FakeQuantLinear modules) in the rqat format."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fq = fake_quant_modules(model)
+    if not fq:
+        raise ValueError("save_quantized_checkpoint: the model has no FakeQuantLinear module")
+    skip = tuple(f"{n}.{p}" for n in fq for p in ("weight", "scale", "zero", "g_idx"))
+    state = {k: v for k, v in model.state_dict().items() if k not in skip}
+    modules = {}
+    for name, m in fq.items():
+        qw = m.export()
+        for part in _PARTS:
+            state[f"{name}.{part}"] = getattr(qw, part)
+        modules[name] = qw.scheme.to_dict()
+    save_file(_dedup_shared(state), str(out_dir / WEIGHTS), metadata={"format": FORMAT_VERSION})
+    model.config.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    meta = {"format": FORMAT_VERSION, "modules": modules, **(extra_meta or {})}
+    (out_dir / QUANT_META).write_text(json.dumps(meta, indent=1))
+
+
+def read_quantized_weights(path: str | Path) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], dict]:
+    path = Path(path)
+    meta = json.loads((path / QUANT_META).read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unknown quantized checkpoint format {meta.get('format')!r}")
+    state = load_file(str(path / WEIGHTS))
+    qws = {}
+    for name, scheme in meta["modules"].items():
+        parts = {p: state.pop(f"{name}.{p}") for p in _PARTS}
+        qws[name] = QuantizedWeight(scheme=QuantScheme(**scheme), **parts)
+    return qws, state, meta
+
+
+def load_quantized_checkpoint(path: str | Path, dtype=torch.float32, device="cpu"):
+    """Load an rqat checkpoint as a fake-quant transformers model (forward = the quantized function)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    qws, rest, meta = read_quantized_weights(path)
+    config = AutoConfig.from_pretrained(path)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, qw in qws.items():
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"{path}: {name} is not a Linear layer in this architecture")
+        _set_module(model, name, FakeQuantLinear(linear, _to(qw, device)))
+    missing, unexpected = model.load_state_dict(rest, strict=False)
+    quant_keys = {f"{n}.{p}" for n in qws for p in ("weight", "scale", "zero", "g_idx")}
+    missing = [k for k in missing if k not in quant_keys and not _is_tied(model, k)]
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    return model
+
+
+def _is_tied(model, key: str) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and key.startswith("lm_head.")
+
+
+def _to(qw: QuantizedWeight, device) -> QuantizedWeight:
+    return QuantizedWeight(qw.codes.to(device), qw.scale.to(device), qw.zero.to(device), qw.g_idx.to(device), qw.scheme)
+
+
+def export_dequantized(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype=torch.bfloat16):
+    """Plain transformers checkpoint with the dequantized weights; returns the quantized weights."""
+    qws = swap_out_fake_quant(model)
+    model.to(dtype)
+    model.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return qws
+
+
+# ---- GPTQ v1 packing ---------------------------------------------------------------------------
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integers along the last axis into int32 words as a little-endian bit stream."""
+    n = values.shape[-1]
+    if (n * bits) % 32:
+        raise ValueError(f"cannot pack {n} values of {bits} bits into whole 32-bit words")
+    per_period = 32 // math.gcd(32, bits)  # values per run of whole words (3 bits: 32 values, 3 words)
+    words_per_period = per_period * bits // 32
+    v = values.to(torch.int64).reshape(*values.shape[:-1], n // per_period, per_period)
+    words = torch.zeros(*v.shape[:-1], words_per_period, dtype=torch.int64, device=values.device)
+    for j in range(per_period):
+        pos = j * bits
+        w, off = divmod(pos, 32)
+        words[..., w] |= (v[..., j] << off) & 0xFFFFFFFF
+        if off + bits > 32:
+            words[..., w + 1] |= v[..., j] >> (32 - off)
+    words = words.reshape(*values.shape[:-1], -1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def gptq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """qweight [in*b/32, out], qzeros [groups, out*b/32], scales [groups, out] fp16, g_idx [in]."""
+    bits = qw.scheme.bits
+    return {
+        "qweight": pack_bits(qw.codes, bits).t().contiguous(),  # packed along the input dimension
+        "qzeros": pack_bits((qw.zero.t().round().to(torch.int64) - 1).contiguous(), bits),
+        "scales": qw.scale.t().contiguous().half(),
+        "g_idx": qw.g_idx.to(torch.int32).contiguous(),
+    }
+
+
+def gptq_config(schemes: dict[str, QuantScheme], act_order: bool = False) -> dict:
+    first = next(iter(schemes.values()))
+    if any((s.bits, s.group_size, s.symmetric) != (first.bits, first.group_size, first.symmetric) for s in schemes.values()):
+        # GPTQ's config has one global scheme plus per-module "dynamic" overrides (GPTQModel's key).
+        dynamic = {
+            f"+:^{name.replace('.', '[.]')}$": {"bits": s.bits, "group_size": s.group_size}
+            for name, s in schemes.items()
+            if (s.bits, s.group_size) != (first.bits, first.group_size)
+        }
+    else:
+        dynamic = None
+    cfg = {
+        "quant_method": "gptq",
+        "bits": first.bits,
+        "group_size": first.group_size,
+        "desc_act": act_order,
+        "sym": first.symmetric,
+        "damp_percent": 0.01,
+        "true_sequential": True,
+        "static_groups": False,
+        "checkpoint_format": "gptq",
+        "lm_head": False,
+    }
+    if dynamic:
+        cfg["dynamic"] = dynamic
+    return cfg
+
+
+def export_gptq(model: nn.Module, out_dir: str | Path, tokenizer=None, act_order: bool = False,
+                dtype=torch.float16) -> None:
+    """GPTQ v1 checkpoint from a fake-quant model (the model is left unchanged)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fq = fake_quant_modules(model)
+    for name, m in fq.items():
+        for what, width in (("input", m.in_features), ("output", m.out_features)):
+            if (width * m.scheme.bits) % 32:
+                raise ValueError(f"export.formats: gptq packs {m.scheme.bits}-bit codes into 32-bit words, but {name} has "
+                                 f"{what} width {width}; drop gptq from export.formats (the dequantized export works)")
+    skip = tuple(f"{n}.{p}" for n in fq for p in ("weight", "scale", "zero", "g_idx"))
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items() if k not in skip}
+    schemes = {}
+    for name, m in fq.items():
+        qw = m.export()
+        for k, v in gptq_tensors(qw).items():
+            state[f"{name}.{k}"] = v
+        schemes[name] = qw.scheme
+    save_file(_dedup_shared(state), str(out_dir / WEIGHTS), metadata={"format": "pt"})
+    qcfg = gptq_config(schemes, act_order)
+    config = model.config.to_dict()
+    config["quantization_config"] = qcfg
+    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (out_dir / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def directory_size(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

@@ -1,0 +1,127 @@
+"""Post-training quantization drivers: RTN, and sequential layer-by-layer GPTQ.
+
+GPTQ runs one decoder layer at a time on the calibration activations (so only one layer's inputs
+and Hessians are held), quantizes its Linear layers in execution order ("true sequential": q/k/v,
+then o, then gate/up, then down), and feeds the quantized layer's outputs to the next layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .fake_quant import QuantizedWeight
+from .gptq import HessianAccumulator, gptq_quantize, weighted_error
+from .scheme import QuantScheme
+
+SEQUENTIAL_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def rtn_quantize_model(model: nn.Module, plan: dict[str, QuantScheme]) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
+    qws, errors = {}, {}
+    for name, scheme in plan.items():
+        w = model.get_submodule(name).weight.data
+        qws[name] = QuantizedWeight.rtn(w, scheme)
+        errors[name] = float(((w.float() - qws[name].dequantize()) ** 2).sum() / (w.float() ** 2).sum().clamp_min(1e-12))
+    return qws, errors
+
+
+class _Stop(Exception):
+    pass
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    for path in ("model.layers", "model.decoder.layers", "transformer.h"):
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(f"ptq: cannot find the decoder layers of {type(model).__name__}")
+
+
+@torch.no_grad()
+def _capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor, device, batch_size: int):
+    """Run the model up to layer 0 and keep each batch's hidden states and layer kwargs."""
+    captured = []
+
+    def hook(_module, args, kwargs):
+        captured.append((args[0] if args else kwargs.pop("hidden_states"), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, len(calib), batch_size):
+            try:
+                model(input_ids=calib[i : i + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _layer_out(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _sequential_groups(names: list[str], true_sequential: bool) -> list[list[str]]:
+    if not true_sequential:
+        return [names]
+    groups, left = [], list(names)
+    for suffixes in SEQUENTIAL_GROUPS:
+        g = [n for n in left if n.rsplit(".", 1)[-1] in suffixes]
+        if g:
+            groups.append(g)
+            left = [n for n in left if n not in g]
+    return groups + ([left] if left else [])
+
+
+@torch.no_grad()
+def gptq_quantize_model(
+    model: nn.Module,
+    plan: dict[str, QuantScheme],
+    calib: torch.Tensor,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    true_sequential: bool = True,
+    device: str = "cpu",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
+    """Quantize the planned Linear layers with GPTQ; the model's weights are replaced by the
+    dequantized result as it goes (so later layers see quantized inputs). Returns codes and the
+    relative output error of each layer on its calibration inputs."""
+    model.eval()
+    layers = _decoder_layers(model)
+    prefix = {id(layer): name for name, layer in model.named_modules() if any(layer is l for l in layers)}
+    states = _capture_layer_inputs(model, layers, calib, device, batch_size)
+    qws, errors = {}, {}
+    for layer in tqdm(layers, desc="gptq layers", disable=not progress, leave=False):
+        lname = prefix[id(layer)]
+        local = [n for n in plan if n.startswith(lname + ".")]
+        for group in _sequential_groups(local, true_sequential):
+            accs = {n: HessianAccumulator(model.get_submodule(n).in_features, device) for n in group}
+            handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: accs[n].add(a[0])) for n in group]
+            for hidden, kwargs in states:
+                layer(hidden, **kwargs)
+            for h in handles:
+                h.remove()
+            for n in group:
+                lin = model.get_submodule(n)
+                qw = gptq_quantize(lin.weight.data, accs[n].H, plan[n], block_size, damp, act_order)
+                w_hat = qw.dequantize()
+                errors[n] = weighted_error(lin.weight.data, w_hat, accs[n].H)
+                lin.weight.data.copy_(w_hat.to(lin.weight.dtype))
+                qws[n] = qw
+                del accs[n]
+        states = [(_layer_out(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
+    missing = set(plan) - set(qws)
+    if missing:
+        raise ValueError(f"ptq: {len(missing)} targeted layers are outside the decoder layers, e.g. {sorted(missing)[0]}; "
+                         "add them to quant.ignore")
+    return qws, errors

@@ -1,0 +1,264 @@
+"""Recipe: one YAML per experiment, validated into typed objects.
+
+Every section maps 1:1 to a pydantic model below; unknown keys are errors. `load_recipe` raises
+`RecipeError` with one line naming the field path, what was wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """Bad recipe: the message is one line, `field.path: what is wrong (allowed: ...)`."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DemoTeacher(_Section):
+    """A tiny Qwen3-architecture teacher trained locally on synthetic step-by-step arithmetic."""
+
+    hidden_size: int = Field(128, ge=16)
+    intermediate_size: int = Field(384, ge=16)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    train_steps: int = Field(1200, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+
+
+class ModelConfig(_Section):
+    id: str | None = None  # hub id or local directory
+    demo: DemoTeacher | None = None  # build the embedded demo teacher instead of loading one
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.id is None) == (self.demo is None):
+            raise ValueError("set exactly one of model.id (hub id or local path) or model.demo")
+        return self
+
+
+class QuantOverride(_Section):
+    pattern: str  # fnmatch glob on module names, e.g. "*.mlp.down_proj"
+    bits: Literal[2, 3, 4, 8] | None = None
+    group_size: Literal[-1, 32, 64, 128] | None = None
+
+
+class QuantConfig(_Section):
+    bits: list[Literal[2, 3, 4, 8]] = Field(default_factory=lambda: [4])
+    group_size: Literal[-1, 32, 64, 128] = 128  # -1: one scale per output channel
+    symmetric: bool = False
+    observer: Literal["minmax", "mse", "percentile"] = "minmax"
+    percentile: float = Field(0.999, gt=0.5, le=1.0)
+    targets: list[str] = Field(default_factory=lambda: ["Linear"])
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    overrides: list[QuantOverride] = Field(default_factory=list)
+
+    @field_validator("bits", mode="before")
+    @classmethod
+    def _bits_list(cls, v):
+        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("bits")
+    @classmethod
+    def _bits_nonempty(cls, v):
+        if not v:
+            raise ValueError("give at least one bit width (allowed: 2, 3, 4, 8)")
+        return sorted(set(v))
+
+
+class DataConfig(_Section):
+    """Reasoning data: `demo` (the demo task), a local .jsonl, or a hub dataset id."""
+
+    source: str = "demo"
+    subset: str | None = None  # hub dataset configuration name
+    split: str = "train"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    max_samples: int | None = Field(None, ge=1)
+    max_length: int = Field(2048, ge=8)
+
+
+class CalibrationConfig(_Section):
+    domain: Literal["reasoning", "generic"] = "reasoning"
+    num_samples: int = Field(128, ge=1)
+    seq_len: int = Field(2048, ge=8)
+    generic_source: str = "builtin"  # "builtin" (shipped plain text), a .txt/.jsonl path or a hub id
+    generic_subset: str | None = None  # hub configuration, e.g. wikitext-2-raw-v1
+    seed: int = 0
+
+
+class PTQConfig(_Section):
+    method: Literal["gptq", "rtn"] = "gptq"
+    baselines: list[Literal["rtn", "gptq", "gptq_generic"]] = Field(default_factory=lambda: ["rtn"])
+    damp: float = Field(0.01, gt=0, le=1)
+    block_size: int = Field(128, ge=1)
+    act_order: bool = False
+    true_sequential: bool = True
+
+
+class KDConfig(_Section):
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "ce"] = "forward_kl"
+    temperature: float = Field(1.0, gt=0)
+    jsd_beta: float = Field(0.5, gt=0, lt=1)
+    top_k: int | None = Field(None, ge=1)
+    chunk_size: int = Field(1024, ge=1)
+
+
+class QATConfig(_Section):
+    enabled: bool = True
+    init: Literal["ptq", "rtn", "bf16"] = "ptq"
+    kd: KDConfig = Field(default_factory=KDConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    scale_lr: float = Field(1e-4, ge=0)  # 0 freezes the quantizer scales
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: str = "adamw_torch"  # any transformers `optim` name
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    decay_ratio: float = Field(0.2, gt=0, le=1)  # WSD: fraction of steps spent decaying
+    averaging: Literal["none", "ema", "lawa"] = "none"
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    lawa_k: int = Field(5, ge=2)
+    lawa_interval: int = Field(50, ge=1)
+    save_steps: int = Field(200, ge=1)
+    logging_steps: int = Field(10, ge=1)
+    report_to: list[str] = Field(default_factory=list)
+    num_processes: int = Field(1, ge=1)
+    deepspeed: str | None = None  # path to a DeepSpeed config, e.g. recipes/accelerate/zero2.json
+    gradient_checkpointing: bool = False
+    bf16: bool = True
+
+
+class RLConfig(_Section):
+    enabled: bool = False
+    min_accuracy: float = Field(0.05, ge=0, le=1)  # refuse to start below this (no viable cold start)
+    train_scales: bool = False
+    data: DataConfig = Field(default_factory=DataConfig)
+    max_steps: int = Field(100, ge=1)
+    lr: float = Field(1e-6, gt=0)
+    num_generations: int = Field(8, ge=2)
+    batch_size: int = Field(8, ge=1)
+    max_completion_length: int = Field(1024, ge=8)
+    temperature: float = Field(1.0, gt=0)
+    beta: float = Field(0.0, ge=0)
+    format_reward: float = Field(0.0, ge=0)
+    save_steps: int = Field(50, ge=1)
+    bf16: bool = True
+
+
+class ExportConfig(_Section):
+    formats: list[Literal["dequantized", "gptq"]] = Field(default_factory=lambda: ["dequantized", "gptq"])
+
+
+class EvalConfig(_Section):
+    tasks: list[str] = Field(default_factory=lambda: ["math500"])
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    samples: int = Field(1, ge=1)  # k samples per problem; pass@1 is averaged over them
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)  # None: the task's own default
+    temperature: float | None = Field(None, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class CompareConfig(_Section):
+    plot: bool = True
+
+
+class Recipe(_Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    seed: int = 0
+    run_root: str = "runs"
+    model: ModelConfig
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    ptq: PTQConfig = Field(default_factory=PTQConfig)
+    qat: QATConfig = Field(default_factory=QATConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if self.rl.enabled and not self.qat.enabled:
+            raise ValueError("rl.enabled needs qat.enabled (RL starts from the QAT student)")
+        if self.qat.deepspeed is not None and not Path(self.qat.deepspeed).is_file():
+            raise ValueError(f"qat.deepspeed: no such DeepSpeed config file {self.qat.deepspeed!r}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run_root) / self.name
+
+    def section_hash(self, *keys: str) -> str:
+        """Hash of the recipe sections a stage depends on (dotted keys), for staleness checks."""
+        dump = self.model_dump(mode="json")
+        picked = {}
+        for key in keys:
+            node = dump
+            for part in key.split("."):
+                node = node[part]
+            picked[key] = node
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int)) or "(top level)"
+    idx = [str(p) for p in first["loc"] if isinstance(p, int)]
+    if idx:
+        loc += f"[{','.join(idx)}]"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        msg = "unknown key (check the spelling; see the recipe reference in README.md)"
+    elif kind == "missing":
+        msg = "required field is missing"
+    else:
+        msg = first["msg"].removeprefix("Value error, ")
+        if "input" in first and kind not in ("model_type",) and not isinstance(first["input"], dict):
+            msg += f" (got {first['input']!r})"
+    more = f" [+{err.error_count() - 1} more]" if err.error_count() > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def parse_recipe(data: object, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: (top level): expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_error(err, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if overrides and isinstance(data, dict):
+        data = {**data, **overrides}
+    return parse_recipe(data, str(path))

@@ -1,0 +1,50 @@
+"""Helpers the stages share: the teacher model, the QAT data, variant naming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data.reasoning import load_rows, select_fields
+from ..models import load_model, load_tokenizer, resolve_dtype
+from ..recipe import DataConfig, Recipe
+from .teacher import demo_data_dir, teacher_model_path
+
+
+def teacher_path(ctx) -> str:
+    return teacher_model_path(ctx.input("teacher"))
+
+
+def load_teacher(ctx, dtype=None, device: str | None = None):
+    r = ctx.recipe
+    path = teacher_path(ctx)
+    dtype = dtype or resolve_dtype(r.model.dtype)
+    model = load_model(path, dtype, r.model.trust_remote_code, r.model.revision if r.model.demo is None else None, device)
+    return model
+
+
+def load_teacher_tokenizer(ctx):
+    r = ctx.recipe
+    return load_tokenizer(teacher_path(ctx), r.model.trust_remote_code, r.model.revision if r.model.demo is None else None)
+
+
+def reasoning_rows(ctx, data: DataConfig) -> list[dict]:
+    rows = load_rows(data.source, data.split, demo_data_dir(ctx.input("teacher")), data.subset)
+    return select_fields(rows, data.prompt_field, data.response_field, data.max_samples)
+
+
+def variant(bits: int, method: str) -> str:
+    return f"w{bits}-{method}"
+
+
+def ptq_methods(recipe: Recipe) -> list[str]:
+    """The ptq stage's outputs: the main method (QAT's init) first, then the baselines."""
+    return list(dict.fromkeys([recipe.ptq.method, *recipe.ptq.baselines]))
+
+
+def exists_done(path: Path) -> bool:
+    return (path / ".done").is_file()
+
+
+def mark_done(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / ".done").write_text("")

@@ -1,0 +1,56 @@
+"""ptq stage: RTN and GPTQ checkpoints per bit width; the main method's result initialises QAT.
+
+Outputs `ptq/w<bits>-<method>/` in the rqat quantized format; `gptq_generic` is GPTQ calibrated
+on generic text (the domain-matching baseline). Per-layer reconstruction errors go in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from ..models import best_device
+from ..pipeline import StageContext
+from ..quant import swap_in_fake_quant, targets_from_recipe
+from ..quant.formats import save_quantized_checkpoint
+from ..quant.ptq import gptq_quantize_model, rtn_quantize_model
+from .calibrate import CALIBRATION_FILE
+from .common import exists_done, load_teacher, load_teacher_tokenizer, mark_done, ptq_methods, variant
+
+
+def run(ctx: StageContext) -> dict:
+    r = ctx.recipe
+    device = best_device()
+    calib = load_file(str(ctx.input("calibrate") / CALIBRATION_FILE))
+    tok = load_teacher_tokenizer(ctx)
+    metrics = {}
+    for bits in r.quant.bits:
+        targets = targets_from_recipe(r.quant, bits)
+        for method in ptq_methods(r):
+            name = variant(bits, method)
+            out = ctx.out / name
+            if exists_done(out):  # finished before a crash: keep it
+                metrics[name] = json.loads((out / "ptq_errors.json").read_text())["summary"]
+                continue
+            model = load_teacher(ctx, torch.float32, device)
+            plan = targets.resolve(model)
+            if method == "rtn":
+                qws, errors = rtn_quantize_model(model, plan)
+            else:
+                ids = calib["generic" if method == "gptq_generic" else "main"]
+                qws, errors = gptq_quantize_model(
+                    model, plan, ids, damp=r.ptq.damp, block_size=r.ptq.block_size, act_order=r.ptq.act_order,
+                    true_sequential=r.ptq.true_sequential, device=device,
+                )
+                model = load_teacher(ctx, torch.float32, device)  # GPTQ overwrote weights in place
+            swap_in_fake_quant(model, targets, qws)
+            save_quantized_checkpoint(model, out, tok, {"method": method, "bits": bits})
+            summary = {"mean_layer_error": sum(errors.values()) / len(errors), "max_layer_error": max(errors.values()),
+                       "error_kind": "weight" if method == "rtn" else "output"}
+            (out / "ptq_errors.json").write_text(json.dumps({"summary": summary, "layers": errors}, indent=1))
+            mark_done(out)
+            metrics[name] = summary
+            del model
+    return metrics

@@ -1,0 +1,157 @@
+"""qat stage: knowledge-distillation QAT of the fake-quant student, one run per bit width.
+
+Student: the teacher's architecture with fake-quant Linear layers, initialised from the ptq stage
+(`qat.init: ptq`), from round-to-nearest (`rtn`) or from the BF16 weights as latents (`bf16`).
+Teacher: the BF16 model, frozen. Training is `KDTrainer` (a transformers.Trainer), so a killed run
+resumes from its last checkpoint, quantizer state included. With `qat.num_processes > 1` the stage
+re-launches itself through `accelerate launch` (DeepSpeed when `qat.deepspeed` names a config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from ..data.reasoning import PadCollator, ReasoningSFTDataset
+from ..kd import KDTrainer
+from ..pipeline import StageContext, recipe_from_run
+from ..quant import swap_in_fake_quant, targets_from_recipe
+from ..quant.formats import read_quantized_weights, save_quantized_checkpoint
+from ..training import WeightAveraging, last_checkpoint, quiet_training_args
+from .common import exists_done, load_teacher, load_teacher_tokenizer, mark_done, reasoning_rows, variant
+
+SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup", "wsd": "warmup_stable_decay"}
+
+
+def _distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def run(ctx: StageContext) -> dict:
+    q = ctx.recipe.qat
+    if q.num_processes > 1 and not _distributed():
+        _launch(ctx)
+    else:
+        for bits in ctx.recipe.quant.bits:
+            train_one(ctx, bits)
+    return {variant(b, "qat"): json.loads((ctx.out / variant(b, "qat") / "qat_metrics.json").read_text())
+            for b in ctx.recipe.quant.bits}
+
+
+def _launch(ctx: StageContext) -> None:
+    q = ctx.recipe.qat
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(q.num_processes)]
+    if q.deepspeed:
+        cmd += ["--use_deepspeed", "--deepspeed_config_file", q.deepspeed]
+    else:
+        cmd += ["--multi_gpu"] if torch.cuda.is_available() else ["--cpu"]
+    cmd += ["-m", "reasoning_qat.stages.qat", "--run-dir", str(ctx.run_dir), "--out", str(ctx.out)]
+    cmd += [f"--input={k}={v}" for k, v in ctx.inputs.items()]
+    subprocess.run(cmd, check=True)
+
+
+def _init_student(ctx: StageContext, bits: int, device: str):
+    r = ctx.recipe
+    targets = targets_from_recipe(r.quant, bits)
+    student = load_teacher(ctx, torch.float32, device)  # float32 master weights; bf16 autocast on GPU
+    if r.qat.init == "ptq":
+        qws, _, _ = read_quantized_weights(ctx.input("ptq") / variant(bits, r.ptq.method))
+        swap_in_fake_quant(student, targets, {k: _to(v, device) for k, v in qws.items()})
+    else:
+        swap_in_fake_quant(student, targets, keep_latent=r.qat.init == "bf16")
+    if r.qat.scale_lr == 0:
+        for n, p in student.named_parameters():
+            if n.rsplit(".", 1)[-1] in ("scale", "zero"):
+                p.requires_grad_(False)
+    return student
+
+
+def _to(qw, device):
+    from ..quant.formats import _to as move
+
+    return move(qw, device)
+
+
+def train_one(ctx: StageContext, bits: int) -> None:
+    r, q = ctx.recipe, ctx.recipe.qat
+    out = ctx.out / variant(bits, "qat")
+    if exists_done(out):
+        return
+    device = "cpu" if not torch.cuda.is_available() else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    torch.manual_seed(r.seed)
+    tok = load_teacher_tokenizer(ctx)
+    dataset = ReasoningSFTDataset(reasoning_rows(ctx, q.data), tok, q.data.max_length)
+    student = _init_student(ctx, bits, device)
+    teacher = None if q.kd.loss == "ce" else load_teacher(ctx, torch.bfloat16 if "cuda" in device else torch.float32, device)
+    on_gpu = torch.cuda.is_available()
+    n_decay = max(1, int(q.decay_ratio * q.max_steps))
+    args = quiet_training_args(
+        output_dir=str(out / "trainer"),
+        max_steps=q.max_steps,
+        per_device_train_batch_size=q.batch_size,
+        gradient_accumulation_steps=q.grad_accum,
+        learning_rate=q.lr,
+        weight_decay=q.weight_decay,
+        optim=q.optimizer,
+        lr_scheduler_type=SCHEDULES[q.schedule],
+        lr_scheduler_kwargs={"num_decay_steps": n_decay} if q.schedule == "wsd" else {},
+        warmup_steps=int(q.warmup_ratio * q.max_steps),
+        bf16=q.bf16 and on_gpu,
+        save_steps=q.save_steps,
+        logging_steps=q.logging_steps,
+        report_to=q.report_to,
+        deepspeed=q.deepspeed,
+        **({"gradient_checkpointing": True} if q.gradient_checkpointing else {}),
+        seed=r.seed,
+        data_seed=r.seed,
+    )
+    averaging = WeightAveraging(q.averaging, q.ema_decay, q.lawa_k, q.lawa_interval) if q.averaging != "none" else None
+    trainer = KDTrainer(
+        model=student, args=args, train_dataset=dataset, data_collator=PadCollator(tok.pad_token_id),
+        teacher=teacher, kd=q.kd, scale_lr=q.scale_lr if q.scale_lr > 0 else None,
+        callbacks=[averaging.callback] if averaging else None,
+    )
+    resume = last_checkpoint(args.output_dir)
+    if averaging:
+        averaging.load(resume, device)
+    result = trainer.train(resume_from_checkpoint=resume)
+    averaged = averaging.apply(student) if averaging else 0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if trainer.is_world_process_zero():
+        student.config.use_cache = True
+        save_quantized_checkpoint(student, out / "model", tok, {"method": "qat", "bits": bits, "init": q.init,
+                                                                "loss": q.kd.loss})
+        metrics = {"train_loss": result.training_loss, "final_logged_loss": losses[-1] if losses else None,
+                   "steps": trainer.state.global_step, "averaged_snapshots": averaged, "init": q.init, "loss": q.kd.loss}
+        (out / "qat_metrics.json").write_text(json.dumps(metrics, indent=1))
+        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        # Optimizer states are several times the model; the finished stage keeps only the result.
+        for ckpt in (out / "trainer").glob("checkpoint-*"):
+            shutil.rmtree(ckpt)
+        mark_done(out)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _worker_main(argv=None) -> None:
+    """Entry point of each process under `accelerate launch`."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--input", action="append", default=[])
+    a = p.parse_args(argv)
+    recipe = recipe_from_run(a.run_dir)
+    inputs = {k: Path(v) for k, v in (s.split("=", 1) for s in a.input)}
+    ctx = StageContext(recipe, Path(a.run_dir), Path(a.out), inputs)
+    for bits in recipe.quant.bits:
+        train_one(ctx, bits)
+
+
+if __name__ == "__main__":
+    _worker_main()

@@ -1,0 +1,132 @@
+"""rl stage: GRPO (TRL's GRPOTrainer) on the fake-quant QAT student, reward = verified correctness.
+
+Rollouts come from the quantized policy: generation runs the student's own forward (FakeQuantLinear),
+and when TRL's vLLM rollouts are on, the weights synced to vLLM are the dequantized fake-quant
+weights, not the latent BF16 ones (`QuantizedGRPOTrainer`). The stage refuses to start when the
+student's accuracy is below `rl.min_accuracy`: RL needs a viable cold start.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+
+from ..data.reasoning import generation_prompt
+from ..evaluation.backends import TransformersBackend
+from ..evaluation.grader import grade
+from ..pipeline import StageContext
+from ..quant.fake_quant import fake_quant_modules
+from ..quant.formats import load_quantized_checkpoint, save_quantized_checkpoint
+from ..training import last_checkpoint, quiet_training_args
+from .common import exists_done, load_teacher_tokenizer, mark_done, reasoning_rows, variant
+
+
+def dequantized_named_params(model, fix_name=lambda n: n):
+    """(name, tensor) pairs of the quantized function: what an inference engine must run."""
+    fq = fake_quant_modules(model)
+    skip = {f"{n}.{p}" for n in fq for p in ("weight", "scale", "zero")}
+    dtype = next((p.dtype for n, p in model.named_parameters() if n not in skip), torch.bfloat16)
+    with torch.no_grad():
+        for name, m in fq.items():
+            yield fix_name(f"{name}.weight"), m.quantized_weight().to(dtype)
+        for name, p in model.named_parameters():
+            if name not in skip:
+                yield fix_name(name), p.data
+
+
+def correctness_reward(completions, answer, **kwargs) -> list[float]:
+    return [1.0 if grade(c if isinstance(c, str) else c[-1]["content"], a).correct else 0.0
+            for c, a in zip(completions, answer)]
+
+
+def format_reward(completions, **kwargs) -> list[float]:
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [1.0 if "</think>" in t and "\\boxed{" in t.rsplit("</think>", 1)[-1] else 0.0 for t in texts]
+
+
+def _trainer_class():
+    from trl import GRPOTrainer
+
+    class QuantizedGRPOTrainer(GRPOTrainer):
+        """GRPOTrainer whose vLLM weight sync sends the dequantized fake-quant weights."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            gen = getattr(self, "vllm_generation", None)
+            if gen is not None:
+                gen._iter_named_params = lambda: dequantized_named_params(gen.model, gen._fix_param_name_to_vllm)
+
+    return QuantizedGRPOTrainer
+
+
+def student_accuracy(model, tok, rows: list[dict], n: int = 64, max_new_tokens: int = 256) -> float:
+    engine = TransformersBackend.from_model(model, tok, batch_size=n)
+    rows = rows[:n]
+    prompts = [generation_prompt(tok, r["prompt"]) for r in rows]
+    outs = engine.generate(prompts, 1, 0.0, 1.0, -1, max_new_tokens)
+    return sum(grade(o[0].text, r["answer"]).correct for o, r in zip(outs, rows)) / max(len(rows), 1)
+
+
+def run(ctx: StageContext) -> dict:
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    r, cfg = ctx.recipe, ctx.recipe.rl
+    tok = load_teacher_tokenizer(ctx)
+    rows = reasoning_rows(ctx, cfg.data)
+    if not rows or "answer" not in rows[0]:
+        raise ValueError("rl.data: rows need an 'answer' field for the verifiable reward")
+    metrics = {}
+    for bits in r.quant.bits:
+        name = variant(bits, "qat_rl")
+        out = ctx.out / name
+        if exists_done(out):
+            metrics[name] = json.loads((out / "rl_metrics.json").read_text())
+            continue
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        student = load_quantized_checkpoint(ctx.input("qat") / variant(bits, "qat") / "model", device=device)
+        acc = student_accuracy(student, tok, rows, max_new_tokens=cfg.max_completion_length)
+        if acc < cfg.min_accuracy:
+            raise ValueError(f"rl: the w{bits} QAT student solves {acc:.1%} of the first RL prompts, below "
+                             f"rl.min_accuracy={cfg.min_accuracy}; RL needs a viable start (train QAT longer or lower it)")
+        for m in fake_quant_modules(student).values():
+            m.scale.requires_grad_(cfg.train_scales)
+            m.zero.requires_grad_(cfg.train_scales and not m.scheme.symmetric)
+        data = Dataset.from_list([{"prompt": generation_prompt(tok, x["prompt"]), "answer": x["answer"]} for x in rows])
+        funcs, weights = [correctness_reward], [1.0]
+        if cfg.format_reward > 0:
+            funcs.append(format_reward)
+            weights.append(cfg.format_reward)
+        args = quiet_training_args(
+            GRPOConfig,
+            output_dir=str(out / "trainer"),
+            max_steps=cfg.max_steps,
+            learning_rate=cfg.lr,
+            per_device_train_batch_size=cfg.batch_size,
+            num_generations=cfg.num_generations,
+            max_completion_length=cfg.max_completion_length,
+            temperature=cfg.temperature,
+            beta=cfg.beta,
+            reward_weights=weights,
+            save_steps=cfg.save_steps,
+            logging_steps=1,
+            bf16=cfg.bf16 and torch.cuda.is_available(),
+            seed=r.seed,
+            use_vllm=False,
+        )
+        trainer = _trainer_class()(model=student, reward_funcs=funcs, args=args, train_dataset=data, processing_class=tok)
+        trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
+        rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+        save_quantized_checkpoint(student, out / "model", tok, {"method": "qat_rl", "bits": bits})
+        m = {"start_accuracy": acc, "steps": trainer.state.global_step,
+             "mean_reward_first": sum(rewards[:5]) / max(len(rewards[:5]), 1),
+             "mean_reward_last": sum(rewards[-5:]) / max(len(rewards[-5:]), 1)}
+        (out / "rl_metrics.json").write_text(json.dumps(m, indent=1))
+        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        for ckpt in (out / "trainer").glob("checkpoint-*"):
+            shutil.rmtree(ckpt)
+        mark_done(out)
+        metrics[name] = m
+    return metrics

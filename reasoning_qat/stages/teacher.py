@@ -1,0 +1,80 @@
+"""teacher stage: the BF16 model every later stage starts from.
+
+For a hub id or local path it records and validates the reference (weights are not copied). For
+`model.demo` it builds a tiny Qwen3-architecture model with a locally made tokenizer and trains it on
+the synthetic arithmetic task with `transformers.Trainer` (resumable from its checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..data.arithmetic import split_problems, to_records
+from ..data.reasoning import PadCollator, ReasoningSFTDataset, write_jsonl
+from ..data.tokenizer import build_char_tokenizer
+from ..models import demo_config, load_config
+from ..pipeline import StageContext
+from ..training import last_checkpoint, quiet_training_args
+
+REF = "model_ref.json"
+
+
+def teacher_model_path(teacher_dir: Path) -> str:
+    """Where the BF16 teacher lives: the demo's trained model, or the recorded hub id / path."""
+    if (teacher_dir / "model" / "config.json").is_file():
+        return str(teacher_dir / "model")
+    return json.loads((teacher_dir / REF).read_text())["path"]
+
+
+def demo_data_dir(teacher_dir: Path) -> Path | None:
+    d = teacher_dir / "data"
+    return d if d.is_dir() else None
+
+
+def run(ctx: StageContext) -> dict:
+    m = ctx.recipe.model
+    if m.demo is None:
+        config = load_config(m.id, trust_remote_code=m.trust_remote_code, revision=m.revision)
+        (ctx.out / REF).write_text(json.dumps({"path": m.id, "revision": m.revision}))
+        return {"architecture": config.architectures, "num_layers": config.num_hidden_layers, "source": m.id}
+    return _train_demo_teacher(ctx)
+
+
+def _train_demo_teacher(ctx: StageContext) -> dict:
+    import torch
+    from transformers import Qwen3ForCausalLM, Trainer
+
+    demo, seed = ctx.recipe.model.demo, ctx.recipe.seed
+    train, test = split_problems(demo.test_fraction, seed)
+    write_jsonl(ctx.out / "data" / "train.jsonl", to_records(train))
+    write_jsonl(ctx.out / "data" / "test.jsonl", to_records(test))
+
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(demo_config(demo, len(tokenizer)))
+    dataset = ReasoningSFTDataset(to_records(train), tokenizer, max_length=256)
+    args = quiet_training_args(
+        output_dir=str(ctx.out / "trainer"),
+        max_steps=demo.train_steps,
+        per_device_train_batch_size=demo.batch_size,
+        learning_rate=demo.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, demo.train_steps // 20),
+        weight_decay=0.01,
+        save_steps=max(50, demo.train_steps // 4),
+        logging_steps=max(1, demo.train_steps // 20),
+        seed=seed,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id))
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
+    trainer.model.config.use_cache = True
+    model.save_pretrained(ctx.out / "model")
+    tokenizer.save_pretrained(ctx.out / "model")
+    return {
+        "source": "demo",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_loss": round(result.training_loss, 4),
+        "train_problems": len(train),
+        "test_problems": len(test),
+    }

@@ -1,0 +1,114 @@
+"""Helpers shared by the trainers (teacher SFT, KD-QAT, GRPO)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest complete `checkpoint-N` in output_dir, or None (fresh start)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    # A crash while saving can leave a checkpoint without its trainer state: skip such ones.
+    done = sorted((p for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+                  key=lambda p: int(p.name.split("-")[-1]))
+    return str(done[-1]) if done else None
+
+
+def quiet_training_args(cls=None, **kwargs):
+    """TrainingArguments with the project's defaults: no hub, no reporting unless asked, safetensors."""
+    from transformers import TrainingArguments
+
+    cls = cls or TrainingArguments
+    defaults = dict(
+        report_to=[],
+        save_total_limit=2,
+        save_only_model=False,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        use_cpu=False,
+    )
+    defaults.update(kwargs)
+    return cls(**defaults)
+
+
+def is_finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+class WeightAveraging:
+    """EMA or LAWA (average of the last k snapshots) of the trainable parameters, as a TrainerCallback.
+
+    Its state is written next to each Trainer checkpoint, so a resumed run averages the same way.
+    """
+
+    FILE = "weight_averaging.safetensors"
+
+    def __init__(self, mode: str, ema_decay: float = 0.999, lawa_k: int = 5, lawa_interval: int = 50):
+        from transformers import TrainerCallback
+
+        self.mode, self.decay, self.k, self.interval = mode, ema_decay, lawa_k, lawa_interval
+        self.state: dict = {}
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kw):
+                outer.update(model, state.global_step)
+
+            def on_save(self, args, state, control, **kw):
+                outer.save(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+        self.callback = _Callback()
+
+    @staticmethod
+    def _params(model):
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def update(self, model, step: int) -> None:
+        import torch
+
+        with torch.no_grad():
+            params = self._params(model)
+            if self.mode == "ema":
+                if not self.state:
+                    self.state = {n: p.detach().float().clone() for n, p in params.items()}
+                else:
+                    for n, p in params.items():
+                        self.state[n].lerp_(p.detach().float(), 1 - self.decay)
+            elif self.mode == "lawa" and step % self.interval == 0:
+                slot = (step // self.interval) % self.k
+                for n, p in params.items():
+                    self.state[f"{slot}/{n}"] = p.detach().float().cpu().clone()
+
+    def save(self, ckpt_dir: Path) -> None:
+        from safetensors.torch import save_file
+
+        if self.state and ckpt_dir.is_dir():
+            save_file({k: v.contiguous().cpu() for k, v in self.state.items()}, str(ckpt_dir / self.FILE))
+
+    def load(self, ckpt_dir: str | None, device) -> None:
+        from safetensors.torch import load_file
+
+        if ckpt_dir and (Path(ckpt_dir) / self.FILE).is_file():
+            self.state = {k: v.to(device) if self.mode == "ema" else v for k, v in load_file(str(Path(ckpt_dir) / self.FILE)).items()}
+
+    def apply(self, model) -> int:
+        """Copy the averaged weights into the model; returns how many snapshots were averaged."""
+        import torch
+
+        params = self._params(model)
+        if not self.state:
+            return 0
+        with torch.no_grad():
+            if self.mode == "ema":
+                for n, p in params.items():
+                    p.copy_(self.state[n].to(p.dtype))
+                return 1
+            slots = sorted({k.split("/", 1)[0] for k in self.state})
+            for n, p in params.items():
+                avg = sum(self.state[f"{s}/{n}"] for s in slots) / len(slots)
+                p.copy_(avg.to(p.device, p.dtype))
+            return len(slots)

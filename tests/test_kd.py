@@ -1,0 +1,52 @@
+"""The chunked KD loss equals the naive full-logits loss, in value and in gradients."""
+
+import pytest
+import torch
+
+from reasoning_qat.kd import chunked_distill_loss, forward_kl, jsd, naive_distill_loss, reverse_kl
+from reasoning_qat.recipe import KDConfig
+
+
+def setup(seed=0, vocab=50, hidden=16):
+    torch.manual_seed(seed)
+    head_s, head_t = torch.nn.Linear(hidden, vocab, bias=False), torch.nn.Linear(hidden, vocab, bias=False)
+    h_s = torch.randn(2, 9, hidden, requires_grad=True)
+    h_t = torch.randn(2, 9, hidden)
+    labels = torch.randint(0, vocab, (2, 9))
+    labels[:, :3] = -100  # prompt tokens carry no loss
+    labels[1, -2:] = -100  # padding
+    return head_s, head_t, h_s, h_t, labels
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "jsd", "ce"])
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+def test_chunked_equals_naive(loss, chunk):
+    kd = KDConfig(loss=loss, temperature=1.5 if loss != "ce" else 1.0, chunk_size=chunk)
+    head_s, head_t, h_s, h_t, labels = setup()
+    naive = naive_distill_loss(head_s(h_s), head_t(h_t), labels, kd)
+    g_naive = torch.autograd.grad(naive, [h_s, head_s.weight])
+    sel = labels[:, 1:] != -100
+    chunked = chunked_distill_loss(h_s[:, :-1][sel], h_t[:, :-1][sel], head_s, head_t, labels[:, 1:][sel], kd, chunk)
+    g_chunk = torch.autograd.grad(chunked, [h_s, head_s.weight])
+    assert chunked.item() == pytest.approx(naive.item(), rel=1e-5)
+    for a, b in zip(g_chunk, g_naive):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_divergences_are_zero_only_at_the_teacher():
+    t = torch.randn(5, 20)
+    assert forward_kl(t, t).item() == pytest.approx(0, abs=1e-5)
+    assert reverse_kl(t, t).item() == pytest.approx(0, abs=1e-5)
+    assert jsd(t, t).item() == pytest.approx(0, abs=1e-5)
+    s = torch.randn(5, 20)
+    assert forward_kl(s, t) > 0 and reverse_kl(s, t) > 0 and jsd(s, t) > 0
+    assert forward_kl(s, t).item() != pytest.approx(reverse_kl(s, t).item())
+
+
+def test_top_k_forward_kl_uses_teacher_support():
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 30), torch.randn(4, 30)
+    full, top = forward_kl(s, t), forward_kl(s, t, top_k=5)
+    assert top.item() != pytest.approx(full.item())
+    # With k = vocab the teacher keeps its whole distribution and the loss is the full one.
+    assert forward_kl(s, t, top_k=30).item() == pytest.approx(full.item(), rel=1e-5)

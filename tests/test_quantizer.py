@@ -1,0 +1,118 @@
+"""Quantizer math against independent NumPy references, and the fake-quant gradients."""
+
+import numpy as np
+import pytest
+import torch
+
+from reasoning_qat.quant import (
+    FakeQuantLinear,
+    QuantizedWeight,
+    QuantScheme,
+    QuantTargets,
+    swap_in_fake_quant,
+    swap_out_fake_quant,
+)
+from reasoning_qat.quant.quantizer import default_g_idx, fake_quantize, find_group_params
+
+
+def numpy_rtn(w: np.ndarray, bits: int, gs: int, sym: bool) -> np.ndarray:
+    """Textbook min/max round-to-nearest per (row, group), written without the project's code."""
+    out = np.empty_like(w)
+    maxq = 2**bits - 1
+    for r in range(w.shape[0]):
+        for g0 in range(0, w.shape[1], gs):
+            x = w[r, g0 : g0 + gs]
+            lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
+            if sym:
+                hi = max(abs(lo), hi)
+                lo = -hi
+            scale = np.float32(np.float16((hi - lo) / maxq))
+            zero = (maxq + 1) / 2 if sym else min(max(np.round(-lo / scale), 1), maxq)
+            q = np.clip(np.round(x / scale) + zero, 0, maxq)
+            out[r, g0 : g0 + gs] = (q - zero) * scale
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("gs", [32, 64, -1])
+@pytest.mark.parametrize("sym", [False, True])
+def test_rtn_matches_numpy_reference(bits, gs, sym):
+    torch.manual_seed(bits)
+    w = torch.randn(16, 128) * 0.05
+    qw = QuantizedWeight.rtn(w, QuantScheme(bits, gs, sym))
+    ref = numpy_rtn(w.numpy(), bits, 128 if gs == -1 else gs, sym)
+    np.testing.assert_allclose(qw.dequantize().numpy(), ref, rtol=0, atol=1e-6)
+    assert int(qw.codes.max()) <= 2**bits - 1
+    assert qw.scale.shape == (16, 1 if gs == -1 else 128 // gs)
+
+
+def test_error_falls_with_bits_and_smaller_groups():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    err = lambda s: float(((QuantizedWeight.rtn(w, s).dequantize() - w) ** 2).mean())
+    assert err(QuantScheme(2, 128)) > err(QuantScheme(3, 128)) > err(QuantScheme(4, 128)) > err(QuantScheme(8, 128))
+    assert err(QuantScheme(3, -1)) > err(QuantScheme(3, 128)) > err(QuantScheme(3, 32))
+
+
+def test_mse_and_percentile_observers_clip_outliers():
+    torch.manual_seed(0)
+    w = torch.randn(32, 128)
+    w[:, 0] = 20.0  # one huge outlier per row
+    mse = lambda s: float(((QuantizedWeight.rtn(w, s).dequantize() - w)[:, 1:] ** 2).mean())
+    base = mse(QuantScheme(3, 128, observer="minmax"))
+    assert mse(QuantScheme(3, 128, observer="mse")) < base
+    assert mse(QuantScheme(3, 128, observer="percentile", percentile=0.99)) < base
+
+
+def test_symmetric_zero_is_fixed_midpoint():
+    qw = QuantizedWeight.rtn(torch.randn(8, 64), QuantScheme(4, 32, symmetric=True))
+    assert torch.all(qw.zero == 8)
+
+
+def test_fake_quant_forward_equals_dequantized_codes():
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    s = QuantScheme(3, 32)
+    scale, zero = find_group_params(w, s)
+    g = default_g_idx(64, s)
+    qw = QuantizedWeight.rtn(w, s)
+    assert torch.equal(fake_quantize(w, scale, zero, g, s.maxq), qw.dequantize())
+
+
+def test_lsq_gradients():
+    """Inside the clip range the weight gets gradient 1 and the scale round(w/s) - w/s; outside, the
+    weight gets none and the scale gets the clip level minus the zero point; the zero point gets
+    gradient only from clipped weights (-s per clipped element)."""
+    s = torch.tensor([[0.5]], requires_grad=True)
+    z = torch.tensor([[2.0]], requires_grad=True)  # 2 bits: codes 0..3, grid [-1.0, 0.5]
+    w = torch.tensor([[0.3, -0.2, 5.0, -5.0]], requires_grad=True)
+    out = fake_quantize(w, s, z, torch.zeros(4, dtype=torch.int32), maxq=3)
+    out.sum().backward()
+    assert torch.allclose(out.detach(), torch.tensor([[0.5, 0.0, 0.5, -1.0]]))
+    assert torch.allclose(w.grad, torch.tensor([[1.0, 1.0, 0.0, 0.0]]))
+    expected_s = (round(0.6) - 0.6) + (round(-0.4) - (-0.4)) + (3 - 2) + (0 - 2)
+    assert s.grad.item() == pytest.approx(expected_s, abs=1e-6)
+    assert z.grad.item() == pytest.approx(-0.5 - 0.5, abs=1e-6)  # two clipped weights, -s each
+
+
+def test_swap_in_and_out(tiny_model):
+    x = torch.randint(0, 100, (2, 12))
+    targets = QuantTargets(QuantScheme(4, 32), overrides=(("*.mlp.down_proj", {"bits": 8}),))
+    plan = swap_in_fake_quant(tiny_model, targets)
+    assert len(plan) == 2 * 7 and "lm_head" not in plan
+    assert plan["model.layers.0.mlp.down_proj"].bits == 8 and plan["model.layers.0.mlp.up_proj"].bits == 4
+    assert isinstance(tiny_model.model.layers[1].self_attn.q_proj, FakeQuantLinear)
+    with torch.no_grad():
+        fq_logits = tiny_model(x).logits
+    swap_out_fake_quant(tiny_model)
+    assert not any(isinstance(m, FakeQuantLinear) for m in tiny_model.modules())
+    with torch.no_grad():
+        assert torch.equal(tiny_model(x).logits, fq_logits)
+
+
+def test_bad_group_size_fails_before_work(tiny_model):
+    with pytest.raises(ValueError, match="group_size: 128 does not divide the input width 64"):
+        swap_in_fake_quant(tiny_model, QuantTargets(QuantScheme(4, 128)))
+    assert not any(isinstance(m, FakeQuantLinear) for m in tiny_model.modules())
+    with pytest.raises(ValueError, match="quant.bits: 5"):
+        QuantScheme(5, 32)

@@ -1,0 +1,126 @@
+"""Recipe validation: bad recipes fail with one line naming the field; shipped recipes validate."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from reasoning_qat.recipe import RecipeError, load_recipe, parse_recipe
+
+from .conftest import ROOT
+
+GOOD = {"name": "x", "model": {"id": "Qwen/Qwen3-0.6B"}}
+
+
+def with_(path: str, value):
+    data = yaml.safe_load(yaml.safe_dump(GOOD))
+    node = data
+    *parents, last = path.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    return data
+
+
+BAD = [
+    (with_("quant.bits", 5), "quant.bits[0]: Input should be 2, 3, 4 or 8 (got 5)"),
+    (with_("quant.group_size", 100), "quant.group_size: Input should be -1, 32, 64 or 128 (got 100)"),
+    (with_("quant.bitz", 4), "quant.bitz: unknown key"),
+    (with_("qat.kd.loss", "mse"), "qat.kd.loss: Input should be 'forward_kl', 'reverse_kl', 'jsd' or 'ce' (got 'mse')"),
+    (with_("qat.schedule", "linear"), "qat.schedule: Input should be 'cosine', 'wsd' or 'constant' (got 'linear')"),
+    (with_("qat.lr", -1), "qat.lr: Input should be greater than 0 (got -1)"),
+    (with_("qat.init", "gptq"), "qat.init: Input should be 'ptq', 'rtn' or 'bf16' (got 'gptq')"),
+    (with_("ptq.method", "awq"), "ptq.method: Input should be 'gptq' or 'rtn' (got 'awq')"),
+    (with_("calibration.num_samples", 0), "calibration.num_samples: Input should be greater than or equal to 1 (got 0)"),
+    (with_("eval.backend", "sglang"), "eval.backend: Input should be 'auto', 'vllm' or 'transformers' (got 'sglang')"),
+    (with_("rl.enabled", True) | {"qat": {"enabled": False}}, "rl.enabled needs qat.enabled"),
+    ({"name": "x", "model": {}}, "model: set exactly one of model.id (hub id or local path) or model.demo"),
+    ({"name": "x"}, "model: required field is missing"),
+    ({"name": "bad name!", "model": {"id": "a"}}, "name: String should match pattern"),
+    (with_("quant.bits", []), "quant.bits: Value error, give at least one bit width" .replace("Value error, ", "")),
+    (with_("qat.deepspeed", "nope.json"), "qat.deepspeed: no such DeepSpeed config file 'nope.json'"),
+    (with_("model.trust_remote_code", "maybe"), "model.trust_remote_code: Input should be a valid boolean"),
+]
+
+
+@pytest.mark.parametrize("data,expected", BAD, ids=[b[1][:40] for b in BAD])
+def test_bad_recipe_messages(data, expected):
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(data, "r.yaml")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("r.yaml: ")
+    assert expected in msg
+
+
+def test_not_yaml_and_not_mapping(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"not valid YAML at line \d"):
+        load_recipe(p)
+    p.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="expected a mapping of sections"):
+        load_recipe(p)
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: !!python/object/apply:os.system ['echo pwned']\nmodel: {id: a}\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(p)
+
+
+def test_cli_bad_recipe_exits_2_without_traceback_and_writes_nothing(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(f"name: x\nrun_root: {tmp_path / 'runs'}\nmodel: {{id: a}}\nquant: {{bits: 7}}\n")
+    res = subprocess.run([sys.executable, "-m", "reasoning_qat.cli", "run", str(p)], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "Traceback" not in res.stderr
+    assert "quant.bits[0]: Input should be 2, 3, 4 or 8 (got 7)" in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_defaults_keep_remote_code_off_and_lm_head_in_bf16():
+    r = parse_recipe(GOOD)
+    assert r.model.trust_remote_code is False
+    assert r.quant.ignore == ["lm_head"] and r.quant.bits == [4]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipes name DeepSpeed configs relative to the repository root
+    r = load_recipe(path)
+    assert r.name == path.stem
+
+
+@pytest.mark.parametrize("recipe,layers,hidden,inter,heads,kv", [
+    ("qwen3-0.6b-w4g128", 28, 1024, 3072, 16, 8),
+    ("qwen3-1.7b-w4g128", 28, 2048, 6144, 16, 8),
+])
+def test_qwen3_recipes_resolve_architecture_from_local_config(tmp_path, monkeypatch, recipe, layers, hidden, inter, heads, kv):
+    """The hub id is swapped for a local directory holding the real architecture's config; the quant
+    plan then resolves over the real layer shapes (on the meta device: no weights allocated)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from reasoning_qat.models import load_config
+    from reasoning_qat.quant import targets_from_recipe
+
+    monkeypatch.chdir(ROOT)
+    r = load_recipe(ROOT / "recipes" / f"{recipe}.yaml")
+    local = tmp_path / recipe
+    Qwen3Config(vocab_size=151936, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, head_dim=128, tie_word_embeddings=True,
+                max_position_embeddings=40960).save_pretrained(local)
+    r = r.model_copy(update={"model": r.model.model_copy(update={"id": str(local)})})
+    cfg = load_config(r.model.id)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    for bits in r.quant.bits:
+        plan = targets_from_recipe(r.quant, bits).resolve(model)
+        assert len(plan) == layers * 7
+        assert all(s.group_size == 128 and s.bits == bits for s in plan.values())
+        assert not any(n.startswith("lm_head") for n in plan)
