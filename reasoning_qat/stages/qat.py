@@ -30,13 +30,14 @@ from .common import exists_done, load_teacher, load_teacher_tokenizer, mark_done
 SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup", "wsd": "warmup_stable_decay"}
 
 
-def _distributed() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+def _launched() -> bool:
+    """True inside a process started by `accelerate launch` (or torchrun)."""
+    return "LOCAL_RANK" in os.environ
 
 
 def run(ctx: StageContext) -> dict:
     q = ctx.recipe.qat
-    if q.num_processes > 1 and not _distributed():
+    if (q.num_processes > 1 or q.deepspeed) and not _launched():
         _launch(ctx)
     else:
         for bits in ctx.recipe.quant.bits:

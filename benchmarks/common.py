@@ -1,0 +1,90 @@
+"""Shared benchmark helpers: the real Qwen3 architectures (random weights), device facts, results."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ARCHS = {  # from the published Qwen3 configs
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+}
+RESULTS = Path(__file__).parent / "results"
+
+
+def qwen3(arch: str, dtype=torch.bfloat16, device="cuda", seed=0):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(**ARCHS[arch], max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(cfg).to(dtype)
+    return model
+
+
+def device_info() -> dict:
+    from importlib.metadata import version
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": version("transformers")}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device"] = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return info
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, warmup=2, iters=5) -> float:
+    """Mean seconds per call after warm-up."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / iters
+
+
+def peak_memory(fn) -> tuple[float, float]:
+    """(seconds for one call, peak GiB allocated during it) on CUDA."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t, (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def bf16_matmul_tflops(n=8192, iters=10) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    s = timed(lambda: a @ b, warmup=3, iters=iters)
+    return 2 * n**3 / s / 1e12
+
+
+def save(name: str, rows: list[dict], extra: dict | None = None) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    out = {"benchmark": name, "command": "python " + " ".join(sys.argv), "env": device_info(), **(extra or {}), "rows": rows}
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
+    cols = list(rows[0])
+    md = [f"# {name}", "", f"command: `{out['command']}`", f"env: {json.dumps(out['env'])}", ""]
+    md += [json.dumps(extra)] if extra else []
+    md += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |" for r in rows]
+    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
