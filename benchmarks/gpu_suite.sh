@@ -5,25 +5,32 @@
 #   bash benchmarks/gpu_suite.sh demo         # recipes/demo-gpu.yaml end to end
 #   bash benchmarks/gpu_suite.sh ablations    # demo-gpu-ce, demo-gpu-rtn-init, demo-gpu-zero2
 set -uo pipefail
+mkdir -p "${OUT:-/tmp/out}"
+echo "start $(date +%T)" | tee "${OUT:-/tmp/out}/log.txt"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
-if ls .whl/deepspeed-*.tar.gz >/dev/null 2>&1; then
+if [ -z "${SKIP_DS:-}" ] && ls .whl/deepspeed-*.tar.gz >/dev/null 2>&1; then
   DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/deepspeed-*.tar.gz \
     || echo "deepspeed install failed"
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+echo "installed $(date +%T)" | tee -a "${OUT:-/tmp/out}/log.txt"
 export PATH=/tmp/site/bin:$PATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-mkdir -p "${OUT:-/tmp/out}"
 for part in "$@"; do
   case $part in
     bench)
-      (cd benchmarks; python3 kd_loss.py; python3 qat_step.py; python3 gptq_time.py; python3 generation.py) 2>&1 | grep -v "it/s]" ;;
+      (cd benchmarks
+       timeout ${T_KD:-90} python3 kd_loss.py
+       timeout ${T_QAT:-240} python3 qat_step.py ${QAT_ARGS:-}
+       timeout ${T_GPTQ:-240} python3 gptq_time.py ${GPTQ_ARGS:-}
+       timeout ${T_GEN:-120} python3 generation.py) 2>&1 | grep --line-buffered -v "it/s]" | tee -a "${OUT:-/tmp/out}/log.txt" ;;
     demo)
-      rqat run recipes/demo-gpu.yaml 2>&1 | grep -v "it/s]\|s/it]" ;;
+      timeout ${T_DEMO:-500} rqat run recipes/demo-gpu.yaml 2>&1 | grep --line-buffered -v "it/s]\|s/it]" | tee -a "${OUT:-/tmp/out}/log.txt" ;;
     ablations)
-      for r in demo-gpu-ce demo-gpu-rtn-init demo-gpu-zero2; do rqat run recipes/$r.yaml 2>&1 | grep -v "it/s]\|s/it]"; done ;;
+      for r in ${ABLATIONS:-demo-gpu-ce demo-gpu-rtn-init demo-gpu-zero2}; do
+        timeout ${T_ABL:-200} rqat run recipes/$r.yaml 2>&1 | grep --line-buffered -v "it/s]\|s/it]" | tee -a "${OUT:-/tmp/out}/log.txt"; done ;;
   esac
 done
 # Keep manifests, metrics, compare tables and plots (not the checkpoints).
