@@ -79,6 +79,21 @@ def test_fake_quant_forward_equals_dequantized_codes():
     assert torch.equal(fake_quantize(w, scale, zero, g, s.maxq), qw.dequantize())
 
 
+def test_fake_quant_permuted_groups_equal_dequantized_codes():
+    """Act-order g_idx (columns not in group order) takes the gather path; same result."""
+    torch.manual_seed(1)
+    w = torch.randn(8, 64)
+    s = QuantScheme(4, 16)
+    g = default_g_idx(64, s)[torch.randperm(64)]
+    scale, zero = find_group_params(w, s)
+    from reasoning_qat.quant.quantizer import dequantize, quantize_weight
+
+    ref = dequantize(quantize_weight(w, scale, zero, g, s.maxq), scale, zero, g)
+    assert torch.equal(fake_quantize(w, scale, zero, g, s.maxq), ref)
+    assert torch.equal(fake_quantize(w, scale, zero, default_g_idx(64, s), s.maxq, contiguous=True),
+                       fake_quantize(w, scale, zero, default_g_idx(64, s), s.maxq, contiguous=False))
+
+
 def test_lsq_gradients():
     """Inside the clip range the weight gets gradient 1 and the scale round(w/s) - w/s; outside, the
     weight gets none and the scale gets the clip level minus the zero point; the zero point gets

@@ -13,6 +13,7 @@ from .quantizer import (
     dequantize,
     export_params,
     fake_quantize,
+    is_contiguous_groups,
     find_group_params,
     quantize_weight,
 )
@@ -57,9 +58,10 @@ class FakeQuantLinear(nn.Module):
         self.scale = nn.Parameter(qw.scale.float().clone())
         self.zero = nn.Parameter(qw.zero.float().clone(), requires_grad=not qw.scheme.symmetric)
         self.register_buffer("g_idx", qw.g_idx.to(torch.int32).clone())
+        self.contiguous_groups = is_contiguous_groups(self.g_idx, self.scale.shape[1])  # decided once, not per step
 
     def quantized_weight(self) -> torch.Tensor:
-        return fake_quantize(self.weight, self.scale, self.zero, self.g_idx, self.scheme.maxq)
+        return fake_quantize(self.weight, self.scale, self.zero, self.g_idx, self.scheme.maxq, self.contiguous_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)

@@ -97,7 +97,8 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor, maxq: int):
+def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor, maxq: int,
+                  contiguous: bool | None = None):
     """Differentiable quantize-dequantize with LSQ-style gradients.
 
     The weight gets a straight-through gradient inside the clipping range and none outside; the
@@ -106,9 +107,30 @@ def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     writes. With the same (scale, zero, g_idx) and a weight on the grid, the result equals
     `dequantize(quantize_weight(...))` exactly.
     """
-    g = g_idx.long()
     s = scale.clamp_min(MIN_SCALE)
-    s = (s + (s.half().float() - s).detach())[:, g]  # float16 grid, straight-through
-    z = torch.clamp(round_ste(zero), ZERO_MIN, maxq)[:, g]
+    s = s + (s.half().float() - s).detach()  # float16 grid, straight-through
+    z = torch.clamp(round_ste(zero), ZERO_MIN, maxq)
+    out_f, in_f = weight.shape
+    n_groups = s.shape[1]
+    if contiguous if contiguous is not None else is_contiguous_groups(g_idx, n_groups):
+        # Fast path (no act-order): broadcast over [out, groups, group_size] instead of gathering
+        # full-size scale/zero tensors, which dominated the QAT step's overhead on GPU.
+        w = weight.float().reshape(out_f, n_groups, in_f // n_groups)
+        s, z = s[:, :, None], z[:, :, None]
+        q = torch.clamp(round_ste(w / s) + z, 0, maxq)
+        return ((q - z) * s).reshape(out_f, in_f)
+    g = g_idx.long()
+    s, z = s[:, g], z[:, g]
     q = torch.clamp(round_ste(weight.float() / s) + z, 0, maxq)
     return (q - z) * s
+
+
+def is_contiguous_groups(g_idx: torch.Tensor, n_groups: int) -> bool:
+    """True when column i belongs to group i // group_size (no act-order permutation)."""
+    n = g_idx.numel()
+    if n % n_groups:
+        return False
+    # Cheap necessary checks first; the full comparison only runs on the rare ambiguous case.
+    if int(g_idx[0]) != 0 or int(g_idx[-1]) != n_groups - 1:
+        return False
+    return bool(torch.equal(g_idx, torch.arange(n, device=g_idx.device, dtype=g_idx.dtype) // (n // n_groups)))
