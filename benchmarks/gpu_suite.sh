@@ -26,6 +26,8 @@ for part in "$@"; do
        timeout ${T_QAT:-240} python3 qat_step.py ${QAT_ARGS:-}
        timeout ${T_GPTQ:-240} python3 gptq_time.py ${GPTQ_ARGS:-}
        timeout ${T_GEN:-120} python3 generation.py) 2>&1 | grep --line-buffered -v "it/s]" | tee -a "${OUT:-/tmp/out}/log.txt" ;;
+    qatstep)
+      (cd benchmarks; timeout ${T_QAT:-240} python3 qat_step.py ${QAT_ARGS:-}) 2>&1 | grep --line-buffered -v "it/s]" | tee -a "${OUT:-/tmp/out}/log.txt" ;;
     demo)
       timeout ${T_DEMO:-500} rqat run recipes/demo-gpu.yaml 2>&1 | grep --line-buffered -v "it/s]\|s/it]" | tee -a "${OUT:-/tmp/out}/log.txt" ;;
     ablations)
