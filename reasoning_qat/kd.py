@@ -53,12 +53,17 @@ def chunked_distill_loss(h_s, h_t, head_s: nn.Module, head_t: nn.Module | None, 
     n = h_s.shape[0]
     total = h_s.new_zeros((), dtype=torch.float32)
 
+    def project(head, h):
+        # Accelerate's mixed-precision wrapper returns float32 hidden states while a bf16 teacher's
+        # head holds bf16 weights: feed each head its own dtype.
+        return head(h.to(next(head.parameters()).dtype)).float()
+
     def piece(hs, ht, tg):
-        s_logits = head_s(hs).float()
+        s_logits = project(head_s, hs)
         if kd.loss == "ce":
             return F.cross_entropy(s_logits, tg, reduction="sum")
         with torch.no_grad():
-            t_logits = head_t(ht).float()
+            t_logits = project(head_t, ht)
         if kd.loss == "forward_kl":
             return forward_kl(s_logits, t_logits, kd.temperature, kd.top_k)
         if kd.loss == "reverse_kl":

@@ -50,3 +50,14 @@ def test_top_k_forward_kl_uses_teacher_support():
     assert top.item() != pytest.approx(full.item())
     # With k = vocab the teacher keeps its whole distribution and the loss is the full one.
     assert forward_kl(s, t, top_k=30).item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_bf16_teacher_head_with_float32_hidden_states():
+    """As under Accelerate's bf16 wrapper: float32 hidden states, a bf16 teacher head."""
+    kd = KDConfig(loss="forward_kl", chunk_size=4)
+    head_s, head_t, h_s, h_t, labels = setup()
+    head_t = head_t.to(torch.bfloat16)
+    sel = labels[:, 1:] != -100
+    loss = chunked_distill_loss(h_s[:, :-1][sel], h_t[:, :-1][sel], head_s, head_t, labels[:, 1:][sel], kd, 4)
+    loss.backward()
+    assert torch.isfinite(loss) and h_s.grad is not None
