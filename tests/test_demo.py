@@ -1,0 +1,72 @@
+"""The demo pipeline at a reduced size, end to end through the CLI, RL included."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from reasoning_qat.quant.formats import load_quantized_checkpoint
+
+from .conftest import demo_recipe
+
+
+def cli(*args, check=True):
+    return subprocess.run([sys.executable, "-m", "reasoning_qat.cli", *args], capture_output=True, text=True, check=check)
+
+
+@pytest.mark.slow
+def test_demo_pipeline_small(tmp_path):
+    rec = demo_recipe(tmp_path, name="small", teacher_steps=300, bits="[2, 4]", baselines="[rtn, gptq_generic]",
+                      qat_steps=20, save_steps=10, limit=30)
+    text = rec.read_text().replace("rl: {enabled: false}", "rl: {enabled: true, min_accuracy: 0.0, data: {source: demo}, "
+                                   "max_steps: 2, num_generations: 4, batch_size: 4, max_completion_length: 40, lr: 1.0e-5, save_steps: 1}")
+    rec.write_text(text)
+    out = cli("run", str(rec))
+    run = tmp_path / "runs" / "small"
+    for stage in ("teacher", "calibrate", "ptq", "qat", "rl", "export", "eval"):
+        assert json.loads((run / stage / "manifest.json").read_text())["status"] == "done", stage
+
+    # PTQ errors recorded per layer (output error on each method's own calibration inputs).
+    ptq = json.loads((run / "ptq" / "manifest.json").read_text())["metrics"]
+    assert ptq["w2-gptq"]["error_kind"] == "output" and ptq["w2-rtn"]["error_kind"] == "weight"
+    assert 0 < ptq["w2-gptq"]["mean_layer_error"] < ptq["w2-gptq"]["max_layer_error"] < 1
+    layers = json.loads((run / "ptq" / "w2-gptq" / "ptq_errors.json").read_text())["layers"]
+    assert len(layers) == 14
+
+    # Every variant was exported and evaluated; the compare table lists them all.
+    variants = {"bf16", "w2-rtn", "w2-gptq", "w2-gptq_generic", "w2-qat", "w2-qat_rl", "w4-qat", "w4-qat_rl"}
+    metrics = json.loads((run / "eval" / "manifest.json").read_text())["metrics"]
+    assert variants <= set(metrics)
+    assert metrics["bf16"]["demo_arith"]["pass@1"] > 0.3  # the short-trained teacher already reasons
+    table = (run / "compare" / "compare.md").read_text()
+    assert "KD-QAT + RL" in table and "GPTQ (generic calib)" in table and (run / "compare" / "compare.png").stat().st_size > 0
+    assert "| small | demo_arith | 2 | KD-QAT |" in out.stdout
+
+    # The dequantized export is what the fake-quant QAT student computes.
+    student = load_quantized_checkpoint(run / "qat" / "w2-qat" / "model")
+    exported = AutoModelForCausalLM.from_pretrained(run / "export" / "w2-qat" / "dequantized", dtype=torch.float32)
+    x = torch.randint(0, 100, (1, 20))
+    with torch.no_grad():
+        assert torch.allclose(student(x).logits, exported(x).logits, atol=1e-4)
+    assert "model.layers.0.mlp.down_proj.qweight" in load_file(str(run / "export" / "w2-qat" / "gptq" / "model.safetensors"))
+
+    # rqat compare and rqat status work on the run directory.
+    cmp = cli("compare", str(run), "--out", str(tmp_path / "cmp"))
+    assert "| small | demo_arith | 16 | BF16 |" in cmp.stdout and (tmp_path / "cmp" / "compare.png").is_file()
+    assert "done" in cli("status", str(run)).stdout
+
+
+@pytest.mark.slow
+def test_rl_refuses_a_student_that_cannot_solve_anything(tmp_path):
+    rec = demo_recipe(tmp_path, name="cold", teacher_steps=5, bits="[2]", baselines="[]", qat_steps=2, limit=10)
+    rec.write_text(rec.read_text().replace("rl: {enabled: false}", "rl: {enabled: true, min_accuracy: 0.5, data: {source: demo}, "
+                                           "max_completion_length: 40}"))
+    res = cli("run", str(rec), check=False)
+    assert res.returncode == 2
+    assert "rl: the w2 QAT student solves" in res.stderr and "below rl.min_accuracy=0.5" in res.stderr
+    run = tmp_path / "runs" / "cold"
+    assert (run / "qat" / "manifest.json").is_file() and not (run / "rl").exists()

@@ -1,0 +1,74 @@
+"""Grading on real MATH answers, the transformers backend, pass@1 and the compare report."""
+
+import json
+
+import pytest
+
+from reasoning_qat.data.reasoning import read_jsonl
+from reasoning_qat.evaluation.grader import grade
+from reasoning_qat.evaluation.runner import pass_at_1
+from reasoning_qat.evaluation.tasks import Task, load_task
+
+from .conftest import MATH500
+
+
+@pytest.mark.parametrize("response,gold,ok", [
+    ("so the answer is \\boxed{\\frac{1}{2}}", "\\frac12", True),
+    ("\\boxed{0.5}", "\\frac{1}{2}", True),
+    ("\\boxed{2\\sqrt{3}}", "\\sqrt{12}", True),
+    ("\\boxed{[2,5)}", "[2,5)", True),
+    ("\\boxed{(2,5]}", "[2,5)", False),
+    ("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}", True),
+    ("<think>maybe \\boxed{7}</think>\n\nThe answer is \\boxed{8}.", "8", True),
+    ("<think>maybe \\boxed{8}</think>\n\nThe answer is \\boxed{7}.", "8", False),
+    ("<think>I never finish \\boxed{8}", "8", True),  # truncated thinking: the whole text is read
+    ("no answer at all", "8", False),
+    ("\\boxed{x^2+2x+1}", "(x+1)^2", True),
+])
+def test_grade_math_answers(response, gold, ok):
+    assert grade(response, gold).correct is ok
+
+
+@pytest.mark.skipif(not MATH500.is_file(), reason="../shared/data/math500.jsonl not present")
+def test_math500_loader_and_gold_solutions_grade_correct():
+    task = load_task("math500").model_copy(update={"source": str(MATH500)})
+    rows = task.load()
+    assert len(rows) == 500 and rows[0]["id"] == 0
+    solutions = {r["index"]: r["solution"] for r in read_jsonl(MATH500)}
+    # The worked solutions end in \\boxed{gold}: the grader must accept nearly all of them.
+    sample = rows[::5]
+    correct = sum(grade(solutions[r["id"]], r["answer"]).correct for r in sample)
+    assert correct / len(sample) >= 0.95, correct
+    # ...and reject them against another problem's answer.
+    wrong = sum(grade(solutions[r["id"]], rows[(i + 7) % 500]["answer"]).correct for i, r in enumerate(sample))
+    assert wrong / len(sample) < 0.1
+
+
+def test_pass_at_1_and_interval():
+    acc, ci = pass_at_1([[True, False], [True, True], [False, False], [True, False]])
+    assert acc == pytest.approx(0.5)
+    assert 0 < ci < 0.6
+    assert pass_at_1([[True]] * 10) == (1.0, 0.0)
+
+
+def test_unknown_task_is_a_clear_error():
+    from reasoning_qat.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="unknown task 'nope' \\(known: .*math500"):
+        load_task("nope")
+
+
+def test_transformers_backend_on_a_local_model(saved_tiny, tmp_path):
+    """Real generation with a saved model; an untrained model gets ~0, and every output is recorded."""
+    from reasoning_qat.evaluation.runner import evaluate
+
+    data = tmp_path / "test.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"What is ({a}+1)*2?", "answer": str((a + 1) * 2)}) for a in range(6)))
+    task = Task(name="t", source=str(data), problem_field="prompt", answer_field="answer", samples=2,
+                sampling={"temperature": 0.7, "top_p": 0.95, "top_k": 20, "max_new_tokens": 8})
+    m = evaluate(str(saved_tiny), task, tmp_path / "out", backend="transformers", batch_size=4)
+    assert m["problems"] == 6 and m["samples_per_problem"] == 2
+    assert m["truncation_rate"] == pytest.approx(1.0) or m["mean_response_tokens"] <= 8
+    rows = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and {"response", "extracted", "correct", "num_tokens"} <= set(rows[0])
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["pass@1"] == m["pass@1"]

@@ -1,0 +1,62 @@
+"""QAT building blocks: student initialisations, weight averaging, separate scale learning rate."""
+
+import pytest
+import torch
+
+from reasoning_qat.quant import QuantScheme, QuantTargets, swap_in_fake_quant
+from reasoning_qat.quant.fake_quant import fake_quant_modules
+from reasoning_qat.training import WeightAveraging
+
+from .conftest import tiny_qwen3
+
+
+def test_bf16_init_keeps_latent_weights_rtn_init_snaps_them():
+    ref = tiny_qwen3()
+    w = ref.model.layers[0].mlp.up_proj.weight.detach().clone()
+    a, b = tiny_qwen3(), tiny_qwen3()
+    swap_in_fake_quant(a, QuantTargets(QuantScheme(2, 32)), keep_latent=True)
+    swap_in_fake_quant(b, QuantTargets(QuantScheme(2, 32)))
+    la, lb = a.model.layers[0].mlp.up_proj, b.model.layers[0].mlp.up_proj
+    assert torch.equal(la.weight.detach(), w)
+    assert not torch.equal(lb.weight.detach(), w)
+    assert torch.equal(la.quantized_weight(), lb.quantized_weight())  # same function either way
+
+
+def test_ema_and_lawa_averages(tmp_path):
+    model = torch.nn.Linear(2, 1, bias=False)
+    ema = WeightAveraging("ema", ema_decay=0.5)
+    lawa = WeightAveraging("lawa", lawa_k=2, lawa_interval=1)
+    values = [1.0, 3.0, 5.0]
+    for step, v in enumerate(values, 1):
+        with torch.no_grad():
+            model.weight.fill_(v)
+        ema.update(model, step)
+        lawa.update(model, step)
+    ema.save(tmp_path)
+    restored = WeightAveraging("ema", ema_decay=0.5)
+    restored.load(str(tmp_path), "cpu")
+    assert restored.apply(model) == 1 and model.weight[0, 0].item() == pytest.approx(3.5)  # ((1+3)/2+5)/2
+    assert lawa.apply(model) == 2 and model.weight[0, 0].item() == pytest.approx(4.0)  # mean of the last 2
+
+
+def test_kd_trainer_gives_scales_their_own_learning_rate(tmp_path, tokenizer):
+    from reasoning_qat.data.reasoning import PadCollator, ReasoningSFTDataset
+    from reasoning_qat.kd import KDTrainer
+    from reasoning_qat.recipe import KDConfig
+    from reasoning_qat.training import quiet_training_args
+
+    student, teacher = tiny_qwen3(vocab_size=len(tokenizer)), tiny_qwen3(vocab_size=len(tokenizer), seed=1)
+    swap_in_fake_quant(student, QuantTargets(QuantScheme(2, 32)))
+    ds = ReasoningSFTDataset([{"prompt": "What is 1+1?", "response": "<think>\n1+1=2\n</think>\n\n\\boxed{2}"}] * 8, tokenizer, 64)
+    args = quiet_training_args(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+                               save_strategy="no", logging_steps=1)
+    before = {n: m.scale.detach().clone() for n, m in fake_quant_modules(student).items()}
+    trainer = KDTrainer(model=student, args=args, train_dataset=ds, data_collator=PadCollator(tokenizer.pad_token_id),
+                        teacher=teacher, kd=KDConfig(), scale_lr=0.05)
+    trainer.train()
+    lrs = sorted({g["initial_lr"] for g in trainer.optimizer.param_groups if g["params"]})
+    assert lrs == [1e-3, 0.05]  # latent weights and quantizer scales, each under the schedule
+    moved = [not torch.equal(before[n], m.scale.detach()) for n, m in fake_quant_modules(student).items()]
+    assert all(moved)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(v > 0 for v in losses)
