@@ -47,12 +47,15 @@ def run(ctx: StageContext) -> dict:
 
 
 def _launch(ctx: StageContext) -> None:
+    """Re-run this stage's training in N processes: `accelerate launch` on GPUs (DeepSpeed when
+    qat.deepspeed is set); torch's own launcher on CPU, where `accelerate launch --cpu` starts one
+    process only."""
     q = ctx.recipe.qat
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(q.num_processes)]
-    if q.deepspeed:
-        cmd += ["--use_deepspeed", "--deepspeed_config_file", q.deepspeed]
+    if torch.cuda.is_available() or q.deepspeed:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(q.num_processes)]
+        cmd += ["--use_deepspeed", "--deepspeed_config_file", q.deepspeed] if q.deepspeed else ["--multi_gpu"] * (q.num_processes > 1)
     else:
-        cmd += ["--multi_gpu"] if torch.cuda.is_available() else ["--cpu"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(q.num_processes)]
     cmd += ["-m", "reasoning_qat.stages.qat", "--run-dir", str(ctx.run_dir), "--out", str(ctx.out)]
     cmd += [f"--input={k}={v}" for k, v in ctx.inputs.items()]
     subprocess.run(cmd, check=True)
