@@ -27,7 +27,7 @@ def _console():
 def cmd_run(a) -> int:
     from .pipeline import Pipeline
     from .recipe import load_recipe
-    from .stages import STAGES
+    from .stages import STAGES, preflight
 
     recipe = load_recipe(a.recipe)
     if a.run_root:
@@ -36,6 +36,7 @@ def cmd_run(a) -> int:
     pipe = Pipeline(recipe, STAGES, console)
     only = [s.strip() for s in a.stages.split(",") if s.strip()] if a.stages else None
     plan = pipe.plan(only, a.force)
+    preflight(recipe)
     console.print(f"run [bold]{recipe.name}[/] in {recipe.run_dir}: " + (", ".join(plan) if plan else "nothing to do (all stages done)"))
     if a.dry_run:
         return 0

@@ -98,7 +98,7 @@ def gptq_quantize_model(
     relative output error of each layer on its calibration inputs."""
     model.eval()
     layers = _decoder_layers(model)
-    prefix = {id(layer): name for name, layer in model.named_modules() if any(layer is l for l in layers)}
+    prefix = {id(module): name for name, module in model.named_modules()}
     states = _capture_layer_inputs(model, layers, calib, device, batch_size)
     qws, errors = {}, {}
     for layer in tqdm(layers, desc="gptq layers", disable=not progress, leave=False):

@@ -20,3 +20,33 @@ STAGES = [
 ]
 
 STAGE_NAMES = [s.name for s in STAGES]
+
+
+def preflight(recipe) -> None:
+    """Checks that need the architecture, done before any stage runs: every targeted layer's width
+    must suit the quant scheme. Builds the model on the meta device (no weights). Skipped when the
+    model's config cannot be read yet (e.g. a hub id while offline); the ptq stage checks again."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..models import demo_config, load_config
+    from ..quant import targets_from_recipe
+    from ..recipe import RecipeError
+
+    m = recipe.model
+    try:
+        if m.demo is not None:
+            from ..data.tokenizer import build_char_tokenizer
+
+            config = demo_config(m.demo, len(build_char_tokenizer()))
+        else:
+            config = load_config(m.id, trust_remote_code=m.trust_remote_code, revision=m.revision)
+    except (OSError, ValueError):
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+    for bits in recipe.quant.bits:
+        try:
+            targets_from_recipe(recipe.quant, bits).resolve(model)
+        except ValueError as err:
+            raise RecipeError(str(err)) from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 from ..data.reasoning import load_rows, select_fields
@@ -48,3 +50,13 @@ def exists_done(path: Path) -> bool:
 def mark_done(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     (path / ".done").write_text("")
+
+
+def finish_training(out: Path, metrics_file: str, metrics: dict, log_history: list) -> None:
+    """Record a finished training run and mark it done (QAT and RL share this)."""
+    (out / metrics_file).write_text(json.dumps(metrics, indent=1))
+    (out / "log_history.json").write_text(json.dumps(log_history, indent=1))
+    # Optimizer states are several times the model; the finished stage keeps only the result.
+    for ckpt in (out / "trainer").glob("checkpoint-*"):
+        shutil.rmtree(ckpt)
+    mark_done(out)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from ..pipeline import StageContext, recipe_from_run
 from ..quant import swap_in_fake_quant, targets_from_recipe
 from ..quant.formats import read_quantized_weights, save_quantized_checkpoint
 from ..training import WeightAveraging, last_checkpoint, quiet_training_args
-from .common import exists_done, load_teacher, load_teacher_tokenizer, mark_done, reasoning_rows, variant
+from .common import exists_done, finish_training, load_teacher, load_teacher_tokenizer, reasoning_rows, variant
 
 SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup", "wsd": "warmup_stable_decay"}
 
@@ -134,12 +133,7 @@ def train_one(ctx: StageContext, bits: int) -> None:
                                                                 "loss": q.kd.loss})
         metrics = {"train_loss": result.training_loss, "final_logged_loss": losses[-1] if losses else None,
                    "steps": trainer.state.global_step, "averaged_snapshots": averaged, "init": q.init, "loss": q.kd.loss}
-        (out / "qat_metrics.json").write_text(json.dumps(metrics, indent=1))
-        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-        # Optimizer states are several times the model; the finished stage keeps only the result.
-        for ckpt in (out / "trainer").glob("checkpoint-*"):
-            shutil.rmtree(ckpt)
-        mark_done(out)
+        finish_training(out, "qat_metrics.json", metrics, trainer.state.log_history)
     trainer.accelerator.wait_for_everyone()
 
 

@@ -9,7 +9,6 @@ student's accuracy is below `rl.min_accuracy`: RL needs a viable cold start.
 from __future__ import annotations
 
 import json
-import shutil
 
 import torch
 
@@ -20,7 +19,7 @@ from ..pipeline import StageContext
 from ..quant.fake_quant import fake_quant_modules
 from ..quant.formats import load_quantized_checkpoint, save_quantized_checkpoint
 from ..training import last_checkpoint, quiet_training_args
-from .common import exists_done, load_teacher_tokenizer, mark_done, reasoning_rows, variant
+from .common import exists_done, finish_training, load_teacher_tokenizer, reasoning_rows, variant
 
 
 def dequantized_named_params(model, fix_name=lambda n: n):
@@ -123,10 +122,6 @@ def run(ctx: StageContext) -> dict:
         m = {"start_accuracy": acc, "steps": trainer.state.global_step,
              "mean_reward_first": sum(rewards[:5]) / max(len(rewards[:5]), 1),
              "mean_reward_last": sum(rewards[-5:]) / max(len(rewards[-5:]), 1)}
-        (out / "rl_metrics.json").write_text(json.dumps(m, indent=1))
-        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-        for ckpt in (out / "trainer").glob("checkpoint-*"):
-            shutil.rmtree(ckpt)
-        mark_done(out)
+        finish_training(out, "rl_metrics.json", m, trainer.state.log_history)
         metrics[name] = m
     return metrics
