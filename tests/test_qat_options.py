@@ -60,3 +60,21 @@ def test_kd_trainer_gives_scales_their_own_learning_rate(tmp_path, tokenizer):
     assert all(moved)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(v > 0 for v in losses)
+
+
+def test_non_finite_loss_stops_training_with_a_clear_message(tmp_path, tokenizer):
+    from reasoning_qat.data.reasoning import PadCollator, ReasoningSFTDataset
+    from reasoning_qat.kd import KDTrainer
+    from reasoning_qat.recipe import KDConfig
+    from reasoning_qat.training import quiet_training_args
+
+    student, teacher = tiny_qwen3(vocab_size=len(tokenizer)), tiny_qwen3(vocab_size=len(tokenizer), seed=1)
+    with torch.no_grad():
+        teacher.lm_head.weight.fill_(float("nan"))  # a broken teacher: the KD loss becomes NaN
+    swap_in_fake_quant(student, QuantTargets(QuantScheme(2, 32)))
+    ds = ReasoningSFTDataset([{"prompt": "What is 1+1?", "response": "\\boxed{2}"}] * 4, tokenizer, 64)
+    args = quiet_training_args(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, save_strategy="no")
+    trainer = KDTrainer(model=student, args=args, train_dataset=ds, data_collator=PadCollator(tokenizer.pad_token_id),
+                        teacher=teacher, kd=KDConfig())
+    with pytest.raises(FloatingPointError, match=r"qat: the loss became nan at step 1; the last good checkpoint is kept"):
+        trainer.train()
