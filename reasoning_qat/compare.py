@@ -21,6 +21,8 @@ def collect(run_dirs: list[str | Path]) -> list[dict]:
         if ev is None:
             raise ValueError(f"{run}: no finished eval stage; run `rqat run RECIPE --stages eval` first")
         sizes = (read_manifest(run / "export") or {}).get("metrics", {})
+        qat = (read_manifest(run / "qat") or {}).get("metrics", {})
+        calib_domain = (read_manifest(run / "calibrate") or {}).get("metrics", {}).get("domain", "reasoning")
         teacher_model = run / "teacher" / "model"
         bf16_bytes = directory_size(teacher_model) if teacher_model.is_dir() else None
         for name, tasks in ev["metrics"].items():
@@ -29,12 +31,26 @@ def collect(run_dirs: list[str | Path]) -> list[dict]:
             size = bf16_bytes if method == "bf16" else sizes.get(name, {}).get("gptq_bytes", sizes.get(name, {}).get("dequantized_bytes"))
             for task, tm in tasks.items():
                 rows.append({"run": run.name, "task": task, "bits": bits, "method": method, "pass@1": tm["pass@1"],
-                             "ci95": tm["ci95"], "size_bytes": size})
+                             "ci95": tm["ci95"], "size_bytes": size, "label": _label(method, qat.get(f"w{bits}-qat", {}), calib_domain)})
     for r in rows:
         base = [b for b in rows if b["run"] == r["run"] and b["task"] == r["task"] and b["method"] == "bf16"]
         r["recovery"] = r["pass@1"] / base[0]["pass@1"] if base and base[0]["pass@1"] > 0 else None
     key = {m: i for i, m in enumerate(["bf16", *METHOD_ORDER])}
     return sorted(rows, key=lambda r: (r["run"], r["task"], -r["bits"], key.get(r["method"], 99)))
+
+
+def _label(method: str, qat_metrics: dict, calib_domain: str = "reasoning") -> str:
+    """Names variants by how they were made: the main GPTQ's calibration domain, QAT's loss and init."""
+    label = METHOD_LABEL.get(method, method)
+    if method == "gptq" and calib_domain == "generic":
+        label = METHOD_LABEL["gptq_generic"]
+    if method in ("qat", "qat_rl") and qat_metrics:
+        if qat_metrics.get("loss") == "ce":
+            label = label.replace("KD-QAT", "CE-QAT")
+        init = qat_metrics.get("init")
+        if init and init != "ptq":
+            label += f" ({init.upper()} init)"
+    return label
 
 
 def to_markdown(rows: list[dict]) -> str:
@@ -44,7 +60,7 @@ def to_markdown(rows: list[dict]) -> str:
         rec = f"{100 * r['recovery']:.1f}" if r["recovery"] is not None else "-"
         size = f"{r['size_bytes'] / 2**20:.2f}" if r["size_bytes"] else "-"
         bits = "16" if r["method"] == "bf16" else str(r["bits"])
-        lines.append(f"| {r['run']} | {r['task']} | {bits} | {METHOD_LABEL.get(r['method'], r['method'])} | "
+        lines.append(f"| {r['run']} | {r['task']} | {bits} | {r['label']} | "
                      f"{r['pass@1']:.3f} | {r['ci95']:.3f} | {rec} | {size} |")
     return "\n".join(lines)
 
@@ -62,7 +78,8 @@ def plot(rows: list[dict], path: str | Path) -> None:
         for method in METHOD_ORDER:
             pts = sorted((r["bits"], r["pass@1"]) for r in sub if r["method"] == method)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=METHOD_LABEL[method])
+                label = next(r["label"] for r in sub if r["method"] == method)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         for r in sub:
             if r["method"] == "bf16":
                 ax.axhline(r["pass@1"], color="black", linestyle="--", label="BF16")
