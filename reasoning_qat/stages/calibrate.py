@@ -27,7 +27,7 @@ def run(ctx: StageContext) -> dict:
     if c.domain == "generic" or "gptq_generic" in r.ptq.baselines:
         sets["generic"] = generic_calibration(tok, c.generic_source, c.num_samples, c.seq_len, c.seed, c.generic_subset)
     if c.domain == "generic":
-        sets["main"] = sets["generic"]
+        sets["main"] = sets["generic"].clone()  # safetensors refuses two names for one tensor
     save_file({k: v.contiguous() for k, v in sets.items()}, str(ctx.out / CALIBRATION_FILE))
     return {
         name: {"shape": list(t.shape), "sha256": hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]}
