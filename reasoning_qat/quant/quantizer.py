@@ -117,20 +117,16 @@ def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
         # full-size scale/zero tensors, which dominated the QAT step's overhead on GPU.
         w = weight.float().reshape(out_f, n_groups, in_f // n_groups)
         s, z = s[:, :, None], z[:, :, None]
-        q = torch.clamp(round_ste(w / s) + z, 0, maxq)
-        return ((q - z) * s).reshape(out_f, in_f)
-    g = g_idx.long()
-    s, z = s[:, g], z[:, g]
-    q = torch.clamp(round_ste(weight.float() / s) + z, 0, maxq)
-    return (q - z) * s
+    else:
+        g = g_idx.long()
+        w, s, z = weight.float(), s[:, g], z[:, g]
+    q = torch.clamp(round_ste(w / s) + z, 0, maxq)
+    return ((q - z) * s).reshape(out_f, in_f)
 
 
 def is_contiguous_groups(g_idx: torch.Tensor, n_groups: int) -> bool:
     """True when column i belongs to group i // group_size (no act-order permutation)."""
     n = g_idx.numel()
     if n % n_groups:
-        return False
-    # Cheap necessary checks first; the full comparison only runs on the rare ambiguous case.
-    if int(g_idx[0]) != 0 or int(g_idx[-1]) != n_groups - 1:
         return False
     return bool(torch.equal(g_idx, torch.arange(n, device=g_idx.device, dtype=g_idx.dtype) // (n // n_groups)))

@@ -52,7 +52,10 @@ def _launch(ctx: StageContext) -> None:
     q = ctx.recipe.qat
     if torch.cuda.is_available() or q.deepspeed:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(q.num_processes)]
-        cmd += ["--use_deepspeed", "--deepspeed_config_file", q.deepspeed] if q.deepspeed else ["--multi_gpu"] * (q.num_processes > 1)
+        if q.deepspeed:
+            cmd += ["--use_deepspeed", "--deepspeed_config_file", q.deepspeed]
+        elif q.num_processes > 1:
+            cmd += ["--multi_gpu"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(q.num_processes)]
     cmd += ["-m", "reasoning_qat.stages.qat", "--run-dir", str(ctx.run_dir), "--out", str(ctx.out)]
