@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .pipeline import StageFailed
 from .recipe import RecipeError
 
 EPILOG = """examples:
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (RecipeError, ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (RecipeError, ValueError, FileNotFoundError, FloatingPointError, StageFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

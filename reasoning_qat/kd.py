@@ -105,9 +105,11 @@ class _HiddenOnly:
         self.model.set_output_embeddings(self.head)
 
 
-def hidden_and_head(model, unwrapped, input_ids, attention_mask):
+def hidden_and_head(model, unwrapped, input_ids, attention_mask, position_ids=None):
+    # Packed rows come with position_ids restarting per example and no attention mask; transformers
+    # then builds a block-diagonal causal mask, so examples never attend to each other.
     with _HiddenOnly(unwrapped) as head:
-        hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
     return hidden, head
 
 
@@ -154,15 +156,16 @@ class KDTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
+        pos = inputs.get("position_ids")
         unwrapped = self.accelerator.unwrap_model(model)
-        h_s, head_s = hidden_and_head(model, unwrapped, ids, mask)
+        h_s, head_s = hidden_and_head(model, unwrapped, ids, mask, pos)
         sel = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
         targets = labels[:, 1:][sel]
         h_t, head_t = None, None
         if self.kd.loss != "ce":
             with torch.no_grad():
                 t_model = self.teacher
-                h_t, head_t = hidden_and_head(t_model, self.accelerator.unwrap_model(t_model), ids, mask)
+                h_t, head_t = hidden_and_head(t_model, self.accelerator.unwrap_model(t_model), ids, mask, pos)
             h_t = h_t[:, :-1][sel]
         loss = chunked_distill_loss(h_s[:, :-1][sel], h_t, head_s, head_t, targets, self.kd, self.kd.chunk_size)
         if not torch.isfinite(loss):

@@ -26,6 +26,10 @@ MANIFEST = "manifest.json"
 RECIPE_SNAPSHOT = "recipe.yaml"
 
 
+class StageFailed(RuntimeError):
+    """A stage stopped for a reason its message explains in one line (e.g. a launched child failed)."""
+
+
 @dataclass
 class StageContext:
     recipe: Recipe

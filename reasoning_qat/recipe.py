@@ -80,8 +80,24 @@ class QuantConfig(_Section):
         return sorted(set(v))
 
 
+class TeacherGenerationConfig(_Section):
+    """How the teacher writes the QAT responses when `data.responses: teacher` (Qwen3 thinking defaults)."""
+
+    max_new_tokens: int = Field(4096, ge=1)
+    temperature: float = Field(0.6, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(20, ge=0)
+    batch_size: int = Field(64, ge=1)
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    keep: Literal["all", "correct", "finished"] = "all"  # correct: graded against the row's `answer`
+
+
 class DataConfig(_Section):
-    """Reasoning data: `demo` (the demo task), a local .jsonl, or a hub dataset id."""
+    """Reasoning data: `demo` (the demo task), a local .jsonl, or a hub dataset id.
+
+    `responses: teacher` keeps the prompts but has the BF16 teacher write the responses (self-
+    distillation data in the teacher's own distribution); the calibrate stage generates them once.
+    """
 
     source: str = "demo"
     subset: str | None = None  # hub dataset configuration name
@@ -90,6 +106,8 @@ class DataConfig(_Section):
     response_field: str = "response"
     max_samples: int | None = Field(None, ge=1)
     max_length: int = Field(2048, ge=8)
+    responses: Literal["dataset", "teacher"] = "dataset"
+    generation: TeacherGenerationConfig = Field(default_factory=TeacherGenerationConfig)
 
 
 class CalibrationConfig(_Section):
@@ -144,6 +162,7 @@ class QATConfig(_Section):
     deepspeed: str | None = None  # path to a DeepSpeed config, e.g. recipes/accelerate/zero2.json
     gradient_checkpointing: bool = False
     bf16: bool = True
+    packing: bool = False  # one row per batch, examples concatenated: no padding, no attention across examples
 
 
 class RLConfig(_Section):

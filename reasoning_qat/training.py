@@ -19,6 +19,7 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
 
 def quiet_training_args(cls=None, **kwargs):
     """TrainingArguments with the project's defaults: no hub, no reporting unless asked, safetensors."""
+    import torch
     from transformers import TrainingArguments
 
     cls = cls or TrainingArguments
@@ -29,7 +30,9 @@ def quiet_training_args(cls=None, **kwargs):
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
-        use_cpu=False,
+        # Without CUDA, say so: Accelerate then sets up gloo data parallelism (MULTI_CPU) under
+        # torchrun instead of leaving every rank to train and checkpoint on its own.
+        use_cpu=not torch.cuda.is_available(),
     )
     defaults.update(kwargs)
     return cls(**defaults)

@@ -48,12 +48,13 @@ def load_rows(source: str, split: str = "train", demo_dir: str | Path | None = N
     return [dict(r) for r in load_dataset(source, subset, split=split)]
 
 
-def select_fields(rows: list[dict], prompt_field: str, response_field: str, max_samples: int | None = None) -> list[dict]:
+def select_fields(rows: list[dict], prompt_field: str, response_field: str | None, max_samples: int | None = None) -> list[dict]:
+    """Rows as {prompt, response, answer?}; response_field None keeps prompts only (response "")."""
     out = []
     for i, r in enumerate(rows[:max_samples] if max_samples else rows):
-        if prompt_field not in r or response_field not in r:
+        if prompt_field not in r or (response_field is not None and response_field not in r):
             raise ValueError(f"data: row {i} lacks field {prompt_field!r} or {response_field!r} (has {sorted(r)})")
-        response = r[response_field]
+        response = r[response_field] if response_field is not None else ""
         if isinstance(response, list):  # datasets with several generations per prompt: take the first
             response = response[0] if response else ""
         out.append({"prompt": r[prompt_field], "response": response, **({"answer": str(r["answer"])} if "answer" in r else {})})

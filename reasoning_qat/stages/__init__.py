@@ -10,7 +10,7 @@ STAGES = [
     Stage("calibrate", calibrate.run, ("teacher",), ("calibration", "qat.data", "ptq.baselines"),
           help="domain-matched calibration set"),
     Stage("ptq", ptq.run, ("teacher", "calibrate"), ("quant", "ptq"), help="RTN / GPTQ checkpoints"),
-    Stage("qat", qat.run, ("teacher", "ptq"), ("quant", "qat", "seed", "ptq.method"),
+    Stage("qat", qat.run, ("teacher", "calibrate", "ptq"), ("quant", "qat", "seed", "ptq.method"),
           enabled=lambda r: r.qat.enabled, help="KD quantization-aware training"),
     Stage("rl", rl.run, ("teacher", "qat"), ("quant", "rl", "seed"), enabled=lambda r: r.rl.enabled,
           help="GRPO on the quantized student"),

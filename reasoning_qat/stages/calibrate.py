@@ -1,7 +1,8 @@
 """calibrate stage: the PTQ calibration set, domain-matched by default.
 
 `reasoning` draws from the very data the QAT stage trains on (qat.data), formatted with the chat
-template and thinking exactly as at inference; `generic` is plain text (the baseline). When the
+template and thinking exactly as at inference. With `qat.data.responses: teacher` this stage first
+has the teacher write those responses (resumable), so calibration and QAT share them; `generic` is plain text (the baseline). When the
 ptq stage is asked for the `gptq_generic` baseline, the generic set is built as well.
 """
 
@@ -13,7 +14,7 @@ from safetensors.torch import save_file
 
 from ..data.calibration import domain_calibration, generic_calibration
 from ..pipeline import StageContext
-from .common import load_teacher_tokenizer, reasoning_rows
+from .common import TEACHER_DATA, load_teacher_tokenizer, reasoning_rows, source_rows, teacher_path
 
 CALIBRATION_FILE = "calibration.safetensors"
 
@@ -21,9 +22,15 @@ CALIBRATION_FILE = "calibration.safetensors"
 def run(ctx: StageContext) -> dict:
     r, c = ctx.recipe, ctx.recipe.calibration
     tok = load_teacher_tokenizer(ctx)
+    extra = {}
+    if r.qat.data.responses == "teacher":
+        rows = write_teacher_data(ctx)
+        extra["teacher_data"] = {"rows": len(rows), "kept_by": r.qat.data.generation.keep}
+    else:
+        rows = reasoning_rows(ctx, r.qat.data)
     sets = {}
     if c.domain == "reasoning":
-        sets["main"] = domain_calibration(tok, reasoning_rows(ctx, r.qat.data), c.num_samples, c.seq_len, c.seed)
+        sets["main"] = domain_calibration(tok, rows, c.num_samples, c.seq_len, c.seed)
     if c.domain == "generic" or "gptq_generic" in r.ptq.baselines:
         sets["generic"] = generic_calibration(tok, c.generic_source, c.num_samples, c.seq_len, c.seed, c.generic_subset)
     if c.domain == "generic":
@@ -32,4 +39,14 @@ def run(ctx: StageContext) -> dict:
     return {
         name: {"shape": list(t.shape), "sha256": hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]}
         for name, t in sets.items()
-    } | {"domain": c.domain}
+    } | {"domain": c.domain} | extra
+
+
+def write_teacher_data(ctx: StageContext) -> list[dict]:
+    from ..data.teacher_responses import generate_teacher_responses
+    from ..evaluation.backends import make_backend
+
+    r, data = ctx.recipe, ctx.recipe.qat.data
+    g = data.generation
+    engine = make_backend(g.backend, teacher_path(ctx), g.batch_size, trust_remote_code=r.model.trust_remote_code, seed=r.seed)
+    return generate_teacher_responses(engine, source_rows(ctx, data, prompts_only=True), ctx.out / TEACHER_DATA, g, r.seed)

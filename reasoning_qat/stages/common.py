@@ -29,9 +29,22 @@ def load_teacher_tokenizer(ctx):
     return load_tokenizer(teacher_path(ctx), r.model.trust_remote_code, r.model.revision if r.model.demo is None else None)
 
 
-def reasoning_rows(ctx, data: DataConfig) -> list[dict]:
+TEACHER_DATA = "qat_data.jsonl"  # the calibrate stage's teacher-written QAT set (qat.data.responses: teacher)
+
+
+def source_rows(ctx, data: DataConfig, prompts_only: bool = False) -> list[dict]:
+    """The rows `data` names, as {prompt, response, answer?} (response "" when prompts_only)."""
     rows = load_rows(data.source, data.split, demo_data_dir(ctx.input("teacher")), data.subset)
-    return select_fields(rows, data.prompt_field, data.response_field, data.max_samples)
+    return select_fields(rows, data.prompt_field, None if prompts_only else data.response_field, data.max_samples)
+
+
+def reasoning_rows(ctx, data: DataConfig) -> list[dict]:
+    """The QAT training rows: from the dataset, or the teacher's responses the calibrate stage wrote."""
+    if data.responses == "teacher":
+        from ..data.teacher_responses import kept_rows
+
+        return kept_rows(ctx.input("calibrate") / TEACHER_DATA)
+    return source_rows(ctx, data)
 
 
 def variant(bits: int, method: str) -> str:

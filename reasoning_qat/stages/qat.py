@@ -20,7 +20,7 @@ import torch
 
 from ..data.reasoning import PadCollator, ReasoningSFTDataset
 from ..kd import KDTrainer
-from ..pipeline import StageContext, recipe_from_run
+from ..pipeline import StageContext, StageFailed, recipe_from_run
 from ..quant import swap_in_fake_quant, targets_from_recipe
 from ..quant.formats import read_quantized_weights, save_quantized_checkpoint
 from ..training import WeightAveraging, last_checkpoint, quiet_training_args
@@ -60,7 +60,21 @@ def _launch(ctx: StageContext) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(q.num_processes)]
     cmd += ["-m", "reasoning_qat.stages.qat", "--run-dir", str(ctx.run_dir), "--out", str(ctx.out)]
     cmd += [f"--input={k}={v}" for k, v in ctx.inputs.items()]
-    subprocess.run(cmd, check=True)
+    done = subprocess.run(cmd)
+    if done.returncode != 0:
+        raise StageFailed(f"qat: the {q.num_processes}-process training exited with status {done.returncode} (its log is "
+                          f"above); re-run the same command to resume from its last checkpoint")
+
+
+def qat_collator(packing: bool, pad_token_id: int):
+    """Padded rows, or (packing) the batch flattened into one row by transformers' own collator:
+    position_ids restart per example and each example's first label is masked, so no token is
+    predicted across an example boundary."""
+    if packing:
+        from transformers import DataCollatorWithFlattening
+
+        return DataCollatorWithFlattening(return_position_ids=True)
+    return PadCollator(pad_token_id)
 
 
 def _init_student(ctx: StageContext, bits: int, device: str):
@@ -85,21 +99,12 @@ def _to(qw, device):
     return move(qw, device)
 
 
-def train_one(ctx: StageContext, bits: int) -> None:
-    r, q = ctx.recipe, ctx.recipe.qat
-    out = ctx.out / variant(bits, "qat")
-    if exists_done(out):
-        return
-    device = "cpu" if not torch.cuda.is_available() else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    torch.manual_seed(r.seed)
-    tok = load_teacher_tokenizer(ctx)
-    dataset = ReasoningSFTDataset(reasoning_rows(ctx, q.data), tok, q.data.max_length)
-    student = _init_student(ctx, bits, device)
-    teacher = None if q.kd.loss == "ce" else load_teacher(ctx, torch.bfloat16 if "cuda" in device else torch.float32, device)
+def qat_training_args(q, output_dir, seed: int):
+    """The recipe's qat section as TrainingArguments (schedule, precision, checkpoints, DeepSpeed)."""
     on_gpu = torch.cuda.is_available()
     n_decay = max(1, int(q.decay_ratio * q.max_steps))
-    args = quiet_training_args(
-        output_dir=str(out / "trainer"),
+    return quiet_training_args(
+        output_dir=str(output_dir),
         max_steps=q.max_steps,
         per_device_train_batch_size=q.batch_size,
         gradient_accumulation_steps=q.grad_accum,
@@ -114,13 +119,30 @@ def train_one(ctx: StageContext, bits: int) -> None:
         logging_steps=q.logging_steps,
         report_to=q.report_to,
         deepspeed=q.deepspeed,
+        # The output head runs after the wrapped forward (chunked loss): DDP's unused-parameter search
+        # would mark it unused at the end of forward and then fail when its gradient arrives.
+        ddp_find_unused_parameters=False,
         **({"gradient_checkpointing": True} if q.gradient_checkpointing else {}),
-        seed=r.seed,
-        data_seed=r.seed,
+        seed=seed,
+        data_seed=seed,
     )
+
+
+def train_one(ctx: StageContext, bits: int) -> None:
+    r, q = ctx.recipe, ctx.recipe.qat
+    out = ctx.out / variant(bits, "qat")
+    if exists_done(out):
+        return
+    device = "cpu" if not torch.cuda.is_available() else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    torch.manual_seed(r.seed)
+    tok = load_teacher_tokenizer(ctx)
+    dataset = ReasoningSFTDataset(reasoning_rows(ctx, q.data), tok, q.data.max_length)
+    student = _init_student(ctx, bits, device)
+    teacher = None if q.kd.loss == "ce" else load_teacher(ctx, torch.bfloat16 if "cuda" in device else torch.float32, device)
+    args = qat_training_args(q, out / "trainer", r.seed)
     averaging = WeightAveraging(q.averaging, q.ema_decay, q.lawa_k, q.lawa_interval) if q.averaging != "none" else None
     trainer = KDTrainer(
-        model=student, args=args, train_dataset=dataset, data_collator=PadCollator(tok.pad_token_id),
+        model=student, args=args, train_dataset=dataset, data_collator=qat_collator(q.packing, tok.pad_token_id),
         teacher=teacher, kd=q.kd, scale_lr=q.scale_lr if q.scale_lr > 0 else None,
         callbacks=[averaging.callback] if averaging else None,
     )
