@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -15,11 +16,15 @@ ARCHS = {  # from the published Qwen3 configs
                        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
     "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    # a CPU-sized smoke-test architecture: `--arch tiny` checks a script before it spends GPU time
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True),
 }
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("BENCH_RESULTS", Path(__file__).parent / "results"))  # smoke runs write elsewhere
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def qwen3(arch: str, dtype=torch.bfloat16, device="cuda", seed=0):
+def qwen3(arch: str, dtype=torch.bfloat16, device=DEVICE, seed=0):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
@@ -78,7 +83,8 @@ def bf16_matmul_tflops(n=8192, iters=10) -> float:
 
 
 def save(name: str, rows: list[dict], extra: dict | None = None) -> None:
-    RESULTS.mkdir(exist_ok=True)
+    name += os.environ.get("BENCH_TAG", "")  # e.g. "-1.7b": a partial re-run keeps the earlier file
+    RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"benchmark": name, "command": "python " + " ".join(sys.argv), "env": device_info(), **(extra or {}), "rows": rows}
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
     cols = list(rows[0])

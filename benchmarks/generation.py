@@ -13,11 +13,11 @@ from transformers import AutoModelForCausalLM
 from reasoning_qat.quant import QuantScheme, QuantTargets, swap_in_fake_quant
 from reasoning_qat.quant.formats import export_dequantized
 
-from common import ARCHS, qwen3, save, timed
+from common import ARCHS, DEVICE, qwen3, save, timed
 
 
 def gen_fn(model, vocab, batch, prompt_len, new_tokens):
-    ids = torch.randint(0, vocab, (batch, prompt_len), device="cuda")
+    ids = torch.randint(0, vocab, (batch, prompt_len), device=DEVICE)
 
     @torch.no_grad()
     def go():
@@ -41,11 +41,11 @@ if __name__ == "__main__":
     def fake_quant_model():
         m = qwen3(a.arch, torch.bfloat16).eval()
         swap_in_fake_quant(m, QuantTargets(QuantScheme(a.bits, 128)))
-        return m.to("cuda")
+        return m.to(DEVICE)
 
     with tempfile.TemporaryDirectory() as d:
         export_dequantized(fake_quant_model(), d)  # swaps the fake-quant modules out in place
-        dq = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).to("cuda").eval()
+        dq = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).to(DEVICE).eval()
     fq = fake_quant_model()
     n = a.batch * a.new_tokens
     results = {}

@@ -3,7 +3,8 @@
 # project, then runs the parts named on the command line; results land in $OUT/results.tar.gz.
 #   bash benchmarks/gpu_suite.sh bench        # benchmarks/*.py
 #   bash benchmarks/gpu_suite.sh demo         # recipes/demo-gpu.yaml end to end
-#   bash benchmarks/gpu_suite.sh ablations    # demo-gpu-ce, demo-gpu-rtn-init, demo-gpu-zero2
+#   bash benchmarks/gpu_suite.sh ablations    # $ABLATIONS (recipes/*.yaml names) sharing one teacher, compared
+#   parts qatstep, gen, gptq run one benchmark each (QAT_ARGS, GEN_ARGS, GPTQ_ARGS; T_* timeouts)
 set -uo pipefail
 mkdir -p "${OUT:-/tmp/out}"
 echo "start $(date +%T)" | tee "${OUT:-/tmp/out}/log.txt"
@@ -18,21 +19,32 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 echo "installed $(date +%T)" | tee -a "${OUT:-/tmp/out}/log.txt"
 export PATH=/tmp/site/bin:$PATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+LOG="${OUT:-/tmp/out}/log.txt"
+quiet() { grep --line-buffered -v "it/s]\|s/it]" | tee -a "$LOG"; }
 for part in "$@"; do
+  echo "== $part $(date +%T)" | tee -a "$LOG"
   case $part in
-    bench)
+    bench)  # all four benchmarks
       (cd benchmarks
        timeout ${T_KD:-90} python3 kd_loss.py
        timeout ${T_QAT:-240} python3 qat_step.py ${QAT_ARGS:-}
        timeout ${T_GPTQ:-240} python3 gptq_time.py ${GPTQ_ARGS:-}
-       timeout ${T_GEN:-120} python3 generation.py) 2>&1 | grep --line-buffered -v "it/s]" | tee -a "${OUT:-/tmp/out}/log.txt" ;;
-    qatstep)
-      (cd benchmarks; timeout ${T_QAT:-240} python3 qat_step.py ${QAT_ARGS:-}) 2>&1 | grep --line-buffered -v "it/s]" | tee -a "${OUT:-/tmp/out}/log.txt" ;;
-    demo)
-      timeout ${T_DEMO:-500} rqat run recipes/demo-gpu.yaml 2>&1 | grep --line-buffered -v "it/s]\|s/it]" | tee -a "${OUT:-/tmp/out}/log.txt" ;;
+       timeout ${T_GEN:-120} python3 generation.py ${GEN_ARGS:-}) 2>&1 | quiet ;;
+    qatstep) (cd benchmarks; timeout ${T_QAT:-240} python3 qat_step.py ${QAT_ARGS:-}) 2>&1 | quiet ;;
+    gen) (cd benchmarks; timeout ${T_GEN:-120} python3 generation.py ${GEN_ARGS:-}) 2>&1 | quiet ;;
+    gptq) (cd benchmarks; timeout ${T_GPTQ:-240} python3 gptq_time.py ${GPTQ_ARGS:-}) 2>&1 | quiet ;;
+    demo) timeout ${T_DEMO:-500} rqat run recipes/demo-gpu.yaml 2>&1 | quiet ;;
     ablations)
+      # Recipes whose model section matches share one teacher: the first run trains it and the
+      # others get a copy (the pipeline accepts it only if its recipe hash matches).
+      first=""
       for r in ${ABLATIONS:-demo-gpu-ce demo-gpu-rtn-init demo-gpu-zero2}; do
-        timeout ${T_ABL:-200} rqat run recipes/$r.yaml 2>&1 | grep --line-buffered -v "it/s]\|s/it]" | tee -a "${OUT:-/tmp/out}/log.txt"; done ;;
+        if [ -n "$first" ] && [ ! -d runs/$r/teacher ]; then mkdir -p runs/$r && cp -r runs/$first/teacher runs/$r/; fi
+        timeout ${T_ABL:-200} rqat run recipes/$r.yaml 2>&1 | quiet
+        first=${first:-$r}
+      done
+      runs=$(for r in ${ABLATIONS:-demo-gpu-ce demo-gpu-rtn-init demo-gpu-zero2}; do echo runs/$r; done)
+      rqat compare $runs --out benchmarks/results/${ABL_OUT:-ablations} 2>&1 | tee -a "$LOG" ;;
   esac
 done
 # Keep manifests, metrics, compare tables and plots (not the checkpoints).

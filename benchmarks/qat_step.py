@@ -2,7 +2,8 @@
 KD loss: throughput, peak memory and MFU against the measured bf16 matmul rate.
 
 Both students keep float32 master weights under bf16 autocast with fused AdamW, as the qat stage
-does; the only difference is the fake-quant Linear layers (w4 g128, learnable scales).
+does; the only difference is the fake-quant Linear layers (w4 g128, learnable scales), run eagerly
+and through torch.compile (`qat.compile: true`).
 
 python benchmarks/qat_step.py [--archs qwen3-0.6b qwen3-1.7b] [--seq-len 4096] [--bits 4]
 """
@@ -13,6 +14,7 @@ import torch
 
 from reasoning_qat.kd import chunked_distill_loss, hidden_and_head
 from reasoning_qat.quant import QuantScheme, QuantTargets, swap_in_fake_quant
+from reasoning_qat.quant.fake_quant import use_compiled_fake_quant
 from reasoning_qat.recipe import KDConfig
 
 from common import ARCHS, bf16_matmul_tflops, peak_memory, qwen3, save, timed
@@ -50,11 +52,13 @@ def run(arch, seq_len, bits, peak_tflops):
     teacher = qwen3(arch, torch.bfloat16).eval().requires_grad_(False)
     ids = torch.randint(0, ARCHS[arch]["vocab_size"], (1, seq_len), device="cuda")
     out = {"arch": arch, "seq_len": seq_len}
-    for kind in ("bf16", f"w{bits}g128"):
+    q = f"w{bits}g128"
+    for kind in ("bf16", q, f"{q}_compiled"):
         student = qwen3(arch, torch.float32).train()
         student.config.use_cache = False
         if kind != "bf16":
             swap_in_fake_quant(student, QuantTargets(QuantScheme(bits, 128)))
+            use_compiled_fake_quant(student, kind.endswith("compiled"))
         opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=True)
         step = step_fn(student, teacher, ids, kd, opt)
         s = timed(step, warmup=3, iters=10)
@@ -65,9 +69,9 @@ def run(arch, seq_len, bits, peak_tflops):
         out[f"{kind}_mfu"] = flops_per_step(arch, seq_len) / s / 1e12 / peak_tflops
         del student, opt, step
         torch.cuda.empty_cache()
-    q = f"w{bits}g128"
-    out["qat_over_bf16_step_time"] = out[f"{q}_step_s"] / out["bf16_step_s"]
-    out["qat_over_bf16_peak_mem"] = out[f"{q}_peak_gib"] / out["bf16_peak_gib"]
+    for v in (q, f"{q}_compiled"):
+        out[f"{v}_over_bf16_step_time"] = out[f"{v}_step_s"] / out["bf16_step_s"]
+        out[f"{v}_over_bf16_peak_mem"] = out[f"{v}_peak_gib"] / out["bf16_peak_gib"]
     return out
 
 

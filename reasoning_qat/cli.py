@@ -99,6 +99,24 @@ def cmd_compare(a) -> int:
     return 0
 
 
+def cmd_analyze(a) -> int:
+    from .analysis import analyze_target
+
+    report, out = analyze_target(a.target, bits=a.bits, group_size=a.group_size, method=a.method, samples=a.samples,
+                                 kl_samples=a.kl_samples, seq_len=a.seq_len, calib_source=a.calib, promote=a.promote,
+                                 promote_bits=a.promote_bits, out=a.out, trust_remote_code=a.trust_remote_code,
+                                 plot=not a.no_plot)
+    print(f"w{report['bits']} {report['method']}: KL to the teacher with every layer quantized {report['full_model_kl']:.4g}")
+    print("most damaging layers (KL with only that layer quantized):")
+    for name in report["ranking"][:10]:
+        row = next(r for r in report["layers"] if r["name"] == name)
+        print(f"  {row['kl']:10.4g}  {name}")
+    rho = report["predictors_spearman_vs_kl"]
+    print("how well each statistic ranks the damage (Spearman): " + ", ".join(f"{k} {v:.2f}" for k, v in rho.items()))
+    print(f"written: {out / 'analysis.json'}, {out / 'overrides.yaml'}" + ("" if a.no_plot else f", {out / 'analysis.png'}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rqat", description="Low-bit reasoning models: calibrate, GPTQ, KD-QAT, RL, export, eval.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,6 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", help="output directory (default: eval/results/<model name>)")
     e.set_defaults(fn=cmd_eval)
+
+    an = sub.add_parser("analyze", help="per-layer quantization diagnostics and a mixed-precision suggestion")
+    an.add_argument("target", help="run directory (uses its teacher, calibration set and ptq results) or a model dir / hub id")
+    an.add_argument("--bits", type=int, choices=[2, 3, 4, 8], help="bit width (default: the run's first; 4 for a model)")
+    an.add_argument("--group-size", type=int, choices=[-1, 32, 64, 128], help="group size (default: the run's; 128)")
+    an.add_argument("--method", default="auto", choices=["auto", "ptq", "rtn"],
+                    help="whose quantized weights: the run's ptq result, or round-to-nearest (auto: ptq when there is one)")
+    an.add_argument("--samples", type=int, help="calibration sequences for the error measurements (default: all / 32)")
+    an.add_argument("--kl-samples", type=int, default=16, help="sequences for the per-layer KL (one forward per layer each)")
+    an.add_argument("--seq-len", type=int, default=512, help="calibration length for a model target")
+    an.add_argument("--calib", help="for a model target: a prompt/response .jsonl (domain) or text source (default: builtin)")
+    an.add_argument("--promote", type=int, help="layers to suggest at higher precision (default: the top 10%%)")
+    an.add_argument("--promote-bits", type=int, choices=[3, 4, 8], help="their bit width (default: 4, or 8 from 4 bits)")
+    an.add_argument("--out", help="output directory (default: <run>/analysis/w<bits>-<method>)")
+    an.add_argument("--trust-remote-code", action="store_true")
+    an.add_argument("--no-plot", action="store_true")
+    an.set_defaults(fn=cmd_analyze)
 
     c = sub.add_parser("compare", help="table and plot across runs")
     c.add_argument("runs", nargs="+", help="run directories")

@@ -163,6 +163,7 @@ class QATConfig(_Section):
     gradient_checkpointing: bool = False
     bf16: bool = True
     packing: bool = False  # one row per batch, examples concatenated: no padding, no attention across examples
+    compile: bool = False  # torch.compile the fake-quant function (fewer kernels per step; compiles once per shape)
 
 
 class RLConfig(_Section):

@@ -14,6 +14,8 @@ from reasoning_qat.quant import (
 )
 from reasoning_qat.quant.quantizer import default_g_idx, fake_quantize, find_group_params
 
+from .conftest import tiny_qwen3
+
 
 def numpy_rtn(w: np.ndarray, bits: int, gs: int, sym: bool) -> np.ndarray:
     """Textbook min/max round-to-nearest per (row, group), written without the project's code."""
@@ -131,3 +133,20 @@ def test_bad_group_size_fails_before_work(tiny_model):
     assert not any(isinstance(m, FakeQuantLinear) for m in tiny_model.modules())
     with pytest.raises(ValueError, match="quant.bits: 5"):
         QuantScheme(5, 32)
+
+
+def test_compiled_fake_quant_matches_eager(tiny_model):
+    """`qat.compile: true` runs the same math: equal outputs and gradients through a real model."""
+    from reasoning_qat.quant.fake_quant import use_compiled_fake_quant
+
+    ids = torch.randint(0, 100, (2, 16))
+    results = []
+    for compiled in (False, True):
+        model = tiny_qwen3()
+        swap_in_fake_quant(model, QuantTargets(QuantScheme(3, 32)))
+        assert use_compiled_fake_quant(model, compiled) == 14
+        model(input_ids=ids, labels=ids).loss.backward()
+        mod = model.model.layers[1].mlp.down_proj
+        results.append((mod.quantized_weight().detach(), mod.weight.grad, mod.scale.grad, mod.zero.grad))
+    for eager, comp in zip(*results):
+        assert torch.allclose(eager, comp, rtol=1e-4, atol=1e-6)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .quantizer import (
+    compiled_fake_quantize,
     default_g_idx,
     dequantize,
     export_params,
@@ -60,8 +61,11 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("g_idx", qw.g_idx.to(torch.int32).clone())
         self.contiguous_groups = is_contiguous_groups(self.g_idx, self.scale.shape[1])  # decided once, not per step
 
+    compiled = False  # set by use_compiled_fake_quant
+
     def quantized_weight(self) -> torch.Tensor:
-        return fake_quantize(self.weight, self.scale, self.zero, self.g_idx, self.scheme.maxq, self.contiguous_groups)
+        fn = compiled_fake_quantize() if self.compiled else fake_quantize
+        return fn(self.weight, self.scale, self.zero, self.g_idx, self.scheme.maxq, self.contiguous_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
@@ -101,6 +105,14 @@ def swap_in_fake_quant(
             raise ValueError(f"{name}: the checkpoint holds {qw.scheme}, the recipe asks for {scheme}")
         _set_module(model, name, FakeQuantLinear(linear, qw, keep_latent))
     return plan
+
+
+def use_compiled_fake_quant(model: nn.Module, on: bool = True) -> int:
+    """Switch every FakeQuantLinear to the torch.compile'd quantize-dequantize; returns how many."""
+    mods = fake_quant_modules(model)
+    for m in mods.values():
+        m.compiled = on
+    return len(mods)
 
 
 def fake_quant_modules(model: nn.Module) -> dict[str, FakeQuantLinear]:

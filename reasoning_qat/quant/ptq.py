@@ -31,7 +31,7 @@ class _Stop(Exception):
     pass
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for path in ("model.layers", "model.decoder.layers", "transformer.h"):
         try:
             layers = model.get_submodule(path)
@@ -43,7 +43,7 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def _capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor, device, batch_size: int):
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor, device, batch_size: int):
     """Run the model up to layer 0 and keep each batch's hidden states and layer kwargs."""
     captured = []
 
@@ -63,7 +63,7 @@ def _capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.
     return captured
 
 
-def _layer_out(out):
+def layer_out(out):
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -97,9 +97,9 @@ def gptq_quantize_model(
     dequantized result as it goes (so later layers see quantized inputs). Returns codes and the
     relative output error of each layer on its calibration inputs."""
     model.eval()
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     prefix = {id(module): name for name, module in model.named_modules()}
-    states = _capture_layer_inputs(model, layers, calib, device, batch_size)
+    states = capture_layer_inputs(model, layers, calib, device, batch_size)
     qws, errors = {}, {}
     for layer in tqdm(layers, desc="gptq layers", disable=not progress, leave=False):
         lname = prefix[id(layer)]
@@ -119,7 +119,7 @@ def gptq_quantize_model(
                 lin.weight.data.copy_(w_hat.to(lin.weight.dtype))
                 qws[n] = qw
                 del accs[n]
-        states = [(_layer_out(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
+        states = [(layer_out(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
     missing = set(plan) - set(qws)
     if missing:
         raise ValueError(f"ptq: {len(missing)} targeted layers are outside the decoder layers, e.g. {sorted(missing)[0]}; "

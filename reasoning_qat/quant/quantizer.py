@@ -124,6 +124,18 @@ def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     return ((q - z) * s).reshape(out_f, in_f)
 
 
+_COMPILED = None
+
+
+def compiled_fake_quantize():
+    """fake_quantize through torch.compile: its forward and backward become a few fused kernels
+    instead of a dozen elementwise passes over every weight (the QAT step's overhead on GPU)."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(fake_quantize, dynamic=False)
+    return _COMPILED
+
+
 def is_contiguous_groups(g_idx: torch.Tensor, n_groups: int) -> bool:
     """True when column i belongs to group i // group_size (no act-order permutation)."""
     n = g_idx.numel()

@@ -10,6 +10,7 @@ re-launches itself through `accelerate launch` (DeepSpeed when `qat.deepspeed` n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from ..data.reasoning import PadCollator, ReasoningSFTDataset
 from ..kd import KDTrainer
 from ..pipeline import StageContext, StageFailed, recipe_from_run
 from ..quant import swap_in_fake_quant, targets_from_recipe
+from ..quant.fake_quant import use_compiled_fake_quant
 from ..quant.formats import read_quantized_weights, save_quantized_checkpoint
 from ..training import WeightAveraging, last_checkpoint, quiet_training_args
 from .common import exists_done, finish_training, load_teacher, load_teacher_tokenizer, reasoning_rows, variant
@@ -86,6 +88,8 @@ def _init_student(ctx: StageContext, bits: int, device: str):
         swap_in_fake_quant(student, targets, {k: _to(v, device) for k, v in qws.items()})
     else:
         swap_in_fake_quant(student, targets, keep_latent=r.qat.init == "bf16")
+    if r.qat.compile:
+        use_compiled_fake_quant(student)
     if r.qat.scale_lr == 0:
         for n, p in student.named_parameters():
             if n.rsplit(".", 1)[-1] in ("scale", "zero"):
@@ -150,16 +154,27 @@ def train_one(ctx: StageContext, bits: int) -> None:
     if averaging:
         averaging.load(resume, device)
     result = trainer.train(resume_from_checkpoint=resume)
-    averaged = averaging.apply(student) if averaging else 0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    if trainer.is_world_process_zero():
-        student.config.use_cache = True
-        save_quantized_checkpoint(student, out / "model", tok, {"method": "qat", "bits": bits, "init": q.init,
-                                                                "loss": q.kd.loss})
-        metrics = {"train_loss": result.training_loss, "final_logged_loss": losses[-1] if losses else None,
-                   "steps": trainer.state.global_step, "averaged_snapshots": averaged, "init": q.init, "loss": q.kd.loss}
-        finish_training(out, "qat_metrics.json", metrics, trainer.state.log_history)
+    with _gathered(trainer, student):  # ZeRO-3 holds a shard of each parameter per rank
+        averaged = averaging.apply(student) if averaging else 0
+        if trainer.is_world_process_zero():
+            student.config.use_cache = True
+            save_quantized_checkpoint(student, out / "model", tok, {"method": "qat", "bits": bits, "init": q.init,
+                                                                    "loss": q.kd.loss})
+            metrics = {"train_loss": result.training_loss, "final_logged_loss": losses[-1] if losses else None,
+                       "steps": trainer.state.global_step, "averaged_snapshots": averaged, "init": q.init, "loss": q.kd.loss}
+            finish_training(out, "qat_metrics.json", metrics, trainer.state.log_history)
     trainer.accelerator.wait_for_everyone()
+
+
+def _gathered(trainer, model):
+    """Full parameters on every rank for the duration (all ranks must enter), under ZeRO-3 only."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0)
 
 
 def _worker_main(argv=None) -> None:
