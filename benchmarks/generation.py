@@ -50,8 +50,9 @@ if __name__ == "__main__":
     n = a.batch * a.new_tokens
     results = {}
     for name, model in (("bf16", bf16), (f"dequantized_w{a.bits}", dq), (f"fake_quant_w{a.bits}", fq)):
-        s = timed(gen_fn(model, ARCHS[a.arch]["vocab_size"], a.batch, a.prompt_len, a.new_tokens), warmup=1, iters=3)
+        s = timed(gen_fn(model, ARCHS[a.arch]["vocab_size"], a.batch, a.prompt_len, a.new_tokens), warmup=1, iters=2)
         results[name] = n / s
         rows.append({"model": name, "batch": a.batch, "new_tokens": a.new_tokens, "tokens_per_s": n / s,
                      "ratio_to_bf16": (n / s) / results["bf16"]})
+        print(rows[-1], flush=True)
     save("generation", rows, {"arch": a.arch})

@@ -20,27 +20,30 @@ echo "installed $(date +%T)" | tee -a "${OUT:-/tmp/out}/log.txt"
 export PATH=/tmp/site/bin:$PATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 LOG="${OUT:-/tmp/out}/log.txt"
+# Every timeout is capped by what is left of DEADLINE (seconds since start), so the results
+# archive at the end is always written inside the device call's own limit.
+t() { local left=$(( ${DEADLINE:-560} - SECONDS )); [ "$left" -lt 5 ] && left=5; [ "$1" -lt "$left" ] && echo "$1" || echo "$left"; }
 quiet() { grep --line-buffered -v "it/s]\|s/it]" | tee -a "$LOG"; }
 for part in "$@"; do
   echo "== $part $(date +%T)" | tee -a "$LOG"
   case $part in
     bench)  # all four benchmarks
       (cd benchmarks
-       timeout ${T_KD:-90} python3 kd_loss.py
-       timeout ${T_QAT:-240} python3 qat_step.py ${QAT_ARGS:-}
-       timeout ${T_GPTQ:-240} python3 gptq_time.py ${GPTQ_ARGS:-}
-       timeout ${T_GEN:-120} python3 generation.py ${GEN_ARGS:-}) 2>&1 | quiet ;;
-    qatstep) (cd benchmarks; timeout ${T_QAT:-240} python3 qat_step.py ${QAT_ARGS:-}) 2>&1 | quiet ;;
-    gen) (cd benchmarks; timeout ${T_GEN:-120} python3 generation.py ${GEN_ARGS:-}) 2>&1 | quiet ;;
-    gptq) (cd benchmarks; timeout ${T_GPTQ:-240} python3 gptq_time.py ${GPTQ_ARGS:-}) 2>&1 | quiet ;;
-    demo) timeout ${T_DEMO:-500} rqat run recipes/demo-gpu.yaml 2>&1 | quiet ;;
+       timeout $(t ${T_KD:-90}) python3 kd_loss.py
+       timeout $(t ${T_QAT:-240}) python3 qat_step.py ${QAT_ARGS:-}
+       timeout $(t ${T_GPTQ:-240}) python3 gptq_time.py ${GPTQ_ARGS:-}
+       timeout $(t ${T_GEN:-120}) python3 generation.py ${GEN_ARGS:-}) 2>&1 | quiet ;;
+    qatstep) (cd benchmarks; timeout $(t ${T_QAT:-240}) python3 qat_step.py ${QAT_ARGS:-}) 2>&1 | quiet ;;
+    gen) (cd benchmarks; timeout $(t ${T_GEN:-120}) python3 generation.py ${GEN_ARGS:-}) 2>&1 | quiet ;;
+    gptq) (cd benchmarks; timeout $(t ${T_GPTQ:-240}) python3 gptq_time.py ${GPTQ_ARGS:-}) 2>&1 | quiet ;;
+    demo) timeout $(t ${T_DEMO:-500}) rqat run recipes/demo-gpu.yaml 2>&1 | quiet ;;
     ablations)
       # Recipes whose model section matches share one teacher: the first run trains it and the
       # others get a copy (the pipeline accepts it only if its recipe hash matches).
       first=""
       for r in ${ABLATIONS:-demo-gpu-ce demo-gpu-rtn-init demo-gpu-zero2}; do
         if [ -n "$first" ] && [ ! -d runs/$r/teacher ]; then mkdir -p runs/$r && cp -r runs/$first/teacher runs/$r/; fi
-        timeout ${T_ABL:-200} rqat run recipes/$r.yaml 2>&1 | quiet
+        timeout $(t ${T_ABL:-200}) rqat run recipes/$r.yaml 2>&1 | quiet
         first=${first:-$r}
       done
       runs=$(for r in ${ABLATIONS:-demo-gpu-ce demo-gpu-rtn-init demo-gpu-zero2}; do echo runs/$r; done)
