@@ -1,16 +1,19 @@
 """Generation throughput of the transformers eval backend (batch 64): BF16 vs the dequantized
-low-bit export (what eval runs for 2/3-bit) vs the fake-quant student (what RL rollouts run).
+low-bit export (what eval runs for 2/3-bit) vs the fake-quant student re-quantizing at every step
+vs the same student with its quantized weights frozen for the generation (what RL rollouts run).
 
 python benchmarks/generation.py [--arch qwen3-0.6b] [--batch 64] [--new-tokens 256]
 """
 
 import argparse
+import contextlib
 import tempfile
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from reasoning_qat.quant import QuantScheme, QuantTargets, swap_in_fake_quant
+from reasoning_qat.quant.fake_quant import frozen_fake_quant
 from reasoning_qat.quant.formats import export_dequantized
 
 from common import ARCHS, DEVICE, qwen3, save, timed
@@ -34,6 +37,7 @@ if __name__ == "__main__":
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--iters", type=int, default=3)
     a = p.parse_args()
     rows = []
     bf16 = qwen3(a.arch, torch.bfloat16).eval()
@@ -49,8 +53,11 @@ if __name__ == "__main__":
     fq = fake_quant_model()
     n = a.batch * a.new_tokens
     results = {}
-    for name, model in (("bf16", bf16), (f"dequantized_w{a.bits}", dq), (f"fake_quant_w{a.bits}", fq)):
-        s = timed(gen_fn(model, ARCHS[a.arch]["vocab_size"], a.batch, a.prompt_len, a.new_tokens), warmup=1, iters=2)
+    variants = (("bf16", bf16, False), (f"dequantized_w{a.bits}", dq, False), (f"fake_quant_w{a.bits}", fq, False),
+                (f"fake_quant_w{a.bits}_frozen", fq, True))
+    for name, model, frozen in variants:
+        with frozen_fake_quant(model) if frozen else contextlib.nullcontext():
+            s = timed(gen_fn(model, ARCHS[a.arch]["vocab_size"], a.batch, a.prompt_len, a.new_tokens), warmup=1, iters=a.iters)
         results[name] = n / s
         rows.append({"model": name, "batch": a.batch, "new_tokens": a.new_tokens, "tokens_per_s": n / s,
                      "ratio_to_bf16": (n / s) / results["bf16"]})

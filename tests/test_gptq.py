@@ -76,3 +76,16 @@ def test_act_order_records_groups_in_g_idx():
     perm = torch.argsort(torch.diag(acc.H), descending=True)
     assert torch.equal(qw.g_idx[perm], torch.arange(64, dtype=torch.int32) // 16)
     assert weighted_error(W, qw.dequantize(), acc.H) < weighted_error(W, QuantizedWeight.rtn(W, QuantScheme(4, 16)).dequantize(), acc.H)
+
+
+def test_gptq_driver_builds_no_autograd_graph(tiny_model):
+    """The layer forwards must run without autograd: a graph kept alive across layers held every
+    calibration batch's activations and ran a 1.7B model out of GPU memory."""
+    from reasoning_qat.quant import QuantScheme, QuantTargets
+    from reasoning_qat.quant.ptq import gptq_quantize_model
+
+    seen = []
+    tiny_model.model.layers[1].register_forward_hook(lambda m, a, o: seen.append(torch.is_grad_enabled()))
+    plan = QuantTargets(QuantScheme(4, 32)).resolve(tiny_model)
+    gptq_quantize_model(tiny_model, plan, torch.randint(0, 100, (4, 16)), batch_size=2, progress=False)
+    assert seen and not any(seen)

@@ -150,3 +150,23 @@ def test_compiled_fake_quant_matches_eager(tiny_model):
         results.append((mod.quantized_weight().detach(), mod.weight.grad, mod.scale.grad, mod.zero.grad))
     for eager, comp in zip(*results):
         assert torch.allclose(eager, comp, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_fake_quant_generates_the_same_and_drops_its_cache(tiny_model):
+    from reasoning_qat.quant.fake_quant import fake_quant_modules, frozen_fake_quant
+
+    swap_in_fake_quant(tiny_model, QuantTargets(QuantScheme(2, 32)))
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        ref = tiny_model(input_ids=ids).logits
+        with frozen_fake_quant(tiny_model):
+            a = tiny_model(input_ids=ids).logits
+            mod = tiny_model.model.layers[0].mlp.up_proj
+            cached = mod._cache
+            with torch.no_grad():
+                mod.scale.mul_(2)  # frozen: a changed scale is not seen until the block ends
+            b = tiny_model(input_ids=ids).logits
+        c = tiny_model(input_ids=ids).logits
+    assert torch.equal(a, ref) and torch.equal(b, ref) and cached is not None
+    assert all(m._cache is None and not m.frozen for m in fake_quant_modules(tiny_model).values())
+    assert not torch.allclose(c, ref)  # outside the block the new scale applies again

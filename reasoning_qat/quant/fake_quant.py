@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import torch
@@ -62,12 +64,18 @@ class FakeQuantLinear(nn.Module):
         self.contiguous_groups = is_contiguous_groups(self.g_idx, self.scale.shape[1])  # decided once, not per step
 
     compiled = False  # set by use_compiled_fake_quant
+    frozen = False  # set by frozen_fake_quant: reuse one quantized weight for many forwards
+    _cache: torch.Tensor | None = None
 
     def quantized_weight(self) -> torch.Tensor:
         fn = compiled_fake_quantize() if self.compiled else fake_quantize
         return fn(self.weight, self.scale, self.zero, self.g_idx, self.scheme.maxq, self.contiguous_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            if self._cache is None or self._cache.dtype != x.dtype:
+                self._cache = self.quantized_weight().detach().to(x.dtype)
+            return F.linear(x, self._cache, self.bias)
         return F.linear(x, self.quantized_weight().to(x.dtype), self.bias)
 
     @torch.no_grad()
@@ -105,6 +113,21 @@ def swap_in_fake_quant(
             raise ValueError(f"{name}: the checkpoint holds {qw.scheme}, the recipe asks for {scheme}")
         _set_module(model, name, FakeQuantLinear(linear, qw, keep_latent))
     return plan
+
+
+@contextlib.contextmanager
+def frozen_fake_quant(model: nn.Module):
+    """Within the block, each FakeQuantLinear quantizes its weight once and reuses it (no gradient):
+    generation (eval of a student, RL rollouts) then runs at dense speed instead of re-quantizing
+    every weight at every decoding step. Leaving the block drops the cached weights."""
+    mods = list(fake_quant_modules(model).values())
+    for m in mods:
+        m.frozen, m._cache = True, None
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.frozen, m._cache = False, None
 
 
 def use_compiled_fake_quant(model: nn.Module, on: bool = True) -> int:

@@ -81,7 +81,6 @@ def _sequential_groups(names: list[str], true_sequential: bool) -> list[list[str
     return groups + ([left] if left else [])
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def _tf32():
     """TF32 matmuls for the float32 layer forwards that collect Hessians (several times faster on
@@ -94,6 +93,7 @@ def _tf32():
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
+@torch.no_grad()
 def gptq_quantize_model(
     model: nn.Module,
     plan: dict[str, QuantScheme],

@@ -16,7 +16,7 @@ from ..data.reasoning import generation_prompt
 from ..evaluation.backends import TransformersBackend
 from ..evaluation.grader import grade
 from ..pipeline import StageContext
-from ..quant.fake_quant import fake_quant_modules
+from ..quant.fake_quant import fake_quant_modules, frozen_fake_quant
 from ..quant.formats import load_quantized_checkpoint, save_quantized_checkpoint
 from ..training import last_checkpoint, quiet_training_args
 from .common import exists_done, finish_training, load_teacher_tokenizer, reasoning_rows, variant
@@ -57,6 +57,12 @@ def _trainer_class():
             if gen is not None:
                 gen._iter_named_params = lambda: dequantized_named_params(gen.model, gen._fix_param_name_to_vllm)
 
+        def _generate(self, prompts):
+            # Rollouts use the quantized weights as they stand at this step, quantized once for
+            # the whole batch of generations rather than at every decoding step.
+            with frozen_fake_quant(self.accelerator.unwrap_model(self.model)):
+                return super()._generate(prompts)
+
     return QuantizedGRPOTrainer
 
 
@@ -64,7 +70,8 @@ def student_accuracy(model, tok, rows: list[dict], n: int = 64, max_new_tokens: 
     engine = TransformersBackend.from_model(model, tok, batch_size=n)
     rows = rows[:n]
     prompts = [generation_prompt(tok, r["prompt"]) for r in rows]
-    outs = engine.generate(prompts, 1, 0.0, 1.0, -1, max_new_tokens)
+    with frozen_fake_quant(model):
+        outs = engine.generate(prompts, 1, 0.0, 1.0, -1, max_new_tokens)
     return sum(grade(o[0].text, r["answer"]).correct for o, r in zip(outs, rows)) / max(len(rows), 1)
 
 
