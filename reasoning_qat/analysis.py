@@ -96,7 +96,7 @@ def error_through_depth(model: nn.Module, qweights: dict[str, torch.Tensor], cal
     for i, layer in enumerate(tqdm(layers, desc="error through depth", disable=not progress, leave=False)):
         names = [n for n in qweights if n.startswith(prefix[id(layer)] + ".")]
         accs = {n: HessianAccumulator(model.get_submodule(n).in_features, device) for n in names}
-        hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: accs[n].add(a[0])) for n in names]
+        hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, acc=accs[n]: acc.add(a[0])) for n in names]
         y_fp = [layer_out(layer(h, **kw)) for h, kw in fp]
         for h in hooks:
             h.remove()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +15,8 @@ from .quantizer import (
     dequantize,
     export_params,
     fake_quantize,
-    is_contiguous_groups,
     find_group_params,
+    is_contiguous_groups,
     quantize_weight,
 )
 from .scheme import QuantScheme, QuantTargets

@@ -26,7 +26,14 @@ from ..quant import swap_in_fake_quant, targets_from_recipe
 from ..quant.fake_quant import use_compiled_fake_quant
 from ..quant.formats import read_quantized_weights, save_quantized_checkpoint
 from ..training import WeightAveraging, last_checkpoint, quiet_training_args
-from .common import exists_done, finish_training, load_teacher, load_teacher_tokenizer, reasoning_rows, variant
+from .common import (
+    exists_done,
+    finish_training,
+    load_teacher,
+    load_teacher_tokenizer,
+    reasoning_rows,
+    variant,
+)
 
 SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup", "wsd": "warmup_stable_decay"}
 
