@@ -8,8 +8,11 @@ finished eval variants). A stage is stale when its recipe sections or any input 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import platform
 import shutil
 import time
@@ -24,6 +27,28 @@ from .recipe import Recipe, RecipeError, parse_recipe
 
 MANIFEST = "manifest.json"
 RECIPE_SNAPSHOT = "recipe.yaml"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """One `rqat run` per run directory at a time: two would write the same partial stages. The
+    lock is the kernel's (flock), so a killed run never leaves it behind."""
+    path = run_dir / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise StageFailed(f"{run_dir} is in use by another rqat run (pid {f.read().strip() or '?'}); wait for it "
+                              "to finish or stop it, then re-run") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class StageFailed(RuntimeError):
@@ -152,11 +177,12 @@ class Pipeline:
         return chosen
 
     def run(self, only: list[str] | None = None, force: bool = False) -> list[str]:
-        chosen = self.plan(only, force)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / RECIPE_SNAPSHOT).write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
-        for name in chosen:
-            self._run_stage(name, fresh=force)
+        with run_lock(self.run_dir):  # plan under the lock: another run may have just finished stages
+            chosen = self.plan(only, force)
+            (self.run_dir / RECIPE_SNAPSHOT).write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
+            for name in chosen:
+                self._run_stage(name, fresh=force)
         return chosen
 
     def _run_stage(self, name: str, fresh: bool) -> None:

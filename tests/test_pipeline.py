@@ -135,3 +135,16 @@ def test_kill_mid_qat_then_resume_matches_uninterrupted(tmp_path):
     assert a == b
     status = subprocess.run([sys.executable, "-m", "reasoning_qat.cli", "status", str(run_dir)], capture_output=True, text=True)
     assert status.returncode == 0 and status.stdout.count("done") >= 6
+
+
+def test_a_second_run_on_a_busy_run_directory_is_refused(tmp_path):
+    from reasoning_qat.pipeline import run_lock
+
+    rec = demo_recipe(tmp_path, name="busy")
+    run_dir = tmp_path / "runs" / "busy"
+    run_dir.mkdir(parents=True)
+    with run_lock(run_dir):
+        out = subprocess.run([sys.executable, "-m", "reasoning_qat.cli", "run", str(rec)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: {run_dir} is in use by another rqat run (pid {os.getpid()}); wait for it to finish or stop it, then re-run"
+    assert not (run_dir / "teacher").exists()

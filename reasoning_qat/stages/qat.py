@@ -15,6 +15,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -184,8 +186,24 @@ def _gathered(trainer, model):
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0)
 
 
+def _exit_with_parent() -> None:
+    """Launchers start each worker in a session of its own, so killing `rqat run` (even with
+    SIGKILL) would leave the workers training into the partial stage, racing the next run. A
+    worker whose launcher is gone exits."""
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(1)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _worker_main(argv=None) -> None:
     """Entry point of each process under `accelerate launch`."""
+    _exit_with_parent()
     p = argparse.ArgumentParser()
     p.add_argument("--run-dir", required=True)
     p.add_argument("--out", required=True)
