@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .quant.gptq import HessianAccumulator, weighted_error
-from .quant.ptq import capture_layer_inputs, decoder_layers, layer_out
+from .quant.ptq import capture_layer_inputs, decoder_layers, layer_out, linears_by_layer
 
 PROXIES = ("kurtosis", "max_median", "recon_error")
 
@@ -89,12 +89,12 @@ def error_through_depth(model: nn.Module, qweights: dict[str, torch.Tensor], cal
     """Per-Linear reconstruction errors and per-block local/network hidden-state errors, in one
     pass over the blocks that carries a full-precision and a quantized stream side by side."""
     layers = decoder_layers(model)
-    prefix = {id(m): n for n, m in model.named_modules()}
     fp = capture_layer_inputs(model, layers, calib, device, batch_size)
     q = [(h.clone(), kw) for h, kw in fp]
     recon, blocks = {}, []
-    for i, layer in enumerate(tqdm(layers, desc="error through depth", disable=not progress, leave=False)):
-        names = [n for n in qweights if n.startswith(prefix[id(layer)] + ".")]
+    members = linears_by_layer(model, layers, qweights)
+    for i, (layer, names) in enumerate(tqdm(zip(layers, members), total=len(layers), desc="error through depth",
+                                            disable=not progress, leave=False)):
         accs = {n: HessianAccumulator(model.get_submodule(n).in_features, device) for n in names}
         hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, acc=accs[n]: acc.add(a[0])) for n in names]
         y_fp = [layer_out(layer(h, **kw)) for h, kw in fp]
@@ -150,17 +150,13 @@ def analyze(model: nn.Module, qweights: dict[str, torch.Tensor], calib: torch.Te
     stats = {n: weight_stats(model.get_submodule(n).weight) for n in qweights}
     recon, blocks = error_through_depth(model, qweights, calib, device, batch_size, progress)
     kl, full_kl = layer_kl(model, qweights, calib if kl_calib is None else kl_calib, device, max(1, batch_size // 2), progress)
-    block_of = {}
-    for i, layer in enumerate(decoder_layers(model)):
-        for n, m in model.named_modules():
-            if m is layer:
-                block_of.update({q: i for q in qweights if q.startswith(n + ".")})
+    members = linears_by_layer(model, decoder_layers(model), qweights)
+    block_of = {n: i for i, names in enumerate(members) for n in names}
     layers = [{"name": n, "block": block_of.get(n), "kurtosis": stats[n][0], "max_median": stats[n][1],
                "recon_error": recon.get(n), "kl": kl[n]} for n in qweights]
     ranking = sorted(qweights, key=lambda n: -kl[n])
     k = promote if promote is not None else max(1, round(0.1 * len(ranking)))
-    names = [row["name"] for row in layers]
-    predictors = {p: spearman([row[p] for row in layers], [kl[n] for n in names]) for p in PROXIES}
+    predictors = {p: spearman([row[p] for row in layers], [row["kl"] for row in layers]) for p in PROXIES}
     return {
         "layers": layers,
         "blocks": blocks,

@@ -182,6 +182,13 @@ class RLConfig(_Section):
     save_steps: int = Field(50, ge=1)
     bf16: bool = True
 
+    @field_validator("data")
+    @classmethod
+    def _prompts_from_the_dataset(cls, v):
+        if v.responses == "teacher":
+            raise ValueError("responses: teacher applies to qat.data only; RL samples its own responses (use dataset)")
+        return v
+
 
 class ExportConfig(_Section):
     formats: list[Literal["dequantized", "gptq"]] = Field(default_factory=lambda: ["dequantized", "gptq"])

@@ -41,6 +41,8 @@ BAD = [
     (with_("quant.bits", []), "quant.bits: Value error, give at least one bit width" .replace("Value error, ", "")),
     (with_("qat.deepspeed", "nope.json"), "qat.deepspeed: no such DeepSpeed config file 'nope.json'"),
     (with_("model.trust_remote_code", "maybe"), "model.trust_remote_code: Input should be a valid boolean"),
+    (with_("qat.data.responses", "student"), "qat.data.responses: Input should be 'dataset' or 'teacher' (got 'student')"),
+    (with_("rl.data", {"responses": "teacher"}), "rl.data: responses: teacher applies to qat.data only"),
 ]
 
 

@@ -65,6 +65,12 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, calib: torch.T
     return captured
 
 
+def linears_by_layer(model: nn.Module, layers: nn.ModuleList, names) -> list[list[str]]:
+    """For each decoder layer, the given module names that live inside it (model order kept)."""
+    prefix = {id(module): name for name, module in model.named_modules()}
+    return [[n for n in names if n.startswith(prefix[id(layer)] + ".")] for layer in layers]
+
+
 def layer_out(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -112,12 +118,10 @@ def gptq_quantize_model(
     relative output error of each layer on its calibration inputs."""
     model.eval()
     layers = decoder_layers(model)
-    prefix = {id(module): name for name, module in model.named_modules()}
     states = capture_layer_inputs(model, layers, calib, device, batch_size)
     qws, errors = {}, {}
-    for layer in tqdm(layers, desc="gptq layers", disable=not progress, leave=False):
-        lname = prefix[id(layer)]
-        local = [n for n in plan if n.startswith(lname + ".")]
+    for layer, local in tqdm(zip(layers, linears_by_layer(model, layers, plan)), total=len(layers), desc="gptq layers",
+                             disable=not progress, leave=False):
         for group in _sequential_groups(local, true_sequential):
             accs = {n: HessianAccumulator(model.get_submodule(n).in_features, device) for n in group}
             handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: accs[n].add(a[0])) for n in group]

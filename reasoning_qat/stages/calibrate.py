@@ -1,9 +1,10 @@
 """calibrate stage: the PTQ calibration set, domain-matched by default.
 
 `reasoning` draws from the very data the QAT stage trains on (qat.data), formatted with the chat
-template and thinking exactly as at inference. With `qat.data.responses: teacher` this stage first
-has the teacher write those responses (resumable), so calibration and QAT share them; `generic` is plain text (the baseline). When the
-ptq stage is asked for the `gptq_generic` baseline, the generic set is built as well.
+template and thinking exactly as at inference; `generic` is plain text (the baseline). When the
+ptq stage is asked for the `gptq_generic` baseline, the generic set is built as well. With
+`qat.data.responses: teacher` this stage first has the teacher write those responses
+(resumable), so calibration and QAT share them.
 """
 
 from __future__ import annotations

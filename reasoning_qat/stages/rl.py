@@ -19,7 +19,7 @@ from ..pipeline import StageContext
 from ..quant.fake_quant import fake_quant_modules, frozen_fake_quant
 from ..quant.formats import load_quantized_checkpoint, save_quantized_checkpoint
 from ..training import last_checkpoint, quiet_training_args
-from .common import exists_done, finish_training, load_teacher_tokenizer, reasoning_rows, variant
+from .common import exists_done, finish_training, load_teacher_tokenizer, source_rows, variant
 
 
 def dequantized_named_params(model, fix_name=lambda n: n):
@@ -81,7 +81,7 @@ def run(ctx: StageContext) -> dict:
 
     r, cfg = ctx.recipe, ctx.recipe.rl
     tok = load_teacher_tokenizer(ctx)
-    rows = reasoning_rows(ctx, cfg.data)
+    rows = source_rows(ctx, cfg.data)
     if not rows or "answer" not in rows[0]:
         raise ValueError("rl.data: rows need an 'answer' field for the verifiable reward")
     metrics = {}
