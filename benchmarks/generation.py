@@ -10,13 +10,12 @@ import contextlib
 import tempfile
 
 import torch
+from common import ARCHS, DEVICE, qwen3, save, timed
 from transformers import AutoModelForCausalLM
 
 from reasoning_qat.quant import QuantScheme, QuantTargets, swap_in_fake_quant
 from reasoning_qat.quant.fake_quant import frozen_fake_quant
 from reasoning_qat.quant.formats import export_dequantized
-
-from common import ARCHS, DEVICE, qwen3, save, timed
 
 
 def gen_fn(model, vocab, batch, prompt_len, new_tokens):

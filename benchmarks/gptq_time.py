@@ -8,11 +8,10 @@ import argparse
 import time
 
 import torch
+from common import ARCHS, qwen3, save, sync
 
 from reasoning_qat.quant import QuantScheme, QuantTargets
 from reasoning_qat.quant.ptq import gptq_quantize_model, rtn_quantize_model
-
-from common import ARCHS, qwen3, save, sync
 
 
 def run(arch, samples, seq_len, bits=4):

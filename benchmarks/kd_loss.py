@@ -6,11 +6,10 @@ python benchmarks/kd_loss.py [--tokens 4096 8192] [--hidden 1024 2048]
 import argparse
 
 import torch
+from common import peak_memory, save
 
 from reasoning_qat.kd import chunked_distill_loss, naive_distill_loss
 from reasoning_qat.recipe import KDConfig
-
-from common import peak_memory, save
 
 
 def run(tokens, hidden, vocab=151936, chunk=1024):

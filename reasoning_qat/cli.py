@@ -74,6 +74,7 @@ def cmd_status(a) -> int:
 def cmd_eval(a) -> int:
     import json
 
+    from .evaluation.backends import EngineSettings
     from .evaluation.runner import evaluate
     from .evaluation.tasks import load_task
 
@@ -81,10 +82,12 @@ def cmd_eval(a) -> int:
         raise RecipeError(f"model: {a.model!r} is neither a local directory nor a hub id")
     out = Path(a.out or Path("eval") / "results" / Path(a.model).name)
     task = load_task(a.task)
+    settings = EngineSettings(tensor_parallel_size=a.tensor_parallel_size, gpu_memory_utilization=a.gpu_memory_utilization,
+                              dtype=a.dtype, enforce_eager=a.enforce_eager, max_model_len=a.max_model_len)
     m = evaluate(a.model, task, out / task.name, backend=a.backend, samples=a.samples, limit=a.limit,
                  demo_dir=Path(a.demo_data) if a.demo_data else None, batch_size=a.batch_size,
-                 max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                 tensor_parallel_size=a.tensor_parallel_size, trust_remote_code=a.trust_remote_code, seed=a.seed)
+                 max_new_tokens=a.max_new_tokens, temperature=a.temperature, settings=settings, data=a.data,
+                 trust_remote_code=a.trust_remote_code, seed=a.seed)
     print(json.dumps(m, indent=1))
     return 0
 
@@ -143,7 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--max-new-tokens", type=int)
     e.add_argument("--temperature", type=float)
-    e.add_argument("--tensor-parallel-size", type=int, default=1)
+    e.add_argument("--data", help="local .jsonl (or dataset directory) replacing the task's hub source (offline use)")
+    e.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs per model")
+    e.add_argument("--gpu-memory-utilization", type=float,
+                   help="vLLM: share of GPU memory (CPU build: of the node's RAM); default 0.9 on a GPU, 0.3 on CPU")
+    e.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="auto: bfloat16 on a GPU, float32 on CPU")
+    e.add_argument("--enforce-eager", action="store_true", help="vLLM: no CUDA graphs / compilation")
+    e.add_argument("--max-model-len", type=int, help="vLLM: context length (default: the model's)")
     e.add_argument("--demo-data", help="for task source 'demo': the directory with test.jsonl")
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument("--seed", type=int, default=0)

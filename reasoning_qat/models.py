@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -38,19 +40,25 @@ def load_config(path_or_id: str, trust_remote_code: bool = False, revision: str 
     return AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, revision=revision)
 
 
-def demo_config(demo, vocab_size: int, max_positions: int = 256):
+def demo_config(demo, tokenizer, max_positions: int = 256):
+    """Qwen3 config of the demo teacher. head_dim is set on its own, as in Qwen3 (it need not be
+    hidden_size / num_heads); end-of-turn and padding ids come from the tokenizer, so engines that
+    read them from config.json (vLLM) stop where transformers does."""
     from transformers import Qwen3Config
 
-    if demo.hidden_size % demo.num_heads:
-        raise ValueError(f"model.demo.num_heads: {demo.num_heads} does not divide hidden_size {demo.hidden_size}")
+    if demo.num_heads % demo.num_kv_heads:
+        raise UserError(f"model.demo.num_kv_heads: {demo.num_kv_heads} does not divide num_heads {demo.num_heads}")
     return Qwen3Config(
-        vocab_size=vocab_size,
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.convert_tokens_to_ids(tokenizer.eos_token),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
         hidden_size=demo.hidden_size,
         intermediate_size=demo.intermediate_size,
         num_hidden_layers=demo.num_layers,
         num_attention_heads=demo.num_heads,
         num_key_value_heads=demo.num_kv_heads,
-        head_dim=demo.hidden_size // demo.num_heads,
+        head_dim=demo.head_dim,
         max_position_embeddings=max_positions,
         tie_word_embeddings=False,
         rope_theta=10000.0,

@@ -14,8 +14,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import UserError
 
-class RecipeError(ValueError):
+
+class RecipeError(UserError):
     """Bad recipe: the message is one line, `field.path: what is wrong (allowed: ...)`."""
 
 
@@ -31,6 +33,7 @@ class DemoTeacher(_Section):
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(4, ge=1)
     num_kv_heads: int = Field(2, ge=1)
+    head_dim: int = Field(32, ge=8)  # vLLM's CPU attention needs 32, 64, 80, 96, 112, 128, ...
     train_steps: int = Field(1200, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
@@ -181,6 +184,7 @@ class RLConfig(_Section):
     format_reward: float = Field(0.0, ge=0)
     save_steps: int = Field(50, ge=1)
     bf16: bool = True
+    use_vllm: bool = False  # rollouts through TRL's colocated vLLM, fed the dequantized fake-quant weights each step
 
     @field_validator("data")
     @classmethod
@@ -191,7 +195,11 @@ class RLConfig(_Section):
 
 
 class ExportConfig(_Section):
-    formats: list[Literal["dequantized", "gptq"]] = Field(default_factory=lambda: ["dequantized", "gptq"])
+    """dequantized: plain checkpoint, any engine; compressed-tensors: packed WNA16 (vLLM on GPUs, transformers);
+    gptq: GPTQ v1, which vLLM serves for symmetric 4/8-bit only."""
+
+    formats: list[Literal["dequantized", "compressed-tensors", "gptq"]] = Field(
+        default_factory=lambda: ["dequantized", "compressed-tensors"])
 
 
 class EvalConfig(_Section):
@@ -202,8 +210,17 @@ class EvalConfig(_Section):
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int | None = Field(None, ge=1)  # None: the task's own default
     temperature: float | None = Field(None, ge=0)
-    tensor_parallel_size: int = Field(1, ge=1)
     seed: int = 0
+    data: dict[str, str] = Field(default_factory=dict)  # task name -> local file replacing its hub source
+    # which export of each variant is evaluated; auto: compressed-tensors under vLLM on a GPU (what is
+    # served, with vLLM's packed kernels), else the dequantized checkpoint (same function, any engine)
+    export_format: Literal["auto", "dequantized", "compressed-tensors"] = "auto"
+    # vLLM engine settings (also used by teacher-written QAT data)
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # None: 0.9 on a GPU, 0.3 on CPU
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on a GPU, fp32 on CPU
+    enforce_eager: bool = False
+    max_model_len: int | None = Field(None, ge=16)
 
 
 class CompareConfig(_Section):
@@ -230,6 +247,21 @@ class Recipe(_Section):
             raise ValueError("rl.enabled needs qat.enabled (RL starts from the QAT student)")
         if self.qat.deepspeed is not None and not Path(self.qat.deepspeed).is_file():
             raise ValueError(f"qat.deepspeed: no such DeepSpeed config file {self.qat.deepspeed!r}")
+        if "gptq" in self.export.formats:
+            bits = set(self.quant.bits) | {o.bits for o in self.quant.overrides if o.bits is not None}
+            if not self.quant.symmetric or not bits <= {4, 8}:
+                raise ValueError(
+                    f"export.formats: gptq is served by vLLM only for symmetric 4- or 8-bit weights (this recipe: "
+                    f"bits {sorted(bits)}, symmetric {self.quant.symmetric}); use compressed-tensors, which vLLM "
+                    "serves at 2/3/4/8 bits with or without zero points")
+        if self.eval.export_format == "compressed-tensors" and "compressed-tensors" not in self.export.formats:
+            raise ValueError("eval.export_format: compressed-tensors is not in export.formats")
+        if self.eval.export_format != "compressed-tensors" and "dequantized" not in self.export.formats:
+            raise ValueError("export.formats: keep dequantized (what eval runs off a GPU), or set "
+                             "eval.export_format: compressed-tensors")
+        unknown = sorted(set(self.eval.data) - {Path(t).stem for t in self.eval.tasks})
+        if unknown:
+            raise ValueError(f"eval.data: {unknown[0]!r} is not one of eval.tasks {self.eval.tasks}")
         return self
 
     @property

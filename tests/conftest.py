@@ -68,7 +68,7 @@ qat:
   save_steps: {save_steps}
   logging_steps: 5
 rl: {{enabled: false}}
-export: {{formats: [dequantized, gptq]}}
+export: {{formats: [dequantized, compressed-tensors]}}
 eval: {{tasks: [demo_arith], backend: transformers, batch_size: 256, limit: {limit}}}
 """
 

@@ -46,13 +46,18 @@ def test_demo_pipeline_small(tmp_path):
     assert "KD-QAT + RL" in table and "GPTQ (generic calib)" in table and (run / "compare" / "compare.png").stat().st_size > 0
     assert "| small | demo_arith | 2 | KD-QAT |" in out.stdout
 
+    # RL rollouts went through the quantized forward (the TRL override was called).
+    rl = json.loads((run / "rl" / "manifest.json").read_text())["metrics"]["w2-qat_rl"]
+    assert rl["rollouts"] == "transformers" and rl["quantized_rollout_batches"] >= 2
+
     # The dequantized export is what the fake-quant QAT student computes.
     student = load_quantized_checkpoint(run / "qat" / "w2-qat" / "model")
     exported = AutoModelForCausalLM.from_pretrained(run / "export" / "w2-qat" / "dequantized", dtype=torch.float32)
     x = torch.randint(0, 100, (1, 20))
     with torch.no_grad():
         assert torch.allclose(student(x).logits, exported(x).logits, atol=1e-4)
-    assert "model.layers.0.mlp.down_proj.qweight" in load_file(str(run / "export" / "w2-qat" / "gptq" / "model.safetensors"))
+    assert "model.layers.0.mlp.down_proj.weight_packed" in load_file(
+        str(run / "export" / "w2-qat" / "compressed-tensors" / "model.safetensors"))
 
     # rqat compare and rqat status work on the run directory.
     cmp = cli("compare", str(run), "--out", str(tmp_path / "cmp"))

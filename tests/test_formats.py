@@ -112,3 +112,64 @@ def test_bridge_student_equals_ptq_model(tmp_path):
     assert (a - b).abs().max().item() < 1e-5
     assert (a - c).abs().max().item() < 1e-5
     assert all(p.requires_grad for n, p in student.named_parameters() if n.endswith(".scale"))
+
+
+def _act_ordered_tiny(bits, gs=32, sym=False):
+    """A fake-quant model whose groups are a permutation of the columns, as act-order GPTQ writes."""
+    from reasoning_qat.quant.fake_quant import FakeQuantLinear, QuantizedWeight, _set_module
+    from reasoning_qat.quant.quantizer import find_group_params, quantize_weight
+
+    model = tiny_qwen3()
+    scheme = QuantScheme(bits, gs, sym)
+    g = torch.Generator().manual_seed(bits)
+    for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]:
+        in_f = lin.in_features
+        g_idx = (torch.arange(in_f) // gs)[torch.randperm(in_f, generator=g)].to(torch.int32)
+        scale, zero = find_group_params(lin.weight.data, scheme)
+        qw = QuantizedWeight(quantize_weight(lin.weight.data, scale, zero, g_idx, scheme.maxq), scale, zero, g_idx, scheme)
+        _set_module(model, name, FakeQuantLinear(lin, qw))
+    return model
+
+
+CT_CASES = [(b, gs, sym) for b in (2, 3, 4, 8) for gs in (32, -1) for sym in (False, True)]
+
+
+@pytest.mark.parametrize("bits,gs,sym", CT_CASES + [("act_order", 32, False), ("act_order", 32, True)])
+def test_compressed_tensors_export_decompresses_to_the_fake_quant_weights(tmp_path, bits, gs, sym):
+    """Written and read back by the compressed-tensors library itself (its own decompressor)."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from reasoning_qat.quant.formats import export_compressed_tensors
+
+    model = _act_ordered_tiny(3, gs, sym) if bits == "act_order" else _quantized_tiny(bits, gs, sym=sym)
+    expected = {n: m.quantized_weight().detach().clone() for n, m in fake_quant_modules(model).items()}
+    export_compressed_tensors(model, tmp_path / "ct", dtype=torch.float32)
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized" and cfg["ignore"] == ["lm_head"]
+    qcfg = QuantizationConfig.model_validate(cfg)
+    (scheme,) = qcfg.config_groups.values()
+    state = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    for name, w in expected.items():
+        parts = {k.rsplit(".", 1)[1]: v for k, v in state.items() if k.rsplit(".", 1)[0] == name}
+        assert "weight" not in parts and parts["weight_packed"].dtype == torch.int32
+        assert ("weight_zero_point" in parts) is (not sym) and ("weight_g_idx" in parts) is (bits == "act_order")
+        assert torch.equal(PackedQuantizationCompressor.decompress(parts, scheme)["weight"], w), name
+    assert torch.equal(state["lm_head.weight"], model.lm_head.weight.detach())
+
+
+@pytest.mark.parametrize("bits,gs,sym", [(2, 32, False), (3, -1, True), (4, 32, False), (8, 32, True)])
+def test_transformers_loads_the_compressed_tensors_export(tmp_path, bits, gs, sym):
+    """transformers' compressed-tensors integration loads the export; its logits are the dequantized export's."""
+    import copy
+
+    from reasoning_qat.quant.formats import export_compressed_tensors
+
+    model = _quantized_tiny(bits, gs, sym=sym)
+    export_dequantized(copy.deepcopy(model), tmp_path / "dq", dtype=torch.float32)
+    export_compressed_tensors(model, tmp_path / "ct", dtype=torch.float32)
+    x = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        ct = AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()(x).logits
+        dq = AutoModelForCausalLM.from_pretrained(tmp_path / "dq").eval()(x).logits
+    assert torch.equal(ct, dq)

@@ -43,6 +43,13 @@ BAD = [
     (with_("model.trust_remote_code", "maybe"), "model.trust_remote_code: Input should be a valid boolean"),
     (with_("qat.data.responses", "student"), "qat.data.responses: Input should be 'dataset' or 'teacher' (got 'student')"),
     (with_("rl.data", {"responses": "teacher"}), "rl.data: responses: teacher applies to qat.data only"),
+    (with_("export.formats", ["gptq"]), "export.formats: gptq is served by vLLM only for symmetric 4- or 8-bit weights "
+                                        "(this recipe: bits [4], symmetric False); use compressed-tensors"),
+    (with_("export.formats", ["gptq"]) | {"quant": {"bits": [3, 4], "symmetric": True}}, "(this recipe: bits [3, 4], symmetric True)"),
+    (with_("export.formats", ["awq"]), "export.formats[0]: Input should be 'dequantized', 'compressed-tensors' or 'gptq'"),
+    (with_("eval.data", {"aime": "a.jsonl"}), "eval.data: 'aime' is not one of eval.tasks ['math500']"),
+    (with_("eval.dtype", "fp8"), "eval.dtype: Input should be 'auto', 'bfloat16', 'float16' or 'float32' (got 'fp8')"),
+    (with_("eval.gpu_memory_utilization", 1.5), "eval.gpu_memory_utilization: Input should be less than or equal to 1"),
 ]
 
 

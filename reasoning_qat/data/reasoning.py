@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+
 IGNORE_INDEX = -100
 
 
@@ -23,7 +25,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
     return rows
 
 
@@ -33,19 +35,27 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-def load_rows(source: str, split: str = "train", demo_dir: str | Path | None = None, subset: str | None = None) -> list[dict]:
-    """Rows from `demo` (the run's generated split), a local .jsonl file, or a hub dataset id."""
+def load_rows(source: str, split: str = "train", demo_dir: str | Path | None = None, subset: str | None = None,
+              field: str = "data.source", offline_hint: str = "") -> list[dict]:
+    """Rows from `demo` (the run's generated split), a local .jsonl file, or a hub dataset id.
+
+    `field` names the recipe key in errors; `offline_hint` says what to do when the hub is out of reach."""
     if source == "demo":
         if demo_dir is None:
-            raise ValueError("data.source: 'demo' needs the demo teacher (model.demo) in the recipe")
+            raise UserError(f"{field}: 'demo' needs the demo teacher (model.demo) in the recipe")
         return read_jsonl(Path(demo_dir) / f"{split}.jsonl")
     if source.endswith(".jsonl"):
         if not Path(source).is_file():
-            raise ValueError(f"data.source: no such file {source!r}")
+            raise UserError(f"{field}: no such file {source!r}")
         return read_jsonl(source)
     from datasets import load_dataset  # hub ids (or local dataset directories)
 
-    return [dict(r) for r in load_dataset(source, subset, split=split)]
+    try:
+        return [dict(r) for r in load_dataset(source, subset, split=split)]
+    except Exception as err:  # offline, unknown id, no such split: the datasets library's many error types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UserError(f"{field}: cannot load {source!r} ({type(err).__name__}: {first[:200]})"
+                        + (f"; {offline_hint}" if offline_hint else "; give a local .jsonl file instead")) from err
 
 
 def select_fields(rows: list[dict], prompt_field: str, response_field: str | None, max_samples: int | None = None) -> list[dict]:
@@ -53,7 +63,7 @@ def select_fields(rows: list[dict], prompt_field: str, response_field: str | Non
     out = []
     for i, r in enumerate(rows[:max_samples] if max_samples else rows):
         if prompt_field not in r or (response_field is not None and response_field not in r):
-            raise ValueError(f"data: row {i} lacks field {prompt_field!r} or {response_field!r} (has {sorted(r)})")
+            raise UserError(f"data: row {i} lacks field {prompt_field!r} or {response_field!r} (has {sorted(r)})")
         response = r[response_field] if response_field is not None else ""
         if isinstance(response, list):  # datasets with several generations per prompt: take the first
             response = response[0] if response else ""
@@ -85,7 +95,7 @@ class ReasoningSFTDataset(torch.utils.data.Dataset):
     def __init__(self, rows: list[dict], tokenizer, max_length: int):
         self.examples = [tokenize_example(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
         if not self.examples:
-            raise ValueError("data: the training set is empty")
+            raise UserError("data: the training set is empty")
 
     def __len__(self):
         return len(self.examples)

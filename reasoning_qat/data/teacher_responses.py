@@ -42,8 +42,10 @@ def generate_teacher_responses(engine, rows: list[dict], out_path: str | Path, g
         for i in range(start, len(rows), gen.batch_size):
             batch = rows[i : i + gen.batch_size]
             prompts = [generation_prompt(engine.tokenizer, r["prompt"]) for r in batch]
-            # Seed per batch so a resumed run samples exactly what an uninterrupted one would.
-            outs = engine.generate(prompts, 1, gen.temperature, gen.top_p, gen.top_k, gen.max_new_tokens, seed + i)
+            # Seeds follow the row (vLLM: per row; transformers: per batch), so a resumed run samples
+            # exactly what an uninterrupted one would.
+            outs = engine.generate(prompts, 1, gen.temperature, gen.top_p, gen.top_k, gen.max_new_tokens, seed + i,
+                                   keys=range(i, i + len(batch)))
             for r, (c,) in zip(batch, outs):
                 kept = {"all": True, "finished": not c.truncated,
                         "correct": not c.truncated and grade(c.text, r.get("answer", "")).correct}[gen.keep]

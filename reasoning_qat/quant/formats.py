@@ -7,9 +7,14 @@
    the quantized function (the PTQ -> QAT bridge).
 2. Dequantized export: a plain transformers checkpoint holding w_hat = (q - zero) * scale, which any
    engine runs (used for evaluating every bit width; vLLM serves GPTQ only at 4/8 bits).
-3. GPTQ v1 export: `qweight`/`qzeros`/`scales`/`g_idx` with `quantization_config` in config.json.
+3. compressed-tensors `pack-quantized` export (llm-compressor's format): what vLLM's WNA16 path
+   serves at 2/3/4/8 bits, symmetric or with zero points. Packing and the config are written by
+   the compressed-tensors library itself; this module only maps our (codes, scale, zero) onto its
+   signed convention: q_ct = q - 2^(b-1), zero_ct = zero - 2^(b-1), w = (q_ct - zero_ct) * scale.
+4. GPTQ v1 export: `qweight`/`qzeros`/`scales`/`g_idx` with `quantization_config` in config.json.
    Codes are packed as a little-endian bit stream into int32 words (qweight along the input
    dimension, qzeros along the output dimension); zeros are stored minus one; scales are float16.
+   vLLM serves it only for symmetric 4/8-bit weights (`GPTQ_SERVED`), so recipes refuse it otherwise.
 """
 
 from __future__ import annotations
@@ -23,12 +28,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .fake_quant import FakeQuantLinear, QuantizedWeight, _set_module, fake_quant_modules, swap_out_fake_quant
+from .quantizer import is_contiguous_groups
 from .scheme import QuantScheme
 
 QUANT_META = "quant_meta.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = "rqat-fakequant-v1"
 _PARTS = ("codes", "scale", "zero", "g_idx")
+GPTQ_SERVED = {"bits": (4, 8), "symmetric": True}  # vLLM's gptq path: symmetric 4- and 8-bit only
+EXPORT_FORMATS = ("dequantized", "compressed-tensors", "gptq")
 
 
 def is_quantized_checkpoint(path: str | Path) -> bool:
@@ -122,6 +130,65 @@ def export_dequantized(model: nn.Module, out_dir: str | Path, tokenizer=None, dt
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return qws
+
+
+# ---- compressed-tensors pack-quantized ------------------------------------------------------------
+
+
+def _ct_args(scheme: QuantScheme, act_order: bool):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(
+        num_bits=scheme.bits, type="int", symmetric=scheme.symmetric,
+        strategy="channel" if scheme.group_size == -1 else "group",
+        group_size=None if scheme.group_size == -1 else scheme.group_size,
+        actorder="group" if act_order else None,
+    )
+
+
+def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype=torch.bfloat16) -> None:
+    """compressed-tensors `pack-quantized` checkpoint from a fake-quant model (the model is consumed:
+    its fake-quant layers are swapped out). Scales are stored in `dtype`, as llm-compressor does."""
+    from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    qws = swap_out_fake_quant(model)
+    model.to(dtype)
+    state = dict(model.state_dict())
+    groups: dict[tuple, list[str]] = {}
+    for name, qw in qws.items():
+        act_order = not is_contiguous_groups(qw.g_idx, qw.scale.shape[1])
+        groups.setdefault((qw.scheme, act_order), []).append(name)
+    config_groups = {}
+    for i, ((scheme, act_order), names) in enumerate(groups.items()):
+        # One scheme for every layer: target the class (what llm-compressor writes); mixed precision:
+        # exact module names, which vLLM also matches inside its fused qkv / gate_up layers.
+        targets = ["Linear"] if len(groups) == 1 else [f"re:^{n.replace('.', '[.]')}$" for n in names]
+        ct_scheme = QuantizationScheme(targets=targets, weights=_ct_args(scheme, act_order), format="pack-quantized")
+        config_groups[f"group_{i}"] = ct_scheme
+        offset = 2 ** (scheme.bits - 1)
+        for name in names:
+            qw = qws[name]
+            parts = {"weight": qw.dequantize(), "weight_scale": qw.scale.clone(),
+                     "weight_zero_point": (qw.zero - offset).to(torch.int8)}
+            if act_order:
+                parts["weight_g_idx"] = qw.g_idx.to(torch.int32)
+            state.pop(f"{name}.weight")
+            packed = PackedQuantizationCompressor.compress(parts, ct_scheme)
+            packed["weight_scale"] = packed["weight_scale"].to(dtype)
+            state.update({f"{name}.{k}": v for k, v in packed.items()})
+    quantized = set(qws)
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+    save_file(_dedup_shared(state), str(out_dir / WEIGHTS), metadata={"format": "pt"})
+    model.config.save_pretrained(out_dir)
+    qcfg = QuantizationConfig(config_groups=config_groups, format="pack-quantized", quantization_status="compressed",
+                              ignore=ignore)
+    ModelCompressor(quantization_config=qcfg).update_config(str(out_dir))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
 
 
 # ---- GPTQ v1 packing ---------------------------------------------------------------------------

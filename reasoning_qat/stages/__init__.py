@@ -38,7 +38,7 @@ def preflight(recipe) -> None:
         if m.demo is not None:
             from ..data.tokenizer import build_char_tokenizer
 
-            config = demo_config(m.demo, len(build_char_tokenizer()))
+            config = demo_config(m.demo, build_char_tokenizer())
         else:
             config = load_config(m.id, trust_remote_code=m.trust_remote_code, revision=m.revision)
     except (OSError, ValueError):

@@ -45,9 +45,13 @@ def run(ctx: StageContext) -> dict:
 
 def write_teacher_data(ctx: StageContext) -> list[dict]:
     from ..data.teacher_responses import generate_teacher_responses
-    from ..evaluation.backends import make_backend
+    from ..evaluation.backends import EngineSettings, make_backend
 
     r, data = ctx.recipe, ctx.recipe.qat.data
     g = data.generation
-    engine = make_backend(g.backend, teacher_path(ctx), g.batch_size, trust_remote_code=r.model.trust_remote_code, seed=r.seed)
-    return generate_teacher_responses(engine, source_rows(ctx, data, prompts_only=True), ctx.out / TEACHER_DATA, g, r.seed)
+    engine = make_backend(g.backend, teacher_path(ctx), g.batch_size, r.model.trust_remote_code, r.seed,
+                          EngineSettings.from_config(r.eval))
+    try:
+        return generate_teacher_responses(engine, source_rows(ctx, data, prompts_only=True), ctx.out / TEACHER_DATA, g, r.seed)
+    finally:
+        engine.close()

@@ -1,13 +1,18 @@
 """eval stage: every variant (BF16 teacher and each export) on every task in `eval.tasks`.
 
-Quantized variants are evaluated from their dequantized exports, so every bit width runs the same
-way on any engine. Finished (variant, task) pairs are kept across a crash.
+Quantized variants are evaluated from their compressed-tensors export under vLLM on a GPU (the
+packed checkpoint users serve, through vLLM's low-bit kernels), and from their dequantized export
+elsewhere (the same function; no CPU kernel runs packed weights). `eval.export_format` overrides
+the choice. Finished (variant, task) pairs are kept across a crash.
 """
 
 from __future__ import annotations
 
 import json
 
+import torch
+
+from ..evaluation.backends import EngineSettings, pick_backend
 from ..evaluation.runner import evaluate
 from ..evaluation.tasks import load_task
 from ..pipeline import StageContext
@@ -19,9 +24,13 @@ def run(ctx: StageContext) -> dict:
     r, e = ctx.recipe, ctx.recipe.eval
     tasks = [load_task(t) for t in e.tasks]
     models = {"bf16": teacher_path(ctx)}
+    fmt = e.export_format
+    if fmt == "auto":
+        packed = "compressed-tensors" in r.export.formats and torch.cuda.is_available() and pick_backend(e.backend) == "vllm"
+        fmt = "compressed-tensors" if packed else "dequantized"
     export_dir = ctx.input("export")
-    for d in sorted(p for p in export_dir.iterdir() if (p / "dequantized").is_dir()):
-        models[d.name] = str(d / "dequantized")
+    for d in sorted(p for p in export_dir.iterdir() if (p / fmt).is_dir()):
+        models[d.name] = str(d / fmt)
     metrics: dict = {}
     for name, path in models.items():
         for task in tasks:
@@ -32,9 +41,9 @@ def run(ctx: StageContext) -> dict:
                 m = evaluate(path, task, out, backend=e.backend, samples=e.samples, limit=e.limit,
                              demo_dir=demo_data_dir(ctx.input("teacher")), batch_size=e.batch_size,
                              max_new_tokens=e.max_new_tokens, temperature=e.temperature,
-                             tensor_parallel_size=e.tensor_parallel_size,
+                             settings=EngineSettings.from_config(e), data=e.data.get(task.name),
                              trust_remote_code=r.model.trust_remote_code, seed=e.seed)
             metrics.setdefault(name, {})[task.name] = {k: m[k] for k in ("pass@1", "ci95", "truncation_rate",
-                                                                          "mean_response_tokens", "problems")}
+                                                                          "mean_response_tokens", "problems", "backend")}
             print(f"  {name:>18} {task.name}: pass@1 {m['pass@1']:.3f} ± {m['ci95']:.3f}")
     return metrics

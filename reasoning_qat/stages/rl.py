@@ -20,6 +20,7 @@ from ..quant.fake_quant import fake_quant_modules, frozen_fake_quant
 from ..quant.formats import load_quantized_checkpoint, save_quantized_checkpoint
 from ..training import last_checkpoint, quiet_training_args
 from .common import exists_done, finish_training, load_teacher_tokenizer, source_rows, variant
+from .teacher import teacher_model_path
 
 
 def dequantized_named_params(model, fix_name=lambda n: n):
@@ -49,19 +50,47 @@ def _trainer_class():
     from trl import GRPOTrainer
 
     class QuantizedGRPOTrainer(GRPOTrainer):
-        """GRPOTrainer whose vLLM weight sync sends the dequantized fake-quant weights."""
+        """GRPOTrainer whose rollouts run the quantized policy: its own generation inside
+        `frozen_fake_quant`, and a vLLM weight sync that sends the dequantized fake-quant weights.
+
+        Both hooks override private TRL methods (`_generate`, `VLLMGeneration._iter_named_params`);
+        they count their calls into the stage's metrics, and a test fails if a TRL upgrade stops
+        calling them (pyproject pins the TRL range they were tested on)."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
+            self.hook_calls = {"quantized_rollout_batches": 0, "dequantized_weight_syncs": 0}
             gen = getattr(self, "vllm_generation", None)
             if gen is not None:
-                gen._iter_named_params = lambda: dequantized_named_params(gen.model, gen._fix_param_name_to_vllm)
+                def dequantized_params():
+                    self.hook_calls["dequantized_weight_syncs"] += 1
+                    return dequantized_named_params(gen.model, gen._fix_param_name_to_vllm)
+
+                gen._iter_named_params = dequantized_params
 
         def _generate(self, prompts):
             # Rollouts use the quantized weights as they stand at this step, quantized once for
             # the whole batch of generations rather than at every decoding step.
+            self.hook_calls["quantized_rollout_batches"] += 1
             with frozen_fake_quant(self.accelerator.unwrap_model(self.model)):
                 return super()._generate(prompts)
+
+        def vllm_weight_gap(self) -> dict:
+            """Max |w| difference between vLLM's copy of each unfused Linear and the student's
+            quantized weight in vLLM's dtype (0 when the sync sends what the student computes), and
+            the same against its latent weight (what a plain BF16 sync would send)."""
+            gen = self.vllm_generation
+            gen.sync_weights()
+            engine = gen.llm.llm_engine.model_executor.driver_worker.model_runner.model
+            served = dict(engine.named_parameters())
+            gap_q = gap_latent = 0.0
+            for name, m in fake_quant_modules(self.accelerator.unwrap_model(self.model)).items():
+                w = served.get(f"{name}.weight")
+                if w is not None:  # q/k/v and gate/up are fused in vLLM; o_proj and down_proj are not
+                    w = w.detach().cpu()
+                    gap_q = max(gap_q, (w - m.quantized_weight().detach().cpu().to(w.dtype)).abs().max().item())
+                    gap_latent = max(gap_latent, (w - m.weight.detach().cpu().to(w.dtype)).abs().max().item())
+            return {"vllm_vs_quantized_max_abs_diff": gap_q, "vllm_vs_latent_max_abs_diff": gap_latent}
 
     return QuantizedGRPOTrainer
 
@@ -73,6 +102,18 @@ def student_accuracy(model, tok, rows: list[dict], n: int = 64, max_new_tokens: 
     with frozen_fake_quant(model):
         outs = engine.generate(prompts, 1, 0.0, 1.0, -1, max_new_tokens)
     return sum(grade(o[0].text, r["answer"]).correct for o, r in zip(outs, rows)) / max(len(rows), 1)
+
+
+def _vllm_args(cfg, recipe) -> dict:
+    if not cfg.use_vllm:
+        return {"use_vllm": False}
+    from ..evaluation.backends import pick_backend
+
+    pick_backend("vllm")  # one line if vLLM cannot run here
+    e = recipe.eval
+    return {"use_vllm": True, "vllm_mode": "colocate",
+            "vllm_gpu_memory_utilization": e.gpu_memory_utilization or (0.3 if torch.cuda.is_available() else 0.2),
+            "vllm_tensor_parallel_size": e.tensor_parallel_size, "vllm_max_model_length": e.max_model_len}
 
 
 def run(ctx: StageContext) -> dict:
@@ -97,6 +138,10 @@ def run(ctx: StageContext) -> dict:
         if acc < cfg.min_accuracy:
             raise ValueError(f"rl: the w{bits} QAT student solves {acc:.1%} of the first RL prompts, below "
                              f"rl.min_accuracy={cfg.min_accuracy}; RL needs a viable start (train QAT longer or lower it)")
+        if cfg.use_vllm:
+            # vLLM cannot read the fake-quant checkpoint: it starts from the BF16 teacher's (same
+            # architecture), and the first rollout already syncs the student's dequantized weights.
+            student.name_or_path = student.config._name_or_path = teacher_model_path(ctx.input("teacher"))
         for m in fake_quant_modules(student).values():
             m.scale.requires_grad_(cfg.train_scales)
             m.zero.requires_grad_(cfg.train_scales and not m.scheme.symmetric)
@@ -120,15 +165,17 @@ def run(ctx: StageContext) -> dict:
             logging_steps=1,
             bf16=cfg.bf16 and torch.cuda.is_available(),
             seed=r.seed,
-            use_vllm=False,
+            **_vllm_args(cfg, r),
         )
         trainer = _trainer_class()(model=student, reward_funcs=funcs, args=args, train_dataset=data, processing_class=tok)
         trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+        rollouts = {"rollouts": "vllm" if cfg.use_vllm else "transformers", **trainer.hook_calls,
+                    **(trainer.vllm_weight_gap() if cfg.use_vllm else {})}
         save_quantized_checkpoint(student, out / "model", tok, {"method": "qat_rl", "bits": bits})
         m = {"start_accuracy": acc, "steps": trainer.state.global_step,
              "mean_reward_first": sum(rewards[:5]) / max(len(rewards[:5]), 1),
-             "mean_reward_last": sum(rewards[-5:]) / max(len(rewards[-5:]), 1)}
+             "mean_reward_last": sum(rewards[-5:]) / max(len(rewards[-5:]), 1), **rollouts}
         finish_training(out, "rl_metrics.json", m, trainer.state.log_history)
         metrics[name] = m
     return metrics

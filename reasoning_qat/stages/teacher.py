@@ -52,7 +52,7 @@ def _train_demo_teacher(ctx: StageContext) -> dict:
 
     tokenizer = build_char_tokenizer()
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(demo_config(demo, len(tokenizer)))
+    model = Qwen3ForCausalLM(demo_config(demo, tokenizer))
     dataset = ReasoningSFTDataset(to_records(train), tokenizer, max_length=256)
     args = quiet_training_args(
         output_dir=str(ctx.out / "trainer"),

@@ -1,0 +1,171 @@
+"""vLLM for real: the engine (vLLM's CPU build in CI) generates for eval, and its own config parsing
+accepts the compressed-tensors exports. CI installs vLLM and sets RQAT_REQUIRE_VLLM=1, so these
+tests fail there, rather than skip, when vLLM is missing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from reasoning_qat.evaluation.backends import (
+    EngineSettings,
+    VLLMBackend,
+    pick_backend,
+    request_seed,
+    vllm_problem,
+)
+from reasoning_qat.evaluation.runner import evaluate
+from reasoning_qat.evaluation.tasks import load_task
+
+from .conftest import demo_recipe
+
+if vllm_problem() is not None:
+    if os.environ.get("RQAT_REQUIRE_VLLM") == "1":
+        raise RuntimeError(f"RQAT_REQUIRE_VLLM=1 but {vllm_problem()}")
+    pytest.skip(f"vLLM not usable here: {vllm_problem()}", allow_module_level=True)
+
+SETTINGS = EngineSettings(gpu_memory_utilization=0.3)
+
+
+@pytest.fixture(scope="module")
+def vllm_run(tmp_path_factory):
+    """A trained demo teacher, its 4-bit GPTQ and RTN exports, and the eval stage run through vLLM."""
+    tmp = tmp_path_factory.mktemp("vllm")
+    rec = demo_recipe(tmp, name="v", teacher_steps=300, bits="[4]", baselines="[rtn]", qat="false", limit=40)
+    rec.write_text(rec.read_text().replace("backend: transformers", "backend: vllm, gpu_memory_utilization: 0.3"))
+    subprocess.run([sys.executable, "-m", "reasoning_qat.cli", "run", str(rec)], check=True, capture_output=True)
+    return tmp / "runs" / "v"
+
+
+def _samples(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.mark.slow
+def test_greedy_vllm_equals_transformers_on_the_same_exports(vllm_run, tmp_path):
+    """The eval stage ran on vLLM; transformers on the same checkpoints writes the same completions."""
+    manifest = json.loads((vllm_run / "eval" / "manifest.json").read_text())["metrics"]
+    task = load_task("demo_arith")
+    for name, path in [("bf16", vllm_run / "teacher" / "model"), ("w4-gptq", vllm_run / "export" / "w4-gptq" / "dequantized")]:
+        assert manifest[name]["demo_arith"]["backend"] == "VLLMBackend"
+        m = evaluate(str(path), task, tmp_path / name, backend="transformers", limit=40,
+                     demo_dir=vllm_run / "teacher" / "data")
+        ours, theirs = _samples(tmp_path / name / "samples.jsonl"), _samples(vllm_run / "eval" / name / "demo_arith" / "samples.jsonl")
+        assert [r["response"] for r in ours] == [r["response"] for r in theirs], name
+        assert [r["num_tokens"] for r in ours] == [r["num_tokens"] for r in theirs], name
+        assert m["pass@1"] == manifest[name]["demo_arith"]["pass@1"] > 0.3
+    # Special tokens survive: the demo teacher thinks inside <think>...</think>, and the grader reads after it.
+    assert all("</think>" in r["response"] for r in theirs if r["correct"])
+
+
+@pytest.mark.slow
+def test_sampled_pass_at_1_is_reproducible_per_seed(vllm_run, tmp_path):
+    task = load_task("demo_arith").model_copy(update={"samples": 4})
+    task = task.model_copy(update={"sampling": task.sampling.model_copy(update={"temperature": 1.5})})
+    model = str(vllm_run / "export" / "w4-rtn" / "dequantized")
+    data = vllm_run / "teacher" / "data"
+
+    def run(seed, out, engine=None):
+        m = evaluate(model, task, tmp_path / out, limit=30, demo_dir=data, seed=seed, settings=SETTINGS, engine=engine,
+                     backend="vllm")
+        return m, [r["response"] for r in _samples(tmp_path / out / "samples.jsonl")]
+
+    m0, s0 = run(0, "a")  # an engine of its own, closed after the run
+    engine = VLLMBackend(model, seed=123, settings=SETTINGS)  # another engine, another engine seed
+    try:
+        m0b, s0b = run(0, "b", engine)
+        m1, s1 = run(1, "c", engine)
+    finally:
+        engine.close()
+    assert m0["samples_per_problem"] == 4
+    assert s0 == s0b and m0["pass@1"] == m0b["pass@1"]
+    assert s0 != s1
+    # The 4 samples of a problem are not copies of each other (one seed per (problem, sample)).
+    assert any(len(set(s0[i : i + 4])) > 1 for i in range(0, len(s0), 4))
+
+
+def test_request_seeds_differ_per_problem_and_sample():
+    seeds = {request_seed(0, p, j) for p in range(50) for j in range(8)}
+    assert len(seeds) == 400 and all(0 <= s < 2**63 for s in seeds)
+    assert request_seed(0, 3, 1) == request_seed(0, 3, 1) != request_seed(1, 3, 1)
+
+
+def test_auto_picks_vllm_where_it_runs():
+    assert pick_backend("auto") == "vllm"
+
+
+def test_vllm_start_failure_is_one_line(tmp_path):
+    from reasoning_qat.errors import UserError
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="vllm could not start on") as err:
+        VLLMBackend(str(tmp_path), settings=SETTINGS)
+    assert "\n" not in str(err.value)
+
+
+def _vllm_schemes(path):
+    """vLLM's own parsing: the quantization method it reads from the checkpoint, and the scheme it
+    assigns to each (fused) Linear layer of its Qwen3 implementation."""
+    from vllm.config import LoadConfig, ModelConfig
+    from vllm.model_executor.model_loader.weight_utils import get_quant_config
+    from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+    mc = ModelConfig(model=str(path), dtype="float32")
+    qc = get_quant_config(mc, LoadConfig())
+    qc.packed_modules_mapping = dict(Qwen3ForCausalLM.packed_modules_mapping)
+    probe = torch.nn.Linear(1, 1)
+    n_layers = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+    names = [f"model.layers.{i}.{m}" for i in range(n_layers)
+             for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
+    return mc.quantization, {n: qc.get_scheme(probe, n) for n in names + ["lm_head"]}
+
+
+@pytest.mark.parametrize("bits,gs,sym", [(2, 32, False), (3, 32, False), (4, 32, True), (4, -1, False), (8, 32, False),
+                                         (8, -1, True), (3, -1, True)])
+def test_vllm_maps_every_compressed_tensors_layer_to_wna16(tmp_path, bits, gs, sym):
+    from reasoning_qat.quant.formats import export_compressed_tensors
+
+    from .test_formats import _quantized_tiny
+
+    export_compressed_tensors(_quantized_tiny(bits, gs, sym=sym), tmp_path / "ct", dtype=torch.float32)
+    method, schemes = _vllm_schemes(tmp_path / "ct")
+    assert method == "compressed-tensors"
+    assert schemes.pop("lm_head") is None  # lm_head stays BF16
+    for name, scheme in schemes.items():
+        assert type(scheme).__name__ == "CompressedTensorsWNA16", name
+        assert (scheme.num_bits, scheme.symmetric, scheme.group_size) == (bits, sym, gs), name
+
+
+def test_vllm_maps_mixed_precision_exports_layer_by_layer(tmp_path):
+    from reasoning_qat.quant import QuantScheme, QuantTargets, swap_in_fake_quant
+    from reasoning_qat.quant.formats import export_compressed_tensors
+
+    from .conftest import tiny_qwen3
+
+    model = tiny_qwen3()
+    swap_in_fake_quant(model, QuantTargets(QuantScheme(2, 32), overrides=(("model.layers.1.mlp.*", {"bits": 4}),)))
+    export_compressed_tensors(model, tmp_path / "ct", dtype=torch.float32)
+    _, schemes = _vllm_schemes(tmp_path / "ct")
+    assert schemes["model.layers.1.mlp.gate_up_proj"].num_bits == 4 and schemes["model.layers.1.mlp.down_proj"].num_bits == 4
+    assert schemes["model.layers.0.mlp.gate_up_proj"].num_bits == 2 and schemes["model.layers.1.self_attn.qkv_proj"].num_bits == 2
+
+
+@pytest.mark.slow
+def test_grpo_rollouts_through_trl_colocated_vllm_get_the_quantized_weights(tmp_path):
+    """TRL's colocated vLLM on the CPU build: every rollout batch comes from the engine, whose weights
+    are synced from the student's quantized function, not its latent weights. QAT starts from the
+    BF16 latents (qat.init: bf16), so the two differ."""
+    rec = demo_recipe(tmp_path, name="rlv", teacher_steps=300, bits="[4]", baselines="[]", qat_steps=5, limit=10)
+    rec.write_text(rec.read_text().replace("  enabled: true\n", "  enabled: true\n  init: bf16\n").replace(
+        "rl: {enabled: false}", "rl: {enabled: true, use_vllm: true, min_accuracy: 0.0, data: {source: demo}, max_steps: 2, "
+        "num_generations: 4, batch_size: 4, max_completion_length: 40, lr: 1.0e-5, save_steps: 1}\n"
+        "").replace("eval: {", "eval: {gpu_memory_utilization: 0.2, "))
+    subprocess.run([sys.executable, "-m", "reasoning_qat.cli", "run", str(rec), "--stages", "teacher,calibrate,ptq,qat,rl"],
+                   check=True, capture_output=True)
+    m = json.loads((tmp_path / "runs" / "rlv" / "rl" / "manifest.json").read_text())["metrics"]["w4-qat_rl"]
+    assert m["rollouts"] == "vllm" and m["steps"] == 2
+    assert m["quantized_rollout_batches"] >= 2 and m["dequantized_weight_syncs"] >= 2
+    assert m["vllm_vs_quantized_max_abs_diff"] == 0.0 < m["vllm_vs_latent_max_abs_diff"]
