@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .pipeline import StageFailed
+from .errors import UserError
 from .recipe import RecipeError
 
 EPILOG = """examples:
@@ -33,11 +33,11 @@ def cmd_run(a) -> int:
     recipe = load_recipe(a.recipe)
     if a.run_root:
         recipe = recipe.model_copy(update={"run_root": a.run_root})
+    preflight(recipe)  # every file, directory, task and layer width the recipe names: before anything is created
     console = _console()
     pipe = Pipeline(recipe, STAGES, console)
     only = [s.strip() for s in a.stages.split(",") if s.strip()] if a.stages else None
     plan = pipe.plan(only, a.force)
-    preflight(recipe)
     console.print(f"run [bold]{recipe.name}[/] in {recipe.run_dir}: " + (", ".join(plan) if plan else "nothing to do (all stages done)"))
     if a.dry_run:
         return 0
@@ -123,6 +123,7 @@ def cmd_analyze(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rqat", description="Low-bit reasoning models: calibrate, GPTQ, KD-QAT, RL, export, eval.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a recipe's missing or stale stages")
@@ -189,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (RecipeError, ValueError, FileNotFoundError, FloatingPointError, StageFailed) as err:
+    except UserError as err:  # bad input or a refused action: one line; anything else keeps its traceback
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+from .errors import UserError
 from .pipeline import read_manifest
 from .quant.formats import directory_size
 
@@ -19,7 +20,7 @@ def collect(run_dirs: list[str | Path]) -> list[dict]:
     for run in map(Path, run_dirs):
         ev = read_manifest(run / "eval")
         if ev is None:
-            raise ValueError(f"{run}: no finished eval stage; run `rqat run RECIPE --stages eval` first")
+            raise UserError(f"{run}: no finished eval stage; run `rqat run RECIPE --stages eval` first")
         sizes = (read_manifest(run / "export") or {}).get("metrics", {})
         qat = (read_manifest(run / "qat") or {}).get("metrics", {})
         calib_domain = (read_manifest(run / "calibrate") or {}).get("metrics", {}).get("domain", "reasoning")

@@ -11,3 +11,7 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input or a refused action, explained in one line."""
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+    """The training loss became NaN/inf: the last good checkpoint is kept, the message says what to lower."""

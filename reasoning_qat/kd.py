@@ -16,6 +16,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Trainer
 
 from .data.reasoning import IGNORE_INDEX
+from .errors import TrainingDiverged
+from .training import grouped_optimizer
 
 # ---- per-token losses on [n, vocab] logits; each returns the summed loss over the n tokens ---------
 
@@ -116,12 +118,15 @@ def hidden_and_head(model, unwrapped, input_ids, attention_mask, position_ids=No
 class KDTrainer(Trainer):
     """Trainer whose loss is distillation from a frozen teacher (or plain CE, for comparison).
 
-    Quantizer scales/zeros get their own learning rate (`scale_lr`); everything else about the loop
+    Latent weights (`latent_lr`, grid steps) and quantizer scales/zeros (`scale_lr`, relative) get
+    their own learning rates (`training.grouped_optimizer`); everything else about the loop
     (accumulation, mixed precision, DeepSpeed, checkpoints, resume, logging) is the Trainer's.
     """
 
-    def __init__(self, *args, teacher=None, kd=None, scale_lr: float | None = None, **kwargs):
+    def __init__(self, *args, teacher=None, kd=None, latent_lr: float | None = None, scale_lr: float | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.latent_lr = latent_lr
         # The loss below is a per-batch mean; let the Trainer average it over accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.kd = kd
@@ -137,22 +142,9 @@ class KDTrainer(Trainer):
                 self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     def create_optimizer(self, model=None):
-        if self.optimizer is None and self.scale_lr is not None:
-            model = self.model
-            quant = [p for n, p in model.named_parameters() if p.requires_grad and n.rsplit(".", 1)[-1] in ("scale", "zero")]
-            ids = {id(p) for p in quant}
-            decay = self.get_decay_parameter_names(model)
-            rest_decay = [p for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids and n in decay]
-            rest_nodecay = [p for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids and n not in decay]
-            groups = [
-                {"params": rest_decay, "weight_decay": self.args.weight_decay},
-                {"params": rest_nodecay, "weight_decay": 0.0},
-                {"params": quant, "weight_decay": 0.0, "lr": self.scale_lr},
-            ]
-            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-            self.optimizer = cls([g for g in groups if g["params"]], **kwargs)
-            return self.optimizer
-        return super().create_optimizer(model)
+        if self.optimizer is None:
+            self.optimizer = grouped_optimizer(self, self.latent_lr, self.scale_lr)
+        return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
@@ -169,7 +161,7 @@ class KDTrainer(Trainer):
             h_t = h_t[:, :-1][sel]
         loss = chunked_distill_loss(h_s[:, :-1][sel], h_t, head_s, head_t, targets, self.kd, self.kd.chunk_size)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
+            raise TrainingDiverged(
                 f"qat: the loss became {loss.item()} at step {self.state.global_step + 1}; the last good checkpoint is "
                 f"kept in {self.args.output_dir}; lower qat.lr or qat.scale_lr and re-run (it resumes from there)"
             )

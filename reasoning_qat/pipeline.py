@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from .errors import UserError
 from .recipe import Recipe, RecipeError, parse_recipe
 
 MANIFEST = "manifest.json"
@@ -51,7 +52,7 @@ def run_lock(run_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-class StageFailed(RuntimeError):
+class StageFailed(UserError):
     """A stage stopped for a reason its message explains in one line (e.g. a launched child failed)."""
 
 

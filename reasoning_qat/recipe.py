@@ -147,12 +147,15 @@ class QATConfig(_Section):
     max_steps: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float = Field(1e-5, gt=0)
-    scale_lr: float = Field(1e-4, ge=0)  # 0 freezes the quantizer scales
+    # Three learning rates. The quantized layers train in units of their quantization grid (see
+    # FakeQuantLinear), so latent_lr and scale_lr mean the same at 2 bits as at 8:
+    lr: float = Field(1e-5, gt=0)  # ordinary parameters (embeddings, norms, unquantized layers), absolute
+    latent_lr: float = Field(1e-2, gt=0)  # latent weights of quantized layers: grid steps per update
+    scale_lr: float = Field(1e-2, ge=0)  # quantizer step sizes and zero points, grid steps at the grid's edge; 0 freezes
     weight_decay: float = Field(0.0, ge=0)
     optimizer: str = "adamw_torch"  # any transformers `optim` name
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
     decay_ratio: float = Field(0.2, gt=0, le=1)  # WSD: fraction of steps spent decaying
     averaging: Literal["none", "ema", "lawa"] = "none"
     ema_decay: float = Field(0.999, gt=0, lt=1)
@@ -175,7 +178,8 @@ class RLConfig(_Section):
     train_scales: bool = False
     data: DataConfig = Field(default_factory=DataConfig)
     max_steps: int = Field(100, ge=1)
-    lr: float = Field(1e-6, gt=0)
+    lr: float = Field(1e-6, gt=0)  # ordinary parameters, absolute
+    latent_lr: float = Field(1e-3, gt=0)  # latent weights of quantized layers, grid steps per update
     num_generations: int = Field(8, ge=2)
     batch_size: int = Field(8, ge=1)
     max_completion_length: int = Field(1024, ge=8)
@@ -313,7 +317,11 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not a UTF-8 text file (byte {err.start}); a recipe is a YAML text file") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

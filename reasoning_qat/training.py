@@ -38,6 +38,30 @@ def quiet_training_args(cls=None, **kwargs):
     return cls(**defaults)
 
 
+def grouped_optimizer(trainer, latent_lr: float | None, scale_lr: float | None):
+    """The trainer's optimizer class with three learning rates: `args.learning_rate` for ordinary
+    parameters, `latent_lr` for the latent weights of fake-quant layers and `scale_lr` for their
+    scales and zeros. The latter two live in grid units (see FakeQuantLinear), so these rates mean
+    grid steps per update and a relative change of the step size, at every bit width. None: the
+    group trains at args.learning_rate."""
+    from .quant.fake_quant import quant_parameters
+
+    model, args = trainer.model, trainer.args
+    latents, quantizers = quant_parameters(model)
+    special = {id(p) for p in latents + quantizers}
+    decay = set(trainer.get_decay_parameter_names(model))
+    rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in special]
+    groups = [
+        {"params": [p for n, p in rest if n in decay], "weight_decay": args.weight_decay},
+        {"params": [p for n, p in rest if n not in decay], "weight_decay": 0.0},
+        {"params": [p for p in latents if p.requires_grad], "weight_decay": args.weight_decay,
+         "lr": latent_lr or args.learning_rate},
+        {"params": [p for p in quantizers if p.requires_grad], "weight_decay": 0.0, "lr": scale_lr or args.learning_rate},
+    ]
+    cls, kwargs = trainer.get_optimizer_cls_and_kwargs(args, model)
+    return cls([g for g in groups if g["params"]], **kwargs)
+
+
 def is_finite(x: float) -> bool:
     return math.isfinite(x)
 

@@ -63,8 +63,9 @@ qat:
   data: {{source: demo}}
   max_steps: {qat_steps}
   batch_size: 16
-  lr: 1.0e-3
-  scale_lr: 1.0e-3
+  lr: 1.0e-5         # ordinary parameters (absolute)
+  latent_lr: 1.0e-2  # quantized latents, grid steps per update
+  scale_lr: 1.0e-2   # step sizes and zeros, grid steps at the grid's edge
   save_steps: {save_steps}
   logging_steps: 5
 rl: {{enabled: false}}

@@ -21,12 +21,22 @@ from .conftest import MATH500
     ("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}", True),
     ("<think>maybe \\boxed{7}</think>\n\nThe answer is \\boxed{8}.", "8", True),
     ("<think>maybe \\boxed{8}</think>\n\nThe answer is \\boxed{7}.", "8", False),
-    ("<think>I never finish \\boxed{8}", "8", True),  # truncated thinking: the whole text is read
+    ("<think>I never finish \\boxed{8}", "8", False),  # thinking never closed (truncated): no final answer
+    ("<think>8</think>", "8", False),  # closed thinking, nothing after it
+    ("<think>\\boxed{8}</think>\n\nThe answer is 8.", "8", True),  # tried inside, then given after: the after counts
+    ("<think>\\boxed{7}</think>\n\nSo \\boxed{8}.", "8", True),
+    ("The answer is \\boxed{8}.", "8", True),  # no thinking at all: the whole text
     ("no answer at all", "8", False),
     ("\\boxed{x^2+2x+1}", "(x+1)^2", True),
 ])
 def test_grade_math_answers(response, gold, ok):
     assert grade(response, gold).correct is ok
+
+
+def test_thinking_opened_by_the_prompt_must_close():
+    """Templates that end the prompt with <think> leave the response without an opening tag."""
+    assert grade("so it is \\boxed{8}", "8", thinking_open=True).correct is False
+    assert grade("so 8</think>\n\n\\boxed{8}", "8", thinking_open=True).correct is True
 
 
 @pytest.mark.skipif(not MATH500.is_file(), reason="../shared/data/math500.jsonl not present")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from .reasoning import format_example, read_jsonl
 
 
@@ -22,7 +23,7 @@ def _pack(token_stream: list[int], num_samples: int, seq_len: int, rng: random.R
 def domain_calibration(tokenizer, rows: list[dict], num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """Conversations formatted as at inference (prompt + thinking response), concatenated and cut."""
     if not rows:
-        raise ValueError("calibration: the reasoning data is empty; give qat.data a source with rows")
+        raise UserError("calibration: the reasoning data is empty; give qat.data a source with rows")
     rng = random.Random(seed)
     order = list(range(len(rows)))
     rng.shuffle(order)
@@ -43,11 +44,11 @@ def generic_text(source: str, subset: str | None = None) -> str:
     path = Path(source)
     if path.suffix == ".txt":
         if not path.is_file():
-            raise ValueError(f"calibration.generic_source: no such file {source!r}")
+            raise UserError(f"calibration.generic_source: no such file {source!r}")
         return path.read_text()
     if path.suffix == ".jsonl":
         if not path.is_file():
-            raise ValueError(f"calibration.generic_source: no such file {source!r}")
+            raise UserError(f"calibration.generic_source: no such file {source!r}")
         return "\n\n".join(r["text"] for r in read_jsonl(path))
     from datasets import load_dataset
 
@@ -58,5 +59,5 @@ def generic_calibration(tokenizer, source: str, num_samples: int, seq_len: int, 
                         subset: str | None = None) -> torch.Tensor:
     ids = tokenizer(generic_text(source, subset), add_special_tokens=False)["input_ids"]
     if not ids:
-        raise ValueError(f"calibration.generic_source: {source!r} holds no text")
+        raise UserError(f"calibration.generic_source: {source!r} holds no text")
     return _pack(ids, num_samples, seq_len, random.Random(seed))

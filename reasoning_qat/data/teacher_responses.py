@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..evaluation.grader import grade
 from .reasoning import generation_prompt, read_jsonl
 
@@ -36,7 +37,7 @@ def generate_teacher_responses(engine, rows: list[dict], out_path: str | Path, g
     """
     out_path = Path(out_path)
     if gen.keep == "correct" and any("answer" not in r for r in rows):
-        raise ValueError("qat.data.generation.keep: 'correct' needs an 'answer' field in every row")
+        raise UserError("qat.data.generation.keep: 'correct' needs an 'answer' field in every row")
     start = _done_lines(out_path)
     with open(out_path, "a") as f, tqdm(total=len(rows), initial=start, desc="teacher responses") as bar:
         for i in range(start, len(rows), gen.batch_size):
@@ -59,5 +60,5 @@ def generate_teacher_responses(engine, rows: list[dict], out_path: str | Path, g
 def kept_rows(path: str | Path) -> list[dict]:
     rows = [r for r in read_jsonl(path) if r["kept"]]
     if not rows:
-        raise ValueError(f"qat.data.generation.keep: no teacher response was kept in {path}; use keep: all or raise max_new_tokens")
+        raise UserError(f"qat.data.generation.keep: no teacher response was kept in {path}; use keep: all or raise max_new_tokens")
     return [{k: r[k] for k in ("prompt", "response", "answer") if k in r} for r in rows]

@@ -1,7 +1,9 @@
 """Math-aware answer checking through math-verify.
 
-The final answer is read from the text after `</think>` when the model closed its thinking (so a
-`\\boxed{}` tried out inside the thinking does not count), else from the whole response.
+The final answer is read from the text after the last `</think>` (so a `\\boxed{}` tried out inside
+the thinking does not count). A response whose thinking was opened and never closed (cut off by the
+token budget) has no final answer and is wrong, whatever number its thinking reached. A response
+with no thinking at all is graded on its whole text.
 """
 
 from __future__ import annotations
@@ -17,8 +19,14 @@ class Grade:
     extracted: str | None
 
 
-def final_segment(response: str) -> str:
-    return response.rsplit("</think>", 1)[1] if "</think>" in response else response
+def final_segment(response: str, thinking_open: bool = False) -> str | None:
+    """The answer part of a response, or None when its thinking never closed. `thinking_open`: the
+    prompt itself opened the thinking (templates that end the generation prompt with `<think>`)."""
+    if "</think>" in response:
+        return response.rsplit("</think>", 1)[1]
+    if thinking_open or "<think>" in response:
+        return None
+    return response
 
 
 def parse_gold(answer: str):
@@ -31,8 +39,11 @@ def parse_gold(answer: str):
     return gold
 
 
-def grade(response: str, gold_answer: str) -> Grade:
-    pred = parse(final_segment(response), extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()])
+def grade(response: str, gold_answer: str, thinking_open: bool = False) -> Grade:
+    answer = final_segment(response, thinking_open)
+    if answer is None:
+        return Grade(False, None)
+    pred = parse(answer, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()])
     if not pred:
         return Grade(False, None)
     gold = parse_gold(gold_answer)

@@ -49,8 +49,9 @@ def evaluate(model_path: str, task: Task, out_dir: str | Path, *, backend: str =
         if own_engine:
             engine.close()
     rows, per_problem = [], []
-    for p, comps in zip(problems, completions):
-        grades = [grade(c.text, p["answer"]) for c in comps]
+    for p, prompt, comps in zip(problems, prompts, completions):
+        opened = prompt.rstrip().endswith("<think>")  # the template opened the thinking for the model
+        grades = [grade(c.text, p["answer"], opened) for c in comps]
         per_problem.append([g.correct for g in grades])
         for j, (c, g) in enumerate(zip(comps, grades)):
             rows.append({"id": p["id"], "sample": j, "answer": p["answer"], "extracted": g.extracted,

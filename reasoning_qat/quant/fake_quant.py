@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from .quantizer import (
     compiled_fake_quantize,
     default_g_idx,
@@ -44,23 +45,51 @@ class QuantizedWeight:
 
 
 class FakeQuantLinear(nn.Module):
-    """Linear whose forward uses the fake-quantized latent weight; scale and zero are parameters."""
+    """Linear whose forward uses the fake-quantized latent weight; scale and zero are parameters.
+
+    Its parameters live in units of the quantization grid, so one learning rate means the same at
+    2 bits as at 8 (where a grid step is ~16x finer than at 4 bits): an Adam update of lr moves
+    every code's boundary by about lr grid steps, whatever the bit width.
+    - `weight`: the latent weight divided by its group's initial step size `step` (a buffer);
+    - `scale`: the step-size change, counted in grid steps at the edge of the grid: the step size is
+      step * (1 + scale / half), half = 2^(b-1) codes from the middle to the edge; it starts at 0
+      (a relative change of the step size moves the outermost codes 2^(b-1) times as far);
+    - `zero`: in grid steps already.
+    `latent_weight()` and `step_size()` give the absolute values.
+    """
 
     def __init__(self, linear: nn.Linear, qw: QuantizedWeight, keep_latent: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.scheme = qw.scheme
+        self.register_buffer("g_idx", qw.g_idx.to(torch.int32).clone())
+        self.register_buffer("step", export_params(qw.scale, qw.zero, qw.scheme.maxq)[0].clone())
+        self.contiguous_groups = is_contiguous_groups(self.g_idx, self.step.shape[1])  # decided once, not per step
         # The latent weight starts on the quantization grid, so the forward equals the PTQ model's. It is
         # kept in float32 whatever the model's dtype: it is the master copy QAT updates, and a
         # bfloat16 copy could round an 8-bit code to its neighbour.
         # keep_latent=True keeps the full-precision weight as the latent instead (QAT from BF16).
         latent = linear.weight.data.float().clone() if keep_latent else qw.dequantize()
-        self.weight = nn.Parameter(latent, requires_grad=linear.weight.requires_grad)
+        self.weight = nn.Parameter(latent / self._per_column(self.step), requires_grad=linear.weight.requires_grad)
         self.bias = linear.bias
-        self.scale = nn.Parameter(qw.scale.float().clone())
+        self.scale = nn.Parameter(torch.zeros_like(self.step))
         self.zero = nn.Parameter(qw.zero.float().clone(), requires_grad=not qw.scheme.symmetric)
-        self.register_buffer("g_idx", qw.g_idx.to(torch.int32).clone())
-        self.contiguous_groups = is_contiguous_groups(self.g_idx, self.scale.shape[1])  # decided once, not per step
+
+    def _per_column(self, t: torch.Tensor) -> torch.Tensor:
+        """[out, groups] -> [out, in]: each column gets its group's value."""
+        return t[:, self.g_idx.long()]
+
+    def latent_weight(self) -> torch.Tensor:
+        return self.weight * self._per_column(self.step)
+
+    def step_size(self) -> torch.Tensor:
+        return self.step * (1 + self.scale / self.half)
+
+    @property
+    def half(self) -> float:
+        return (self.scheme.maxq + 1) / 2
+
+    STATE = ("weight", "scale", "zero", "g_idx", "step")  # its state-dict entries, which formats.py replaces by codes
 
     compiled = False  # set by use_compiled_fake_quant
     frozen = False  # set by frozen_fake_quant: reuse one quantized weight for many forwards
@@ -68,7 +97,8 @@ class FakeQuantLinear(nn.Module):
 
     def quantized_weight(self) -> torch.Tensor:
         fn = compiled_fake_quantize() if self.compiled else fake_quantize
-        return fn(self.weight, self.scale, self.zero, self.g_idx, self.scheme.maxq, self.contiguous_groups)
+        return fn(self.weight, 1 + self.scale / self.half, self.zero, self.g_idx, self.scheme.maxq, self.contiguous_groups,
+                  self.step)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.frozen:
@@ -80,8 +110,8 @@ class FakeQuantLinear(nn.Module):
     @torch.no_grad()
     def export(self) -> QuantizedWeight:
         """The integer codes, scales and zeros this module's forward uses."""
-        scale, zero = export_params(self.scale, self.zero, self.scheme.maxq)
-        codes = quantize_weight(self.weight, scale, zero, self.g_idx, self.scheme.maxq)
+        scale, zero = export_params(self.step_size(), self.zero, self.scheme.maxq)
+        codes = quantize_weight(self.latent_weight(), scale, zero, self.g_idx, self.scheme.maxq)
         return QuantizedWeight(codes, scale.clone(), zero.clone(), self.g_idx.clone(), self.scheme)
 
     def extra_repr(self) -> str:
@@ -109,7 +139,7 @@ def swap_in_fake_quant(
         if qw is None:
             qw = QuantizedWeight.rtn(linear.weight.data, scheme)
         elif qw.scheme != scheme:
-            raise ValueError(f"{name}: the checkpoint holds {qw.scheme}, the recipe asks for {scheme}")
+            raise UserError(f"{name}: the checkpoint holds {qw.scheme}, the recipe asks for {scheme}")
         _set_module(model, name, FakeQuantLinear(linear, qw, keep_latent))
     return plan
 
@@ -139,6 +169,13 @@ def use_compiled_fake_quant(model: nn.Module, on: bool = True) -> int:
 
 def fake_quant_modules(model: nn.Module) -> dict[str, FakeQuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+
+
+def quant_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(latent weights, quantizer scales and zeros) of every FakeQuantLinear: the parameters that
+    live in grid units and get their own learning rates (`lr` for everything else)."""
+    mods = fake_quant_modules(model).values()
+    return [m.weight for m in mods], [p for m in mods for p in (m.scale, m.zero)]
 
 
 @torch.no_grad()

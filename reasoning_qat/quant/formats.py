@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import UserError
 from .fake_quant import FakeQuantLinear, QuantizedWeight, _set_module, fake_quant_modules, swap_out_fake_quant
 from .quantizer import is_contiguous_groups
 from .scheme import QuantScheme
@@ -62,7 +63,7 @@ def save_quantized_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer=N
     fq = fake_quant_modules(model)
     if not fq:
         raise ValueError("save_quantized_checkpoint: the model has no FakeQuantLinear module")
-    skip = tuple(f"{n}.{p}" for n in fq for p in ("weight", "scale", "zero", "g_idx"))
+    skip = tuple(f"{n}.{p}" for n in fq for p in FakeQuantLinear.STATE)
     state = {k: v for k, v in model.state_dict().items() if k not in skip}
     modules = {}
     for name, m in fq.items():
@@ -82,7 +83,7 @@ def read_quantized_weights(path: str | Path) -> tuple[dict[str, QuantizedWeight]
     path = Path(path)
     meta = json.loads((path / QUANT_META).read_text())
     if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unknown quantized checkpoint format {meta.get('format')!r}")
+        raise UserError(f"{path}: unknown quantized checkpoint format {meta.get('format')!r}")
     state = load_file(str(path / WEIGHTS))
     qws = {}
     for name, scheme in meta["modules"].items():
@@ -103,13 +104,13 @@ def load_quantized_checkpoint(path: str | Path, dtype=torch.float32, device="cpu
     for name, qw in qws.items():
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
-            raise ValueError(f"{path}: {name} is not a Linear layer in this architecture")
+            raise UserError(f"{path}: {name} is not a Linear layer in this architecture")
         _set_module(model, name, FakeQuantLinear(linear, _to(qw, device)))
     missing, unexpected = model.load_state_dict(rest, strict=False)
-    quant_keys = {f"{n}.{p}" for n in qws for p in ("weight", "scale", "zero", "g_idx")}
+    quant_keys = {f"{n}.{p}" for n in qws for p in FakeQuantLinear.STATE}
     missing = [k for k in missing if k not in quant_keys and not _is_tied(model, k)]
     if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(f"{path}: checkpoint does not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
     return model
 
@@ -261,9 +262,9 @@ def export_gptq(model: nn.Module, out_dir: str | Path, tokenizer=None, act_order
     for name, m in fq.items():
         for what, width in (("input", m.in_features), ("output", m.out_features)):
             if (width * m.scheme.bits) % 32:
-                raise ValueError(f"export.formats: gptq packs {m.scheme.bits}-bit codes into 32-bit words, but {name} has "
+                raise UserError(f"export.formats: gptq packs {m.scheme.bits}-bit codes into 32-bit words, but {name} has "
                                  f"{what} width {width}; drop gptq from export.formats (the dequantized export works)")
-    skip = tuple(f"{n}.{p}" for n in fq for p in ("weight", "scale", "zero", "g_idx"))
+    skip = tuple(f"{n}.{p}" for n in fq for p in FakeQuantLinear.STATE)
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items() if k not in skip}
     schemes = {}
     for name, m in fq.items():

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from .fake_quant import QuantizedWeight
 from .gptq import HessianAccumulator, gptq_quantize, weighted_error
 from .scheme import QuantScheme
@@ -41,7 +42,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             continue
         if isinstance(layers, nn.ModuleList):
             return layers
-    raise ValueError(f"ptq: cannot find the decoder layers of {type(model).__name__}")
+    raise UserError(f"ptq: cannot find the decoder layers of {type(model).__name__}")
 
 
 @torch.no_grad()
@@ -142,6 +143,6 @@ def gptq_quantize_model(
             states = [(layer_out(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
     missing = set(plan) - set(qws)
     if missing:
-        raise ValueError(f"ptq: {len(missing)} targeted layers are outside the decoder layers, e.g. {sorted(missing)[0]}; "
+        raise UserError(f"ptq: {len(missing)} targeted layers are outside the decoder layers, e.g. {sorted(missing)[0]}; "
                          "add them to quant.ignore")
     return qws, errors

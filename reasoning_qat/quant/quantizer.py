@@ -98,7 +98,7 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor, maxq: int,
-                  contiguous: bool | None = None):
+                  contiguous: bool | None = None, step: torch.Tensor | None = None):
     """Differentiable quantize-dequantize with LSQ-style gradients.
 
     The weight gets a straight-through gradient inside the clipping range and none outside; the
@@ -106,8 +106,13 @@ def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     with a straight-through estimator so the forward always uses the integer zero that export
     writes. With the same (scale, zero, g_idx) and a weight on the grid, the result equals
     `dequantize(quantize_weight(...))` exactly.
+
+    With `step` ([out, groups]), `weight` and `scale` are given in units of it: the weight is
+    weight * step (per group) and the scale is scale * step. That is how QAT trains (grid units),
+    and the multiplication happens here so that it fuses with the rest under torch.compile.
     """
-    s = scale.clamp_min(MIN_SCALE)
+    s = scale if step is None else scale * step
+    s = s.clamp_min(MIN_SCALE)
     s = s + (s.half().float() - s).detach()  # float16 grid, straight-through
     z = torch.clamp(round_ste(zero), ZERO_MIN, maxq)
     out_f, in_f = weight.shape
@@ -116,10 +121,14 @@ def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
         # Fast path (no act-order): broadcast over [out, groups, group_size] instead of gathering
         # full-size scale/zero tensors, which dominated the QAT step's overhead on GPU.
         w = weight.float().reshape(out_f, n_groups, in_f // n_groups)
+        if step is not None:
+            w = w * step[:, :, None]
         s, z = s[:, :, None], z[:, :, None]
     else:
         g = g_idx.long()
         w, s, z = weight.float(), s[:, g], z[:, g]
+        if step is not None:
+            w = w * step[:, g]
     q = torch.clamp(round_ste(w / s) + z, 0, maxq)
     return ((q - z) * s).reshape(out_f, in_f)
 

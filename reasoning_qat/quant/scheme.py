@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from ..errors import UserError
+
 
 @dataclass(frozen=True)
 class QuantScheme:
@@ -38,7 +40,7 @@ class QuantScheme:
 
     def check_layer(self, name: str, in_features: int) -> None:
         if self.group_size != -1 and in_features % self.group_size:
-            raise ValueError(
+            raise UserError(
                 f"quant.group_size: {self.group_size} does not divide the input width {in_features} of "
                 f"{name}; use a divisor of {in_features} or -1 (per-channel), or add an override"
             )
@@ -80,7 +82,7 @@ class QuantTargets:
                 scheme.check_layer(name, module.in_features)
                 plan[name] = scheme
         if not plan:
-            raise ValueError(f"quant.targets: no Linear layer matched {list(self.targets)} (less ignore {list(self.ignore)})")
+            raise UserError(f"quant.targets: no Linear layer matched {list(self.targets)} (less ignore {list(self.ignore)})")
         return plan
 
 

@@ -22,27 +22,62 @@ STAGES = [
 STAGE_NAMES = [s.name for s in STAGES]
 
 
+def looks_like_path(ref: str) -> bool:
+    """A reference meant as a local path rather than a hub id ('org/name'): absolute, relative with
+    ./ ../ ~, a data-file suffix, or more than one '/'."""
+    return ref.startswith(("/", "./", "../", "~")) or ref.endswith((".jsonl", ".json", ".txt", ".yaml")) or ref.count("/") > 1
+
+
+def _check_local(field: str, ref: str | None, kinds: str = "file or directory") -> None:
+    from pathlib import Path
+
+    from ..recipe import RecipeError
+
+    if ref and ref not in ("demo", "builtin") and looks_like_path(ref) and not Path(ref).expanduser().exists():
+        raise RecipeError(f"{field}: no such {kinds} {ref!r} (a hub id looks like 'org/name')")
+
+
 def preflight(recipe) -> None:
-    """Checks that need the architecture, done before any stage runs: every targeted layer's width
-    must suit the quant scheme. Builds the model on the meta device (no weights). Skipped when the
-    model's config cannot be read yet (e.g. a hub id while offline); the ptq stage checks again."""
+    """Everything checkable before any stage runs, so that a bad recipe fails in one line and creates
+    nothing: every file, directory and eval task the recipe names, and every targeted layer's width
+    against the quant scheme (the model is built on the meta device, no weights). The architecture
+    check is skipped when a hub id's config cannot be read yet (offline); the ptq stage checks again."""
+    from pathlib import Path
+
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ..evaluation.tasks import load_task
     from ..models import demo_config, load_config
     from ..quant import targets_from_recipe
     from ..recipe import RecipeError
 
     m = recipe.model
-    try:
-        if m.demo is not None:
-            from ..data.tokenizer import build_char_tokenizer
+    _check_local("model.id", m.id, "local model directory")
+    for field, data in (("qat.data.source", recipe.qat.data), ("rl.data.source", recipe.rl.data)):
+        if data.source == "demo" and m.demo is None and (field.startswith("qat") or recipe.rl.enabled):
+            raise RecipeError(f"{field}: 'demo' needs the demo teacher (model.demo); give a .jsonl file or a hub dataset id")
+        if field.startswith("qat") or recipe.rl.enabled:
+            _check_local(field, data.source)
+    _check_local("calibration.generic_source", recipe.calibration.generic_source)
+    for name in recipe.eval.tasks:
+        task = load_task(name)  # unknown names and bad task files fail here
+        _check_local(f"eval.data.{task.name}", recipe.eval.data.get(task.name))
+        if task.name not in recipe.eval.data:
+            _check_local(f"task {task.name}: source", task.source)
+        if task.source == "demo" and m.demo is None and task.name not in recipe.eval.data:
+            raise RecipeError(f"eval.tasks: {task.name} evaluates the demo's test split, which needs model.demo")
+    if m.demo is not None:
+        from ..data.tokenizer import build_char_tokenizer
 
-            config = demo_config(m.demo, build_char_tokenizer())
-        else:
+        config = demo_config(m.demo, build_char_tokenizer())
+    else:
+        try:
             config = load_config(m.id, trust_remote_code=m.trust_remote_code, revision=m.revision)
-    except (OSError, ValueError):
-        return
+        except (OSError, ValueError):
+            if looks_like_path(m.id) or Path(m.id).exists():
+                raise RecipeError(f"model.id: {m.id!r} holds no readable model config (config.json)") from None
+            return
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
     for bits in recipe.quant.bits:

@@ -130,6 +130,7 @@ def qat_training_args(q, output_dir, seed: int):
         bf16=q.bf16 and on_gpu,
         save_steps=q.save_steps,
         logging_steps=q.logging_steps,
+        logging_first_step=True,  # the loss at the initialisation: QAT must not climb above it
         report_to=q.report_to,
         deepspeed=q.deepspeed,
         # The output head runs after the wrapped forward (chunked loss): DDP's unused-parameter search
@@ -156,7 +157,7 @@ def train_one(ctx: StageContext, bits: int) -> None:
     averaging = WeightAveraging(q.averaging, q.ema_decay, q.lawa_k, q.lawa_interval) if q.averaging != "none" else None
     trainer = KDTrainer(
         model=student, args=args, train_dataset=dataset, data_collator=qat_collator(q.packing, tok.pad_token_id),
-        teacher=teacher, kd=q.kd, scale_lr=q.scale_lr if q.scale_lr > 0 else None,
+        teacher=teacher, kd=q.kd, latent_lr=q.latent_lr, scale_lr=q.scale_lr if q.scale_lr > 0 else None,
         callbacks=[averaging.callback] if averaging else None,
     )
     resume = last_checkpoint(args.output_dir)

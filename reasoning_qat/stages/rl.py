@@ -13,12 +13,13 @@ import json
 import torch
 
 from ..data.reasoning import generation_prompt
+from ..errors import UserError
 from ..evaluation.backends import TransformersBackend
 from ..evaluation.grader import grade
 from ..pipeline import StageContext
 from ..quant.fake_quant import fake_quant_modules, frozen_fake_quant
 from ..quant.formats import load_quantized_checkpoint, save_quantized_checkpoint
-from ..training import last_checkpoint, quiet_training_args
+from ..training import grouped_optimizer, last_checkpoint, quiet_training_args
 from .common import exists_done, finish_training, load_teacher_tokenizer, source_rows, variant
 from .teacher import teacher_model_path
 
@@ -46,7 +47,7 @@ def format_reward(completions, **kwargs) -> list[float]:
     return [1.0 if "</think>" in t and "\\boxed{" in t.rsplit("</think>", 1)[-1] else 0.0 for t in texts]
 
 
-def _trainer_class():
+def _trainer_class(latent_lr: float):
     from trl import GRPOTrainer
 
     class QuantizedGRPOTrainer(GRPOTrainer):
@@ -58,6 +59,7 @@ def _trainer_class():
         calling them (pyproject pins the TRL range they were tested on)."""
 
         def __init__(self, *args, **kwargs):
+            self.latent_lr = latent_lr  # grid steps per update (FakeQuantLinear trains in grid units)
             super().__init__(*args, **kwargs)
             self.hook_calls = {"quantized_rollout_batches": 0, "dequantized_weight_syncs": 0}
             gen = getattr(self, "vllm_generation", None)
@@ -67,6 +69,11 @@ def _trainer_class():
                     return dequantized_named_params(gen.model, gen._fix_param_name_to_vllm)
 
                 gen._iter_named_params = dequantized_params
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                self.optimizer = grouped_optimizer(self, self.latent_lr, self.args.learning_rate)
+            return self.optimizer
 
         def _generate(self, prompts):
             # Rollouts use the quantized weights as they stand at this step, quantized once for
@@ -89,7 +96,7 @@ def _trainer_class():
                 if w is not None:  # q/k/v and gate/up are fused in vLLM; o_proj and down_proj are not
                     w = w.detach().cpu()
                     gap_q = max(gap_q, (w - m.quantized_weight().detach().cpu().to(w.dtype)).abs().max().item())
-                    gap_latent = max(gap_latent, (w - m.weight.detach().cpu().to(w.dtype)).abs().max().item())
+                    gap_latent = max(gap_latent, (w - m.latent_weight().detach().cpu().to(w.dtype)).abs().max().item())
             return {"vllm_vs_quantized_max_abs_diff": gap_q, "vllm_vs_latent_max_abs_diff": gap_latent}
 
     return QuantizedGRPOTrainer
@@ -124,7 +131,7 @@ def run(ctx: StageContext) -> dict:
     tok = load_teacher_tokenizer(ctx)
     rows = source_rows(ctx, cfg.data)
     if not rows or "answer" not in rows[0]:
-        raise ValueError("rl.data: rows need an 'answer' field for the verifiable reward")
+        raise UserError("rl.data: rows need an 'answer' field for the verifiable reward")
     metrics = {}
     for bits in r.quant.bits:
         name = variant(bits, "qat_rl")
@@ -136,7 +143,7 @@ def run(ctx: StageContext) -> dict:
         student = load_quantized_checkpoint(ctx.input("qat") / variant(bits, "qat") / "model", device=device)
         acc = student_accuracy(student, tok, rows, max_new_tokens=cfg.max_completion_length)
         if acc < cfg.min_accuracy:
-            raise ValueError(f"rl: the w{bits} QAT student solves {acc:.1%} of the first RL prompts, below "
+            raise UserError(f"rl: the w{bits} QAT student solves {acc:.1%} of the first RL prompts, below "
                              f"rl.min_accuracy={cfg.min_accuracy}; RL needs a viable start (train QAT longer or lower it)")
         if cfg.use_vllm:
             # vLLM cannot read the fake-quant checkpoint: it starts from the BF16 teacher's (same
@@ -167,7 +174,7 @@ def run(ctx: StageContext) -> dict:
             seed=r.seed,
             **_vllm_args(cfg, r),
         )
-        trainer = _trainer_class()(model=student, reward_funcs=funcs, args=args, train_dataset=data, processing_class=tok)
+        trainer = _trainer_class(cfg.latent_lr)(model=student, reward_funcs=funcs, args=args, train_dataset=data, processing_class=tok)
         trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
         rollouts = {"rollouts": "vllm" if cfg.use_vllm else "transformers", **trainer.hook_calls,
