@@ -80,7 +80,7 @@ class _Echo:
         self.tokenizer = tokenizer
         self.calls = 0
 
-    def generate(self, prompts, k, temperature, top_p, top_k, max_new_tokens, seed=0):
+    def generate(self, prompts, k, temperature, top_p, top_k, max_new_tokens, seed=0, keys=None):
         from reasoning_qat.evaluation.backends import Completion
 
         self.calls += 1

@@ -138,7 +138,10 @@ def test_qwen3_recipes_resolve_architecture_from_local_config(tmp_path, monkeypa
 def test_group_size_that_does_not_divide_a_layer_fails_before_any_work(tmp_path, saved_tiny):
     """The tiny model's layers are 64 and 128 wide: group size 128 cannot split the 64-wide inputs."""
     p = tmp_path / "r.yaml"
-    p.write_text(f"name: x\nrun_root: {tmp_path / 'runs'}\nmodel: {{id: {saved_tiny}}}\nquant: {{bits: 4, group_size: 128}}\n")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "p", "response": "r", "problem": "p", "answer": "1"}\n')
+    p.write_text(f"name: x\nrun_root: {tmp_path / 'runs'}\nmodel: {{id: {saved_tiny}}}\nquant: {{bits: 4, group_size: 128}}\n"
+                 f"qat: {{data: {{source: {data}}}}}\neval: {{data: {{math500: {data}}}}}\n")
     res = subprocess.run([sys.executable, "-m", "reasoning_qat.cli", "run", str(p)], capture_output=True, text=True, check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "quant.group_size: 128 does not divide the input width 64 of model.layers.0.self_attn.q_proj" in res.stderr

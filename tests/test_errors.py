@@ -1,0 +1,115 @@
+"""Every bad input is caught before work starts, in one line (exit 2), and creates nothing; real bugs
+keep their traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from reasoning_qat.errors import UserError
+
+from .conftest import MATH500, demo_recipe
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "reasoning_qat.cli", *args], capture_output=True, text=True, env=env)
+
+
+def one_line_error(res, *needles):
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
+    for n in needles:
+        assert n in res.stderr, res.stderr
+
+
+def _broken(tmp_path, old, new):
+    rec = demo_recipe(tmp_path, name="bad")
+    rec.write_text(rec.read_text().replace(old, new))
+    return rec
+
+
+@pytest.mark.parametrize("old,new,needle", [
+    ("tasks: [demo_arith]", "tasks: [demo_arith, math5000]", "eval.tasks: unknown task 'math5000' (known: "),
+    ("data: {source: demo}", "data: {source: /nonexistent/qat.jsonl}", "qat.data.source: no such file or directory '/nonexistent/qat.jsonl'"),
+    ("calibration: {", "calibration: {generic_source: ./missing.txt, ", "calibration.generic_source: no such file or directory './missing.txt'"),
+    ("eval: {", "eval: {data: {demo_arith: ./nope.jsonl}, ", "eval.data.demo_arith: no such file or directory './nope.jsonl'"),
+])
+def test_bad_references_fail_before_any_work_and_create_nothing(tmp_path, old, new, needle):
+    rec = _broken(tmp_path, old, new)
+    assert new in rec.read_text()
+    one_line_error(cli("run", str(rec)), needle)
+    assert not (tmp_path / "runs").exists()  # no run directory, no lock file
+
+
+def _with_model_id(tmp_path, model_id):
+    rec = demo_recipe(tmp_path, name="bad")
+    text = rec.read_text()  # swap the demo teacher for a model path; the data then comes from a file
+    (tmp_path / "d.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    text = text[: text.index("model:\n")] + f"model:\n  id: {model_id}\n" + text[text.index("  dtype: float32"):]
+    rec.write_text(text.replace("data: {source: demo}", f"data: {{source: {tmp_path / 'd.jsonl'}}}")
+                   .replace("tasks: [demo_arith]", f"tasks: [math500], data: {{math500: {tmp_path / 'd.jsonl'}}}"))
+    return rec
+
+
+def test_a_missing_local_model_path_is_not_taken_for_a_hub_id(tmp_path):
+    one_line_error(cli("run", str(_with_model_id(tmp_path, "/nonexistent/dir"))),
+                   "model.id: no such local model directory '/nonexistent/dir'")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_local_directory_without_a_model_config_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    one_line_error(cli("run", str(_with_model_id(tmp_path, tmp_path / "empty"))), "holds no readable model config")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_binary_recipe_names_the_file(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    one_line_error(cli("run", str(p)), f"{p}: not a UTF-8 text file")
+
+
+def test_offline_eval_says_how_to_use_a_local_copy(saved_tiny, tmp_path):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = cli("eval", str(saved_tiny), "--task", "math500", "--limit", "2", "--backend", "transformers",
+              "--out", str(tmp_path / "out"), env=env)
+    one_line_error(res, "task math500: source: cannot load 'HuggingFaceH4/MATH-500'", "eval.data: {math500: FILE.jsonl}",
+                   "rqat eval --data FILE.jsonl")
+
+
+@pytest.mark.skipif(not MATH500.is_file(), reason="../shared/data/math500.jsonl not present")
+def test_offline_eval_with_a_local_copy(saved_tiny, tmp_path):
+    import json
+    import os
+
+    res = cli("eval", str(saved_tiny), "--task", "math500", "--data", str(MATH500), "--limit", "3", "--samples", "1",
+              "--max-new-tokens", "4", "--backend", "transformers", "--out", str(tmp_path / "out"),
+              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "math500" / "metrics.json").read_text())["problems"] == 3
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: x\nmodel: {id: a}\nquant: {bits: 7}\n")
+    res = cli("--debug", "run", str(p))
+    assert res.returncode != 0 and "Traceback" in res.stderr and "RecipeError" in res.stderr
+
+
+def test_a_bug_is_not_turned_into_a_one_line_error(monkeypatch):
+    """Only UserError is reported in one line: a ValueError from a library or our own invariant is a bug."""
+    from reasoning_qat import cli as rqat_cli
+
+    def broken(args):
+        raise ValueError("an invariant broke")
+
+    parser = rqat_cli.build_parser()
+    monkeypatch.setattr(rqat_cli, "build_parser", lambda: parser)
+    for action in parser._subparsers._group_actions[0].choices.values():
+        action.set_defaults(fn=broken)
+    with pytest.raises(ValueError, match="an invariant broke"):
+        rqat_cli.main(["status", "runs/x"])
+    action.set_defaults(fn=lambda a: (_ for _ in ()).throw(UserError("bad input")))
+    assert rqat_cli.main(["compare", "runs/x"]) == 2
