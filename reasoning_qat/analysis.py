@@ -222,7 +222,7 @@ def analyze_target(target: str, *, bits: int | None = None, group_size: int | No
     or a model directory / hub id (calibration from calib_source, scheme from the arguments)."""
     from safetensors.torch import load_file
 
-    from .data.calibration import domain_calibration, generic_calibration
+    from .data.calibration import domain_calibration, generic_calibration, tokenized_rows
     from .data.reasoning import load_rows, select_fields
     from .models import best_device, load_model, load_tokenizer
     from .pipeline import recipe_from_run
@@ -265,7 +265,7 @@ def analyze_target(target: str, *, bits: int | None = None, group_size: int | No
         n = samples or 32
         if calib_source and calib_source.endswith(".jsonl"):
             rows = select_fields(load_rows(calib_source), "prompt", "response")
-            calib = domain_calibration(tok, rows, n, seq_len)
+            calib = domain_calibration(tokenized_rows(tok, rows), n, seq_len)
         else:
             calib = generic_calibration(tok, calib_source or "builtin", n, seq_len)
         model = load_model(target, dtype, trust_remote_code, device=device)

@@ -64,10 +64,15 @@ def cmd_status(a) -> int:
     for col in ("stage", "status", "wall time (s)", "finished"):
         table.add_column(col)
     colors = {"done": "green", "stale": "yellow", "partial": "red", "missing": "white", "disabled": "dim"}
-    for row in pipe.status_rows():
+    rows = pipe.status_rows()
+    for row in rows:
         st = row["status"]
         table.add_row(row["stage"], f"[{colors[st]}]{st}[/]", f"{row['wall_time_s'] or '':}", row["finished_at"] or "")
-    _console().print(table)
+    console = _console()
+    console.print(table)
+    for row in rows:
+        if row["notes"]:
+            console.print(f"{row['stage']}: {row['notes']}")
     return 0
 
 

@@ -231,8 +231,20 @@ class Pipeline:
                 "status": self.status(name),
                 "wall_time_s": m.get("wall_time_s"),
                 "finished_at": m.get("finished_at"),
+                "notes": stage_notes(m),
             })
         return rows
+
+
+def stage_notes(manifest: dict) -> str:
+    """What a stage's manifest says that a user should see in `rqat status` (the QAT data's fate)."""
+    q = manifest.get("metrics", {}).get("qat_data")
+    if not q:
+        return ""
+    dropped = ", ".join(f"{n} {why}" for why, n in q["dropped"].items()) or "none"
+    t = q["tokens"]
+    return (f"qat data: {q['kept']} of {q['rows']} kept ({q['select']}), {q['truncated']} truncated, dropped: {dropped}; "
+            f"tokens p50 {t['p50']} / p90 {t['p90']} / max {t['max']} (max_length {t['max_length']})")
 
 
 def recipe_from_run(run_dir: str | Path) -> Recipe:

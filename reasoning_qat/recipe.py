@@ -107,8 +107,17 @@ class DataConfig(_Section):
     split: str = "train"
     prompt_field: str = "prompt"
     response_field: str = "response"
-    max_samples: int | None = Field(None, ge=1)
+    answer_field: str = "answer"  # gold answers: graded rewards, select: verified without dataset fields
+    max_samples: int | None = Field(None, ge=1)  # applied to the source rows before anything is read
     max_length: int = Field(2048, ge=8)
+    # One trace per row: the first generation, the first verified one (the dataset's own fields when
+    # named, e.g. OpenR1's correctness_math_verify / is_reasoning_complete, else graded against
+    # answer_field), or every generation as its own example.
+    select: Literal["first", "verified", "all"] = "first"
+    verified_field: str | None = None
+    complete_field: str | None = None
+    overlength: Literal["drop", "truncate"] = "drop"  # examples longer than max_length
+    num_proc: int | None = Field(None, ge=1)  # datasets.map workers (None: the cores, for large sets)
     responses: Literal["dataset", "teacher"] = "dataset"
     generation: TeacherGenerationConfig = Field(default_factory=TeacherGenerationConfig)
 

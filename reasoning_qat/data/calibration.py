@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .reasoning import format_example, read_jsonl
+from .reasoning import read_jsonl, tokenize_example
 
 
 def _pack(token_stream: list[int], num_samples: int, seq_len: int, rng: random.Random) -> torch.Tensor:
@@ -20,21 +20,27 @@ def _pack(token_stream: list[int], num_samples: int, seq_len: int, rng: random.R
     return torch.tensor([token_stream[s : s + seq_len] for s in starts], dtype=torch.long)
 
 
-def domain_calibration(tokenizer, rows: list[dict], num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """Conversations formatted as at inference (prompt + thinking response), concatenated and cut."""
-    if not rows:
+def domain_calibration(examples, num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """Windows cut from tokenized conversations (prompt + thinking response, formatted as at
+    inference): `examples` is the QAT set itself (anything indexable whose items hold input_ids), so
+    calibration sees exactly the tokens QAT trains on. Only as many examples are read as needed."""
+    if not len(examples):
         raise UserError("calibration: the reasoning data is empty; give qat.data a source with rows")
     rng = random.Random(seed)
-    order = list(range(len(rows)))
+    order = list(range(len(examples)))
     rng.shuffle(order)
     stream: list[int] = []
     need = num_samples * seq_len * 2
     for i in order:
-        p, c = format_example(tokenizer, rows[i]["prompt"], rows[i]["response"])
-        stream += tokenizer(p + c, add_special_tokens=False)["input_ids"]
+        stream += list(examples[i]["input_ids"])
         if len(stream) >= need:
             break
     return _pack(stream, num_samples, seq_len, rng)
+
+
+def tokenized_rows(tokenizer, rows: list[dict]) -> list[dict]:
+    """{prompt, response} rows as calibration examples (for sets that are not a run's QAT data)."""
+    return [tokenize_example(tokenizer, r["prompt"], r["response"]) for r in rows]
 
 
 def generic_text(source: str, subset: str | None = None) -> str:

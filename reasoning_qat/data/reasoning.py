@@ -78,11 +78,28 @@ def generation_prompt(tokenizer, prompt: str, enable_thinking: bool = True) -> s
 
 
 def format_example(tokenizer, prompt: str, response: str) -> tuple[str, str]:
-    """(prompt text, completion text) exactly as the model sees them at inference."""
-    return generation_prompt(tokenizer, prompt), response + tokenizer.eos_token + "\n"
+    """(prompt text, completion text) exactly as the model sees its own generation of `response`.
+
+    The conversation [user, assistant(response)] is rendered by the tokenizer's own chat template,
+    and the completion is what follows the generation prompt. So a Qwen3 template normalises an
+    R1-style `<think>...</think>` response the way it renders its own turns, and a template whose
+    generation prompt already opens `<think>` does not get the tag twice. The completion ends with
+    the end-of-turn token (the template's trailing newline is not something the model generates).
+    Templates whose full rendering does not extend the generation prompt fall back to
+    prompt + response + end-of-turn.
+    """
+    p_text = generation_prompt(tokenizer, prompt)
+    eos = tokenizer.eos_token
+    full = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                                         tokenize=False)
+    if full.startswith(p_text) and eos in full[len(p_text):]:
+        completion = full[len(p_text):]
+        return p_text, completion[: completion.rindex(eos) + len(eos)]
+    return p_text, response + eos
 
 
-def tokenize_example(tokenizer, prompt: str, response: str, max_length: int) -> dict:
+def tokenize_example(tokenizer, prompt: str, response: str, max_length: int | None = None) -> dict:
+    """input_ids and labels (prompt masked); `max_length` truncates (None: keep the whole example)."""
     p_text, c_text = format_example(tokenizer, prompt, response)
     p_ids = tokenizer(p_text, add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(c_text, add_special_tokens=False)["input_ids"]

@@ -1,10 +1,11 @@
-"""calibrate stage: the PTQ calibration set, domain-matched by default.
+"""calibrate stage: the QAT training set, and the PTQ calibration set drawn from it (domain-matched).
 
-`reasoning` draws from the very data the QAT stage trains on (qat.data), formatted with the chat
-template and thinking exactly as at inference; `generic` is plain text (the baseline). When the
-ptq stage is asked for the `gptq_generic` baseline, the generic set is built as well. With
-`qat.data.responses: teacher` this stage first has the teacher write those responses
-(resumable), so calibration and QAT share them.
+The QAT set is built once here (data/qat_data.py: lazy source, trace selection, tokenization by
+the chat template, length policy) and saved as `qat_data/`; the qat stage trains on that copy, and
+`reasoning` calibration windows are cut from the very same token sequences, so PTQ sees the domain
+and format QAT trains on. `generic` is plain text (the baseline); it is also built when the ptq
+stage is asked for the `gptq_generic` baseline. With `qat.data.responses: teacher` this stage first
+has the teacher write the responses (resumable).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import hashlib
 from safetensors.torch import save_file
 
 from ..data.calibration import domain_calibration, generic_calibration
+from ..data.qat_data import TOKENIZED_DIR, save_tokenized, select_traces, tokenize_traces
 from ..pipeline import StageContext
-from .common import TEACHER_DATA, load_teacher_tokenizer, reasoning_rows, source_rows, teacher_path
+from .common import TEACHER_DATA, load_teacher_tokenizer, open_source, source_rows, teacher_path
 
 CALIBRATION_FILE = "calibration.safetensors"
 
@@ -24,14 +26,12 @@ def run(ctx: StageContext) -> dict:
     r, c = ctx.recipe, ctx.recipe.calibration
     tok = load_teacher_tokenizer(ctx)
     extra = {}
-    if r.qat.data.responses == "teacher":
-        rows = write_teacher_data(ctx)
-        extra["teacher_data"] = {"rows": len(rows), "kept_by": r.qat.data.generation.keep}
-    else:
-        rows = reasoning_rows(ctx, r.qat.data)
+    qat_data, stats = build_qat_data(ctx, tok)
+    save_tokenized(qat_data, ctx.out / TOKENIZED_DIR)
+    extra["qat_data"] = stats
     sets = {}
     if c.domain == "reasoning":
-        sets["main"] = domain_calibration(tok, rows, c.num_samples, c.seq_len, c.seed)
+        sets["main"] = domain_calibration(qat_data, c.num_samples, c.seq_len, c.seed)
     if c.domain == "generic" or "gptq_generic" in r.ptq.baselines:
         sets["generic"] = generic_calibration(tok, c.generic_source, c.num_samples, c.seq_len, c.seed, c.generic_subset)
     if c.domain == "generic":
@@ -41,6 +41,23 @@ def run(ctx: StageContext) -> dict:
         name: {"shape": list(t.shape), "sha256": hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]}
         for name, t in sets.items()
     } | {"domain": c.domain} | extra
+
+
+def build_qat_data(ctx: StageContext, tok):
+    """The tokenized QAT set and its statistics (kept, dropped and why, truncated, lengths)."""
+    from datasets import Dataset
+
+    data = ctx.recipe.qat.data
+    if data.responses == "teacher":
+        rows = write_teacher_data(ctx)
+        traces = Dataset.from_list([{"prompt": x["prompt"], "response": x["response"], "answer": x.get("answer"),
+                                     "status": "kept"} for x in rows])
+    else:
+        traces = select_traces(open_source(ctx, data), data)
+    tokenized, stats = tokenize_traces(traces, tok, data)
+    if data.responses == "teacher":
+        stats["teacher_responses"] = {"rows": len(rows), "kept_by": data.generation.keep}
+    return tokenized, stats
 
 
 def write_teacher_data(ctx: StageContext) -> list[dict]:

@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-from ..data.reasoning import load_rows, select_fields
 from ..models import load_model, load_tokenizer, resolve_dtype
 from ..recipe import DataConfig, Recipe
 from .teacher import demo_data_dir, teacher_model_path
@@ -32,19 +31,21 @@ def load_teacher_tokenizer(ctx):
 TEACHER_DATA = "qat_data.jsonl"  # the calibrate stage's teacher-written QAT set (qat.data.responses: teacher)
 
 
-def source_rows(ctx, data: DataConfig, prompts_only: bool = False) -> list[dict]:
-    """The rows `data` names, as {prompt, response, answer?} (response "" when prompts_only)."""
-    rows = load_rows(data.source, data.split, demo_data_dir(ctx.input("teacher")), data.subset)
-    return select_fields(rows, data.prompt_field, None if prompts_only else data.response_field, data.max_samples)
+def open_source(ctx, data: DataConfig, field: str = "qat.data.source"):
+    """The raw dataset `data` names, lazily (see data/qat_data.py)."""
+    from ..data.qat_data import open_dataset
+
+    return open_dataset(data.source, data.split, data.subset, demo_data_dir(ctx.input("teacher")), field=field)
 
 
-def reasoning_rows(ctx, data: DataConfig) -> list[dict]:
-    """The QAT training rows: from the dataset, or the teacher's responses the calibrate stage wrote."""
-    if data.responses == "teacher":
-        from ..data.teacher_responses import kept_rows
+def source_rows(ctx, data: DataConfig, prompts_only: bool = False, field: str = "qat.data.source") -> list[dict]:
+    """The rows `data` names as {prompt, response, answer}: one trace each by `data.select`
+    (response "" when prompts_only). For the small sets that are used as lists (RL prompts, the
+    prompts the teacher answers); the QAT set itself stays a dataset (calibrate.build_qat_data)."""
+    from ..data.qat_data import select_traces
 
-        return kept_rows(ctx.input("calibrate") / TEACHER_DATA)
-    return source_rows(ctx, data)
+    rows = select_traces(open_source(ctx, data, field), data, with_response=not prompts_only)
+    return [{k: v for k, v in r.items() if v is not None and k != "status"} for r in rows if r["status"] == "kept"]
 
 
 def variant(bits: int, method: str) -> str:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.reasoning import PadCollator, ReasoningSFTDataset
+from ..data.qat_data import load_tokenized
+from ..data.reasoning import PadCollator
 from ..kd import KDTrainer
 from ..pipeline import StageContext, StageFailed, recipe_from_run
 from ..quant import swap_in_fake_quant, targets_from_recipe
@@ -33,7 +34,6 @@ from .common import (
     finish_training,
     load_teacher,
     load_teacher_tokenizer,
-    reasoning_rows,
     variant,
 )
 
@@ -150,7 +150,7 @@ def train_one(ctx: StageContext, bits: int) -> None:
     device = "cpu" if not torch.cuda.is_available() else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     torch.manual_seed(r.seed)
     tok = load_teacher_tokenizer(ctx)
-    dataset = ReasoningSFTDataset(reasoning_rows(ctx, q.data), tok, q.data.max_length)
+    dataset = load_tokenized(ctx.input("calibrate"))  # built once by the calibrate stage (data/qat_data.py)
     student = _init_student(ctx, bits, device)
     teacher = None if q.kd.loss == "ce" else load_teacher(ctx, torch.bfloat16 if "cuda" in device else torch.float32, device)
     args = qat_training_args(q, out / "trainer", r.seed)

@@ -1,0 +1,158 @@
+"""QAT data the way users have it: a local dataset directory (save_to_disk) standing in for a hub
+dataset, several generations per row with the dataset's own verification fields, long traces,
+and formatting checked against a Qwen3-style chat template."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from reasoning_qat.data.qat_data import open_dataset, select_traces, tokenize_traces
+from reasoning_qat.data.reasoning import IGNORE_INDEX, format_example, generation_prompt, tokenize_example
+from reasoning_qat.recipe import DataConfig
+
+from .conftest import demo_recipe
+
+# Qwen3's chat template reduced to what formatting depends on, written from its documented
+# behaviour: an assistant turn's `<think>` block is split off and re-rendered as
+# '<think>\n' + reasoning + '\n</think>\n\n' + answer; enable_thinking=false pre-fills an empty block.
+QWEN3_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}"
+    "{%- set content = message.content %}{%- set reasoning = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+@pytest.fixture
+def qwen3_tok(tokenizer):
+    tokenizer.chat_template = QWEN3_TEMPLATE
+    return tokenizer
+
+
+def test_qwen3_template_thinking_on_and_off(qwen3_tok):
+    assert generation_prompt(qwen3_tok, "q") == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+    assert generation_prompt(qwen3_tok, "q", enable_thinking=False).endswith("assistant\n<think>\n\n</think>\n\n")
+
+
+@pytest.mark.parametrize("response", [
+    "<think>\n1+1=2\n</think>\n\nSo \\boxed{2}.",
+    "<think>\n\n1+1=2\n\n</think>\nSo \\boxed{2}.",  # R1-style whitespace: normalised as Qwen3 renders its turns
+    "1+1=2\n</think>\n\nSo \\boxed{2}.",  # the opening tag left out (some R1 dumps): added back, not doubled
+])
+def test_a_response_with_its_own_thinking_is_formatted_as_qwen3_sees_its_generations(qwen3_tok, response):
+    prompt, completion = format_example(qwen3_tok, "What is 1+1?", response)
+    full = qwen3_tok.apply_chat_template([{"role": "user", "content": "What is 1+1?"},
+                                          {"role": "assistant", "content": response}], tokenize=False)
+    assert prompt + completion + "\n" == full
+    assert completion == "<think>\n1+1=2\n</think>\n\nSo \\boxed{2}.<|im_end|>"
+    assert (prompt + completion).count("<think>") == 1 and (prompt + completion).count("</think>") == 1
+
+
+def test_a_template_that_opens_the_thinking_itself_gets_no_second_tag(qwen3_tok):
+    """Thinking-only templates end the generation prompt with '<think>\\n' (Qwen3-2507 style)."""
+    qwen3_tok.chat_template = QWEN3_TEMPLATE.replace("{{- '<|im_start|>assistant\\n' }}", "{{- '<|im_start|>assistant\\n<think>\\n' }}")
+    prompt, completion = format_example(qwen3_tok, "q", "<think>\nstep\n</think>\n\n\\boxed{2}")
+    assert prompt.endswith("<think>\n") and completion == "step\n</think>\n\n\\boxed{2}<|im_end|>"
+
+
+def test_loss_mask_covers_thinking_answer_and_end_of_turn(qwen3_tok):
+    ex = tokenize_example(qwen3_tok, "q", "<think>\nstep\n</think>\n\n\\boxed{2}")
+    trained = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE_INDEX]
+    assert qwen3_tok.decode(trained) == "<think>\nstep\n</think>\n\n\\boxed{2}<|im_end|>"
+    masked = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab == IGNORE_INDEX]
+    assert qwen3_tok.decode(masked) == generation_prompt(qwen3_tok, "q")
+    assert ex["input_ids"][-1] == qwen3_tok.convert_tokens_to_ids("<|im_end|>")
+
+
+ROWS = [  # OpenR1-shaped: several generations, per-generation verification and completeness flags
+    {"problem": "p0", "answer": "2", "generations": ["<think>\nwrong\n</think>\n\n\\boxed{3}", "<think>\nok\n</think>\n\n\\boxed{2}"],
+     "correctness_math_verify": [False, True], "is_reasoning_complete": [True, True]},
+    {"problem": "p1", "answer": "5", "generations": ["<think>\nno\n</think>\n\n\\boxed{4}"],
+     "correctness_math_verify": [False], "is_reasoning_complete": [True]},
+    {"problem": "p2", "answer": "7", "generations": ["<think>\nunfinished", "<think>\n" + "long " * 40 + "\n</think>\n\n\\boxed{7}"],
+     "correctness_math_verify": [True, True], "is_reasoning_complete": [False, True]},
+]
+
+
+@pytest.fixture
+def disk_dataset(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    path = tmp_path / "openr1_like"
+    DatasetDict({"train": Dataset.from_list(ROWS)}).save_to_disk(str(path))
+    return str(path)
+
+
+def _data(**kw):
+    base = dict(source="unused", prompt_field="problem", response_field="generations")
+    return DataConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("select,fields,expected", [
+    ("first", {}, ["wrong", "no", "unfinished"]),
+    ("all", {}, ["wrong", "ok", "no", "unfinished", "long"]),
+    ("verified", {"verified_field": "correctness_math_verify", "complete_field": "is_reasoning_complete"}, ["ok", "long"]),
+    ("verified", {}, ["ok", "long"]),  # no fields named: graded against `answer` (the unfinished trace has no answer)
+])
+def test_trace_selection(disk_dataset, select, fields, expected):
+    rows = select_traces(open_dataset(disk_dataset), _data(select=select, **fields))
+    kept = [r["response"].split("\n")[1].split()[0] for r in rows if r["status"] == "kept"]
+    assert kept == expected
+    dropped = [r["prompt"] for r in rows if r["status"] != "kept"]
+    assert dropped == (["p1"] if select == "verified" else [])
+
+
+def test_length_policy_drops_or_truncates_and_reports(disk_dataset, tokenizer):
+    rows = select_traces(open_dataset(disk_dataset), _data(select="verified", verified_field="correctness_math_verify",
+                                                          complete_field="is_reasoning_complete"))
+    lengths = sorted(len(tokenize_example(tokenizer, r["prompt"], r["response"])["input_ids"]) for r in rows if r["status"] == "kept")
+    cut = lengths[0] + 1  # the short trace fits, the long one does not
+    kept, stats = tokenize_traces(rows, tokenizer, _data(max_length=cut))
+    assert len(kept) == 1 and stats["kept"] == 1 and stats["truncated"] == 0
+    assert stats["dropped"] == {"longer than max_length": 1, "no verified trace": 1}
+    assert stats["tokens"] == {"p50": lengths[1], "p90": lengths[1], "max": lengths[1], "max_length": cut}
+    kept, stats = tokenize_traces(rows, tokenizer, _data(max_length=cut, overlength="truncate"))
+    assert len(kept) == 2 and stats["truncated"] == 1 and max(len(x) for x in kept["input_ids"]) == cut
+
+
+def test_max_samples_is_applied_before_any_row_is_read(disk_dataset):
+    ds = open_dataset(disk_dataset)
+    rows = select_traces(ds, _data(max_samples=2))
+    assert [r["prompt"] for r in rows] == ["p0", "p1"]
+
+
+@pytest.mark.slow
+def test_pipeline_records_the_data_policy_and_trains_on_the_calibrate_copy(tmp_path):
+    """calibrate builds the QAT set once (counts in its manifest and in `rqat status`); calibration
+    windows are cut from the same token sequences; qat trains on that saved copy."""
+    from datasets import load_from_disk
+    from safetensors.torch import load_file
+
+    rec = demo_recipe(tmp_path, name="data", teacher_steps=20, bits="[4]", baselines="[]", qat_steps=2)
+    rec.write_text(rec.read_text().replace("data: {source: demo}", "data: {source: demo, max_length: 79, overlength: drop}"))
+    run = tmp_path / "runs" / "data"
+    subprocess.run([sys.executable, "-m", "reasoning_qat.cli", "run", str(rec), "--stages", "teacher,calibrate,ptq,qat"],
+                   check=True, capture_output=True)
+    stats = json.loads((run / "calibrate" / "manifest.json").read_text())["metrics"]["qat_data"]
+    assert stats["rows"] == 720 and stats["kept"] + stats["dropped"]["longer than max_length"] == 720
+    assert 0 < stats["kept"] < 720 and stats["tokens"]["max"] > 79 >= stats["tokens"]["p50"] - 5
+    saved = load_from_disk(str(run / "calibrate" / "qat_data"))
+    assert len(saved) == stats["kept"] and max(len(x) for x in saved["input_ids"]) <= 79
+    windows = load_file(str(run / "calibrate" / "calibration.safetensors"))["main"]
+    stream = [t for x in saved["input_ids"] for t in x]
+    text = ",".join(map(str, stream)) + ","
+    assert ",".join(map(str, windows[0, :40].tolist())) in text  # a calibration window is QAT data
+    status = subprocess.run([sys.executable, "-m", "reasoning_qat.cli", "status", str(run)], capture_output=True, text=True)
+    assert f"qat data: {stats['kept']} of 720 kept (first)" in status.stdout
+    assert json.loads((run / "qat" / "manifest.json").read_text())["metrics"]["w4-qat"]["steps"] == 2
