@@ -229,8 +229,7 @@ def analyze_target(target: str, *, bits: int | None = None, group_size: int | No
     from .quant import QuantizedWeight, QuantScheme, QuantTargets, targets_from_recipe
     from .quant.formats import read_quantized_weights
     from .recipe import RecipeError
-    from .stages.calibrate import CALIBRATION_FILE
-    from .stages.teacher import teacher_model_path
+    from .run_layout import ModelSource, RunLayout, Variant
 
     device = best_device()
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -242,16 +241,17 @@ def analyze_target(target: str, *, bits: int | None = None, group_size: int | No
             raise RecipeError(f"--bits: {bits} is not one of the run's quant.bits {r.quant.bits}")
         quant = r.quant if group_size is None else r.quant.model_copy(update={"group_size": group_size})
         targets = targets_from_recipe(quant, bits)
-        if not (run / "calibrate" / CALIBRATION_FILE).is_file():
+        layout = RunLayout(run)
+        if not layout.calibration_file().is_file():
             raise RecipeError(f"{run}: the calibrate stage has not finished; run `rqat run <recipe> --stages calibrate`")
-        ptq_dir = run / "ptq" / f"w{bits}-{r.ptq.method}"
+        ptq_dir = layout.ptq(Variant(bits, r.ptq.method))
         if method == "auto":
             method = "ptq" if ptq_dir.is_dir() and group_size is None else "rtn"
         if method == "ptq" and not ptq_dir.is_dir():
             raise RecipeError(f"--method ptq: {ptq_dir} does not exist; run the ptq stage or use --method rtn")
-        calib = load_file(str(run / "calibrate" / CALIBRATION_FILE))["main"]
-        model = load_model(teacher_model_path(run / "teacher"), dtype, r.model.trust_remote_code, device=device)
-        out_dir = Path(out) if out else run / "analysis" / f"w{bits}-{r.ptq.method if method == 'ptq' else 'rtn'}"
+        calib = load_file(str(layout.calibration_file()))["main"]
+        model = ModelSource.teacher(layout, r.model).model(dtype, device)
+        out_dir = Path(out) if out else layout.analysis(Variant(bits, r.ptq.method if method == "ptq" else "rtn"))
         label = {"model": r.model.id or "demo", "run": str(run)}
     else:
         if not run.exists() and (target.startswith(("/", ".", "~")) or target.count("/") != 1):  # hub ids: org/name
@@ -269,7 +269,7 @@ def analyze_target(target: str, *, bits: int | None = None, group_size: int | No
         else:
             calib = generic_calibration(tok, calib_source or "builtin", n, seq_len)
         model = load_model(target, dtype, trust_remote_code, device=device)
-        out_dir = Path(out) if out else Path("analysis") / run.name / f"w{bits}-rtn"
+        out_dir = Path(out) if out else Path("analysis") / run.name / str(Variant(bits, "rtn"))
         label = {"model": target}
     calib = calib[:samples] if samples else calib
     plan = targets.resolve(model)

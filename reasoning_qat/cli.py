@@ -41,13 +41,10 @@ def cmd_run(a) -> int:
     console.print(f"run [bold]{recipe.name}[/] in {recipe.run_dir}: " + (", ".join(plan) if plan else "nothing to do (all stages done)"))
     if a.dry_run:
         return 0
-    pipe.run(only, a.force)
-    if (pipe.stage_dir("eval") / "manifest.json").is_file() and "eval" in plan:
-        from .compare import write_report
-
-        _, md = write_report([recipe.run_dir], recipe.run_dir / "compare", recipe.compare.plot)
-        console.print(md)
-        console.print(f"table and plot: {recipe.run_dir / 'compare'}")
+    ran = pipe.run(only, a.force)
+    if "compare" in ran:
+        console.print((pipe.layout.compare() / "compare.md").read_text())
+        console.print(f"table and plot: {pipe.layout.compare()}")
     return 0
 
 
@@ -57,10 +54,8 @@ def cmd_status(a) -> int:
     from .pipeline import Pipeline, recipe_from_run
     from .stages import STAGES
 
-    recipe = recipe_from_run(a.run)
-    recipe = recipe.model_copy(update={"run_root": str(Path(a.run).parent)})
-    pipe = Pipeline(recipe, STAGES)
-    table = Table(title=f"run {recipe.name} ({a.run})")
+    pipe = Pipeline(recipe_from_run(a.run), STAGES, run_dir=Path(a.run))
+    table = Table(title=f"run {pipe.recipe.name} ({a.run})")
     for col in ("stage", "status", "wall time (s)", "finished"):
         table.add_column(col)
     colors = {"done": "green", "stale": "yellow", "partial": "red", "missing": "white", "disabled": "dim"}
@@ -133,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a recipe's missing or stale stages")
     r.add_argument("recipe", help="recipe YAML (see recipes/)")
-    r.add_argument("--stages", help="comma-separated stages to (re-)run: teacher,calibrate,ptq,qat,rl,export,eval")
+    r.add_argument("--stages", help="comma-separated stages to (re-)run: teacher,calibrate,ptq,qat,rl,export,eval,compare")
     r.add_argument("--force", action="store_true", help="re-run the chosen stages from scratch, discarding partial work")
     r.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     r.add_argument("--run-root", help="directory holding runs (default: the recipe's run_root, 'runs')")

@@ -1,14 +1,16 @@
-"""`rqat compare`: one table (and a plot) of BF16 vs RTN vs GPTQ vs QAT vs QAT+RL per bit width."""
+"""compare: one table (and a plot) of BF16 vs RTN vs GPTQ vs QAT vs QAT+RL per bit width.
+
+The last stage of a run (its own manifest, resumable and stale like the others), and `rqat compare`
+across runs."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from .errors import UserError
-from .pipeline import read_manifest
 from .quant.formats import directory_size
+from .run_layout import RunLayout, Variant
 
 METHOD_ORDER = ["rtn", "gptq_generic", "gptq", "qat", "qat_rl"]
 METHOD_LABEL = {"bf16": "BF16", "rtn": "RTN", "gptq": "GPTQ (domain calib)", "gptq_generic": "GPTQ (generic calib)",
@@ -17,22 +19,25 @@ METHOD_LABEL = {"bf16": "BF16", "rtn": "RTN", "gptq": "GPTQ (domain calib)", "gp
 
 def collect(run_dirs: list[str | Path]) -> list[dict]:
     rows = []
-    for run in map(Path, run_dirs):
-        ev = read_manifest(run / "eval")
+    for layout in map(RunLayout, run_dirs):
+        ev = layout.manifest("eval")
         if ev is None:
-            raise UserError(f"{run}: no finished eval stage; run `rqat run RECIPE --stages eval` first")
-        sizes = (read_manifest(run / "export") or {}).get("metrics", {})
-        qat = (read_manifest(run / "qat") or {}).get("metrics", {})
-        calib_domain = (read_manifest(run / "calibrate") or {}).get("metrics", {}).get("domain", "reasoning")
-        teacher_model = run / "teacher" / "model"
+            raise UserError(f"{layout.root}: no finished eval stage; run `rqat run RECIPE --stages eval` first")
+        sizes = (layout.manifest("export") or {}).get("metrics", {})
+        qat = (layout.manifest("qat") or {}).get("metrics", {})
+        calib_domain = (layout.manifest("calibrate") or {}).get("metrics", {}).get("domain", "reasoning")
+        teacher_model = layout.teacher_model_dir()
         bf16_bytes = directory_size(teacher_model) if teacher_model.is_dir() else None
         for name, tasks in ev["metrics"].items():
-            m = re.fullmatch(r"w(\d)-(\w+)", name)
-            bits, method = (int(m.group(1)), m.group(2)) if m else (16, "bf16")
-            size = bf16_bytes if method == "bf16" else sizes.get(name, {}).get("gptq_bytes", sizes.get(name, {}).get("dequantized_bytes"))
+            v = Variant.parse(name)
+            exported = sizes.get(name, {})
+            # the packed checkpoint users serve, where there is one
+            size = bf16_bytes if v.method == "bf16" else next(
+                (exported[k] for k in ("compressed-tensors_bytes", "gptq_bytes", "dequantized_bytes") if k in exported), None)
             for task, tm in tasks.items():
-                rows.append({"run": run.name, "task": task, "bits": bits, "method": method, "pass@1": tm["pass@1"],
-                             "ci95": tm["ci95"], "size_bytes": size, "label": _label(method, qat.get(f"w{bits}-qat", {}), calib_domain)})
+                rows.append({"run": layout.name, "task": task, "bits": v.bits, "method": v.method, "pass@1": tm["pass@1"],
+                             "ci95": tm["ci95"], "size_bytes": size,
+                             "label": _label(v.method, qat.get(str(Variant(v.bits, "qat")), {}), calib_domain)})
     for r in rows:
         base = [b for b in rows if b["run"] == r["run"] and b["task"] == r["task"] and b["method"] == "bf16"]
         r["recovery"] = r["pass@1"] / base[0]["pass@1"] if base and base[0]["pass@1"] > 0 else None
@@ -106,3 +111,9 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, make_plot: boo
     if make_plot:
         plot(rows, out_dir / "compare.png")
     return rows, md
+
+
+def run(ctx) -> dict:
+    """The compare stage: this run's table and plot."""
+    rows, _ = write_report([ctx.run_dir], ctx.out, ctx.recipe.compare.plot)
+    return {"rows": len(rows)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -66,7 +67,10 @@ def demo_config(demo, tokenizer, max_positions: int = 256):
 
 
 def best_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The one place that picks the device: this process's GPU (LOCAL_RANK under a launcher), else CPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
 
 
 def is_local(path_or_id: str) -> bool:

@@ -3,7 +3,11 @@
 Each stage writes into `runs/<name>/.<stage>.partial/` and, on success, a `manifest.json` is written
 and the directory is renamed to `runs/<name>/<stage>/`: a crash never leaves a half stage that looks
 done, and a stage that crashed resumes from what its partial directory holds (QAT checkpoints,
-finished eval variants). A stage is stale when its recipe sections or any input stage changed.
+finished eval variants). A stage is stale when what it depends on changed in meaning: a recipe value
+that was set or changed (fields left at their defaults are not hashed, so a new defaulted field in
+the schema leaves finished stages done), the stage's own version (bumped when its code changes what
+a recipe means), or an input stage. Reading a run (status, plan) never writes to it; a rename that a
+crash interrupted is finished only by `rqat run`, under the run lock. Paths: run_layout.py.
 """
 
 from __future__ import annotations
@@ -25,16 +29,14 @@ import yaml
 
 from .errors import UserError
 from .recipe import Recipe, RecipeError, parse_recipe
-
-MANIFEST = "manifest.json"
-RECIPE_SNAPSHOT = "recipe.yaml"
+from .run_layout import MANIFEST, RUN_FORMAT, RunLayout
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
     """One `rqat run` per run directory at a time: two would write the same partial stages. The
     lock is the kernel's (flock), so a killed run never leaves it behind."""
-    path = run_dir / ".lock"
+    path = RunLayout(run_dir).lock_file
     with open(path, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -63,6 +65,12 @@ class StageContext:
     out: Path  # the stage's working directory (renamed into place on success)
     inputs: dict[str, Path]  # input stage name -> its finished directory
     metrics: dict = field(default_factory=dict)
+    stage: str = ""
+
+    @property
+    def layout(self) -> RunLayout:
+        """Paths as this stage sees them: its own output in `out`, every other stage finished."""
+        return RunLayout(self.run_dir, {self.stage: self.out} if self.stage else {})
 
     def input(self, stage: str) -> Path:
         if stage not in self.inputs:
@@ -78,6 +86,7 @@ class Stage:
     recipe_keys: tuple[str, ...]
     enabled: Callable[[Recipe], bool] = lambda r: True
     help: str = ""
+    version: int = 1  # bump when the stage's code changes what a recipe means: finished runs go stale
 
 
 def package_versions() -> dict[str, str]:
@@ -93,42 +102,36 @@ def package_versions() -> dict[str, str]:
 
 
 def read_manifest(stage_dir: Path) -> dict | None:
-    path = stage_dir / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
+    return RunLayout(stage_dir.parent).manifest(stage_dir.name)
 
 
 class Pipeline:
-    def __init__(self, recipe: Recipe, stages: list[Stage], console=None):
+    def __init__(self, recipe: Recipe, stages: list[Stage], console=None, run_dir: Path | None = None):
         self.recipe = recipe
         self.stages = {s.name: s for s in stages}
         self.order = [s.name for s in stages]
-        self.run_dir = recipe.run_dir
+        self.run_dir = Path(run_dir) if run_dir else recipe.run_dir  # a run read where it lies (moved or renamed)
+        self.layout = RunLayout(self.run_dir)
         self.console = console
 
-    # ---- state ----------------------------------------------------------------------------------
+    # ---- state (read-only) ------------------------------------------------------------------------
     def stage_dir(self, name: str) -> Path:
-        return self.run_dir / name
+        return self.layout.stage(name)
 
     def partial_dir(self, name: str) -> Path:
-        return self.run_dir / f".{name}.partial"
+        return self.layout.partial(name)
 
     def enabled(self, name: str) -> bool:
         return self.stages[name].enabled(self.recipe)
 
     def manifest(self, name: str) -> dict | None:
-        self._recover(name)
-        return read_manifest(self.stage_dir(name))
+        return self.layout.manifest(name)
 
-    def _recover(self, name: str) -> None:
-        """Finish a rename that a crash interrupted (old moved away, new not yet in place)."""
-        old, final = self.run_dir / f".{name}.old", self.stage_dir(name)
-        if old.exists() and not final.exists():
-            old.rename(final)
+    def recipe_hash(self, name: str, run_format: int = RUN_FORMAT) -> str:
+        stage = self.stages[name]
+        if run_format < 2:  # manifests written before run format 2 hashed every field, defaults included
+            return self.recipe.section_hash(*stage.recipe_keys, exclude_defaults=False)
+        return self.recipe.section_hash(*stage.recipe_keys, f"version={stage.version}")
 
     def active_deps(self, name: str) -> list[str]:
         return [d for d in self.stages[name].deps if self.enabled(d)]
@@ -140,8 +143,7 @@ class Pipeline:
         m = self.manifest(name)
         if m is None:
             return "partial" if self.partial_dir(name).exists() else "missing"
-        stage = self.stages[name]
-        if m.get("recipe_hash") != self.recipe.section_hash(*stage.recipe_keys):
+        if m.get("recipe_hash") != self.recipe_hash(name, m.get("run_format", 1)):
             return "stale"
         for dep in self.active_deps(name):
             dm = self.manifest(dep)
@@ -150,6 +152,13 @@ class Pipeline:
             if self.status(dep) == "stale":
                 return "stale"
         return "done"
+
+    def _recover(self) -> None:
+        """Finish renames a crash interrupted (old moved away, new not yet in place). Under the lock."""
+        for name in self.order:
+            old, final = self.layout.replaced(name), self.layout.stage(name)
+            if old.exists() and not final.exists():
+                old.rename(final)
 
     # ---- running --------------------------------------------------------------------------------
     def plan(self, only: list[str] | None = None, force: bool = False) -> list[str]:
@@ -160,6 +169,8 @@ class Pipeline:
             disabled = [s for s in only if not self.enabled(s)]
             if disabled:
                 raise RecipeError(f"--stages: stage {disabled[0]!r} is disabled in the recipe ({disabled[0]}.enabled: false)")
+            if "eval" in only and "compare" in self.stages:
+                only = [*only, "compare"]  # the table follows the numbers it shows
             chosen = [s for s in self.order if s in only]
             for s in chosen:
                 for dep in self.active_deps(s):
@@ -180,8 +191,9 @@ class Pipeline:
     def run(self, only: list[str] | None = None, force: bool = False) -> list[str]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with run_lock(self.run_dir):  # plan under the lock: another run may have just finished stages
+            self._recover()
             chosen = self.plan(only, force)
-            (self.run_dir / RECIPE_SNAPSHOT).write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
+            self.layout.recipe_file.write_text(yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False))
             for name in chosen:
                 self._run_stage(name, fresh=force)
         return chosen
@@ -194,14 +206,15 @@ class Pipeline:
         resuming = partial.exists()
         partial.mkdir(parents=True, exist_ok=True)
         inputs = {d: self.stage_dir(d) for d in self.active_deps(name)}
-        ctx = StageContext(self.recipe, self.run_dir, partial, inputs)
+        ctx = StageContext(self.recipe, self.run_dir, partial, inputs, stage=name)
         self._say(f"[bold cyan]stage {name}[/]" + (" (resuming)" if resuming else ""))
         started = time.time()
         metrics = stage.run(ctx) or {}
         manifest = {
             "stage": name,
             "status": "done",
-            "recipe_hash": self.recipe.section_hash(*stage.recipe_keys),
+            "run_format": RUN_FORMAT,
+            "recipe_hash": self.recipe_hash(name),
             "inputs": {d: self.manifest(d)["fingerprint"] for d in inputs},
             "versions": package_versions(),
             "metrics": {**ctx.metrics, **metrics},
@@ -210,7 +223,7 @@ class Pipeline:
         }
         manifest["fingerprint"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        final, old = self.stage_dir(name), self.run_dir / f".{name}.old"
+        final, old = self.stage_dir(name), self.layout.replaced(name)
         if final.exists():
             final.rename(old)
         partial.rename(final)
@@ -248,7 +261,24 @@ def stage_notes(manifest: dict) -> str:
 
 
 def recipe_from_run(run_dir: str | Path) -> Recipe:
-    path = Path(run_dir) / RECIPE_SNAPSHOT
+    """The recipe a run was made with. Keys that this version no longer has (renamed or removed
+    fields of an older run format) are dropped rather than refused, so `rqat status` can still read
+    an old run; the stages they fed then show as stale."""
+    path = RunLayout(run_dir).recipe_file
     if not path.is_file():
-        raise RecipeError(f"{run_dir}: not a run directory (no {RECIPE_SNAPSHOT}); give the path runs/<name>")
-    return parse_recipe(yaml.safe_load(path.read_text()), str(path))
+        raise RecipeError(f"{run_dir}: not a run directory (no {path.name}); give the path runs/<name>")
+    data = yaml.safe_load(path.read_text())
+    return parse_recipe(_known_keys(data, Recipe) if isinstance(data, dict) else data, str(path))
+
+
+def _known_keys(data: dict, model) -> dict:
+    """`data` without the keys `model` (a pydantic section) does not define, recursively."""
+    out = {}
+    for key, value in data.items():
+        f = model.model_fields.get(key)
+        if f is None:
+            continue
+        sub = f.annotation
+        sub = next((a for a in getattr(sub, "__args__", ()) if isinstance(a, type) and hasattr(a, "model_fields")), sub)
+        out[key] = _known_keys(value, sub) if isinstance(value, dict) and hasattr(sub, "model_fields") else value
+    return out

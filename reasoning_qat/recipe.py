@@ -281,14 +281,19 @@ class Recipe(_Section):
     def run_dir(self) -> Path:
         return Path(self.run_root) / self.name
 
-    def section_hash(self, *keys: str) -> str:
-        """Hash of the recipe sections a stage depends on (dotted keys), for staleness checks."""
-        dump = self.model_dump(mode="json")
+    def section_hash(self, *keys: str, exclude_defaults: bool = True) -> str:
+        """Hash of the recipe sections a stage depends on (dotted keys), for staleness checks. Only
+        values that were set count (exclude_defaults), so a field added to the schema with a default
+        changes no hash. A key with '=' is hashed as it is (a stage's version)."""
+        dump = self.model_dump(mode="json", exclude_defaults=exclude_defaults)
         picked = {}
         for key in keys:
+            if "=" in key:
+                picked[key] = True
+                continue
             node = dump
             for part in key.split("."):
-                node = node[part]
+                node = node.get(part) if isinstance(node, dict) else None
             picked[key] = node
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 

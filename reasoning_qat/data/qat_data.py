@@ -24,8 +24,6 @@ from pathlib import Path
 from ..errors import UserError
 from .reasoning import read_jsonl, tokenize_example
 
-TOKENIZED_DIR = "qat_data"  # inside the calibrate stage's directory
-
 
 def open_dataset(source: str, split: str = "train", subset: str | None = None, demo_dir: str | Path | None = None,
                  field: str = "data.source", offline_hint: str = ""):
@@ -173,7 +171,7 @@ def save_tokenized(ds, out_dir: Path) -> None:
     ds.save_to_disk(str(out_dir))
 
 
-def load_tokenized(calibrate_dir: Path):
+def load_tokenized(path: Path):
     from datasets import load_from_disk
 
-    return load_from_disk(str(calibrate_dir / TOKENIZED_DIR))
+    return load_from_disk(str(path))

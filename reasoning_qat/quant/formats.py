@@ -92,15 +92,15 @@ def read_quantized_weights(path: str | Path) -> tuple[dict[str, QuantizedWeight]
     return qws, state, meta
 
 
-def load_quantized_checkpoint(path: str | Path, dtype=torch.float32, device="cpu"):
+def load_quantized_checkpoint(path: str | Path, dtype=torch.float32, device="cpu", trust_remote_code: bool = False):
     """Load an rqat checkpoint as a fake-quant transformers model (forward = the quantized function)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     qws, rest, meta = read_quantized_weights(path)
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for name, qw in qws.items():
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import compare
 from ..pipeline import Stage
 from . import calibrate, evaluate, export, ptq, qat, rl, teacher
 
@@ -17,6 +18,7 @@ STAGES = [
     Stage("export", export.run, ("ptq", "qat", "rl"), ("export", "model.dtype", "ptq.act_order"),
           help="dequantized and GPTQ checkpoints"),
     Stage("eval", evaluate.run, ("teacher", "export"), ("eval",), help="pass@1 on the eval tasks"),
+    Stage("compare", compare.run, ("eval",), ("compare",), help="one table and plot of every variant"),
 ]
 
 STAGE_NAMES = [s.name for s in STAGES]

@@ -15,11 +15,9 @@ import hashlib
 from safetensors.torch import save_file
 
 from ..data.calibration import domain_calibration, generic_calibration
-from ..data.qat_data import TOKENIZED_DIR, save_tokenized, select_traces, tokenize_traces
+from ..data.qat_data import save_tokenized, select_traces, tokenize_traces
 from ..pipeline import StageContext
-from .common import TEACHER_DATA, load_teacher_tokenizer, open_source, source_rows, teacher_path
-
-CALIBRATION_FILE = "calibration.safetensors"
+from .common import load_teacher_tokenizer, open_source, source_rows, teacher_source
 
 
 def run(ctx: StageContext) -> dict:
@@ -27,7 +25,7 @@ def run(ctx: StageContext) -> dict:
     tok = load_teacher_tokenizer(ctx)
     extra = {}
     qat_data, stats = build_qat_data(ctx, tok)
-    save_tokenized(qat_data, ctx.out / TOKENIZED_DIR)
+    save_tokenized(qat_data, ctx.layout.qat_data())
     extra["qat_data"] = stats
     sets = {}
     if c.domain == "reasoning":
@@ -36,7 +34,7 @@ def run(ctx: StageContext) -> dict:
         sets["generic"] = generic_calibration(tok, c.generic_source, c.num_samples, c.seq_len, c.seed, c.generic_subset)
     if c.domain == "generic":
         sets["main"] = sets["generic"].clone()  # safetensors refuses two names for one tensor
-    save_file({k: v.contiguous() for k, v in sets.items()}, str(ctx.out / CALIBRATION_FILE))
+    save_file({k: v.contiguous() for k, v in sets.items()}, str(ctx.layout.calibration_file()))
     return {
         name: {"shape": list(t.shape), "sha256": hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]}
         for name, t in sets.items()
@@ -66,9 +64,10 @@ def write_teacher_data(ctx: StageContext) -> list[dict]:
 
     r, data = ctx.recipe, ctx.recipe.qat.data
     g = data.generation
-    engine = make_backend(g.backend, teacher_path(ctx), g.batch_size, r.model.trust_remote_code, r.seed,
-                          EngineSettings.from_config(r.eval))
+    src = teacher_source(ctx)
+    engine = make_backend(g.backend, src.id, g.batch_size, src.trust_remote_code, r.seed, EngineSettings.from_config(r.eval))
     try:
-        return generate_teacher_responses(engine, source_rows(ctx, data, prompts_only=True), ctx.out / TEACHER_DATA, g, r.seed)
+        return generate_teacher_responses(engine, source_rows(ctx, data, prompts_only=True), ctx.layout.teacher_responses(),
+                                          g, r.seed)
     finally:
         engine.close()

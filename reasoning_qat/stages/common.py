@@ -1,4 +1,4 @@
-"""Helpers the stages share: the teacher model, the QAT data, variant naming."""
+"""Helpers the stages share: the teacher model and the run's checkpoints as ModelSources, the QAT data, variants."""
 
 from __future__ import annotations
 
@@ -6,36 +6,37 @@ import json
 import shutil
 from pathlib import Path
 
-from ..models import load_model, load_tokenizer, resolve_dtype
 from ..recipe import DataConfig, Recipe
-from .teacher import demo_data_dir, teacher_model_path
+from ..run_layout import ModelSource, Variant
+
+
+def teacher_source(ctx) -> ModelSource:
+    """The BF16 teacher, with the recipe's loading options (revision, trust_remote_code, dtype)."""
+    return ModelSource.teacher(ctx.layout, ctx.recipe.model)
 
 
 def teacher_path(ctx) -> str:
-    return teacher_model_path(ctx.input("teacher"))
+    return teacher_source(ctx).id
 
 
 def load_teacher(ctx, dtype=None, device: str | None = None):
-    r = ctx.recipe
-    path = teacher_path(ctx)
-    dtype = dtype or resolve_dtype(r.model.dtype)
-    model = load_model(path, dtype, r.model.trust_remote_code, r.model.revision if r.model.demo is None else None, device)
-    return model
+    return teacher_source(ctx).model(dtype, device)
 
 
 def load_teacher_tokenizer(ctx):
-    r = ctx.recipe
-    return load_tokenizer(teacher_path(ctx), r.model.trust_remote_code, r.model.revision if r.model.demo is None else None)
+    return teacher_source(ctx).tokenizer()
 
 
-TEACHER_DATA = "qat_data.jsonl"  # the calibrate stage's teacher-written QAT set (qat.data.responses: teacher)
+def checkpoint_source(ctx, path) -> ModelSource:
+    """One of the run's own checkpoints, loaded with the teacher's options (trust_remote_code)."""
+    return teacher_source(ctx).at(path)
 
 
 def open_source(ctx, data: DataConfig, field: str = "qat.data.source"):
     """The raw dataset `data` names, lazily (see data/qat_data.py)."""
     from ..data.qat_data import open_dataset
 
-    return open_dataset(data.source, data.split, data.subset, demo_data_dir(ctx.input("teacher")), field=field)
+    return open_dataset(data.source, data.split, data.subset, ctx.layout.demo_data(), field=field)
 
 
 def source_rows(ctx, data: DataConfig, prompts_only: bool = False, field: str = "qat.data.source") -> list[dict]:
@@ -48,8 +49,8 @@ def source_rows(ctx, data: DataConfig, prompts_only: bool = False, field: str = 
     return [{k: v for k, v in r.items() if v is not None and k != "status"} for r in rows if r["status"] == "kept"]
 
 
-def variant(bits: int, method: str) -> str:
-    return f"w{bits}-{method}"
+def variant(bits: int, method: str) -> Variant:
+    return Variant(bits, method)
 
 
 def ptq_methods(recipe: Recipe) -> list[str]:

@@ -16,30 +16,31 @@ from ..evaluation.backends import EngineSettings, pick_backend
 from ..evaluation.runner import evaluate
 from ..evaluation.tasks import load_task
 from ..pipeline import StageContext
+from ..run_layout import BF16
 from .common import teacher_path
-from .teacher import demo_data_dir
 
 
 def run(ctx: StageContext) -> dict:
     r, e = ctx.recipe, ctx.recipe.eval
     tasks = [load_task(t) for t in e.tasks]
-    models = {"bf16": teacher_path(ctx)}
+    models = {BF16: teacher_path(ctx)}
     fmt = e.export_format
     if fmt == "auto":
         packed = "compressed-tensors" in r.export.formats and torch.cuda.is_available() and pick_backend(e.backend) == "vllm"
         fmt = "compressed-tensors" if packed else "dequantized"
-    export_dir = ctx.input("export")
-    for d in sorted(p for p in export_dir.iterdir() if (p / fmt).is_dir()):
-        models[d.name] = str(d / fmt)
+    for v in ctx.layout.exported_variants():
+        if ctx.layout.export(v, fmt).is_dir():
+            models[v] = str(ctx.layout.export(v, fmt))
     metrics: dict = {}
-    for name, path in models.items():
+    for v, path in models.items():
+        name = str(v)
         for task in tasks:
-            out = ctx.out / name / task.name
+            out = ctx.layout.eval(v, task.name)
             if (out / "metrics.json").is_file():
                 m = json.loads((out / "metrics.json").read_text())
             else:
                 m = evaluate(path, task, out, backend=e.backend, samples=e.samples, limit=e.limit,
-                             demo_dir=demo_data_dir(ctx.input("teacher")), batch_size=e.batch_size,
+                             demo_dir=ctx.layout.demo_data(), batch_size=e.batch_size,
                              max_new_tokens=e.max_new_tokens, temperature=e.temperature,
                              settings=EngineSettings.from_config(e), data=e.data.get(task.name),
                              trust_remote_code=r.model.trust_remote_code, seed=e.seed)

@@ -17,19 +17,16 @@ from ..quant.formats import (
     export_gptq,
     load_quantized_checkpoint,
 )
-from .common import exists_done, mark_done, ptq_methods, variant
+from ..run_layout import Variant
+from .common import checkpoint_source, exists_done, mark_done, ptq_methods, variant
 
 
-def quantized_variants(ctx: StageContext) -> dict[str, object]:
-    """Variant name -> its rqat checkpoint directory, from whichever stages ran."""
-    r, found = ctx.recipe, {}
+def quantized_variants(ctx: StageContext) -> list[Variant]:
+    """Every quantized variant the stages that ran produced."""
+    r, found = ctx.recipe, []
     for bits in r.quant.bits:
-        for m in ptq_methods(r):
-            found[variant(bits, m)] = ctx.input("ptq") / variant(bits, m)
-        if "qat" in ctx.inputs:
-            found[variant(bits, "qat")] = ctx.input("qat") / variant(bits, "qat") / "model"
-        if "rl" in ctx.inputs:
-            found[variant(bits, "qat_rl")] = ctx.input("rl") / variant(bits, "qat_rl") / "model"
+        found += [variant(bits, m) for m in ptq_methods(r)]
+        found += [variant(bits, m) for m, stage in (("qat", "qat"), ("qat_rl", "rl")) if stage in ctx.inputs]
     return found
 
 
@@ -37,23 +34,18 @@ def run(ctx: StageContext) -> dict:
     r = ctx.recipe
     dtype = resolve_dtype(r.model.dtype)
     writers = {
-        "dequantized": lambda src, out, tok: export_dequantized(load_quantized_checkpoint(src), out, tok, dtype),
-        "compressed-tensors": lambda src, out, tok: export_compressed_tensors(load_quantized_checkpoint(src), out, tok, dtype),
-        "gptq": lambda src, out, tok: export_gptq(load_quantized_checkpoint(src), out, tok, act_order=r.ptq.act_order),
+        "dequantized": lambda model, out, tok: export_dequantized(model, out, tok, dtype),
+        "compressed-tensors": lambda model, out, tok: export_compressed_tensors(model, out, tok, dtype),
+        "gptq": lambda model, out, tok: export_gptq(model, out, tok, act_order=r.ptq.act_order),
     }
+    trust = r.model.trust_remote_code
     metrics = {}
-    for name, src in quantized_variants(ctx).items():
-        out = ctx.out / name
+    for v in quantized_variants(ctx):
+        out, src = ctx.layout.export(v), ctx.layout.checkpoint(v)
         if not exists_done(out):
-            tok = _tokenizer(src)
-            for fmt in r.export.formats:
-                writers[fmt](src, out / fmt, tok)
+            tok = checkpoint_source(ctx, src).tokenizer()
+            for fmt in r.export.formats:  # each writer consumes its own fresh copy of the student
+                writers[fmt](load_quantized_checkpoint(src, trust_remote_code=trust), out / fmt, tok)
             mark_done(out)
-        metrics[name] = {f"{fmt}_bytes": directory_size(out / fmt) for fmt in r.export.formats}
+        metrics[str(v)] = {f"{fmt}_bytes": directory_size(out / fmt) for fmt in r.export.formats}
     return metrics
-
-
-def _tokenizer(src):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(src)

@@ -16,21 +16,20 @@ from ..pipeline import StageContext
 from ..quant import swap_in_fake_quant, targets_from_recipe
 from ..quant.formats import save_quantized_checkpoint
 from ..quant.ptq import gptq_quantize_model, rtn_quantize_model
-from .calibrate import CALIBRATION_FILE
 from .common import exists_done, load_teacher, load_teacher_tokenizer, mark_done, ptq_methods, variant
 
 
 def run(ctx: StageContext) -> dict:
     r = ctx.recipe
     device = best_device()
-    calib = load_file(str(ctx.input("calibrate") / CALIBRATION_FILE))
+    calib = load_file(str(ctx.layout.calibration_file()))
     tok = load_teacher_tokenizer(ctx)
     metrics = {}
     for bits in r.quant.bits:
         targets = targets_from_recipe(r.quant, bits)
         for method in ptq_methods(r):
-            name = variant(bits, method)
-            out = ctx.out / name
+            v = variant(bits, method)
+            name, out = str(v), ctx.layout.ptq(v)
             if exists_done(out):  # finished before a crash: keep it
                 metrics[name] = json.loads((out / "ptq_errors.json").read_text())["summary"]
                 continue

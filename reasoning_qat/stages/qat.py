@@ -24,6 +24,7 @@ import torch
 from ..data.qat_data import load_tokenized
 from ..data.reasoning import PadCollator
 from ..kd import KDTrainer
+from ..models import best_device
 from ..pipeline import StageContext, StageFailed, recipe_from_run
 from ..quant import swap_in_fake_quant, targets_from_recipe
 from ..quant.fake_quant import use_compiled_fake_quant
@@ -52,7 +53,7 @@ def run(ctx: StageContext) -> dict:
     else:
         for bits in ctx.recipe.quant.bits:
             train_one(ctx, bits)
-    return {variant(b, "qat"): json.loads((ctx.out / variant(b, "qat") / "qat_metrics.json").read_text())
+    return {str(variant(b, "qat")): json.loads((ctx.layout.trained(variant(b, "qat")) / "qat_metrics.json").read_text())
             for b in ctx.recipe.quant.bits}
 
 
@@ -93,7 +94,7 @@ def _init_student(ctx: StageContext, bits: int, device: str):
     targets = targets_from_recipe(r.quant, bits)
     student = load_teacher(ctx, torch.float32, device)  # float32 master weights; bf16 autocast on GPU
     if r.qat.init == "ptq":
-        qws, _, _ = read_quantized_weights(ctx.input("ptq") / variant(bits, r.ptq.method))
+        qws, _, _ = read_quantized_weights(ctx.layout.ptq(variant(bits, r.ptq.method)))
         swap_in_fake_quant(student, targets, {k: _to(v, device) for k, v in qws.items()})
     else:
         swap_in_fake_quant(student, targets, keep_latent=r.qat.init == "bf16")
@@ -144,13 +145,13 @@ def qat_training_args(q, output_dir, seed: int):
 
 def train_one(ctx: StageContext, bits: int) -> None:
     r, q = ctx.recipe, ctx.recipe.qat
-    out = ctx.out / variant(bits, "qat")
+    out = ctx.layout.trained(variant(bits, "qat"))
     if exists_done(out):
         return
-    device = "cpu" if not torch.cuda.is_available() else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    device = best_device()
     torch.manual_seed(r.seed)
     tok = load_teacher_tokenizer(ctx)
-    dataset = load_tokenized(ctx.input("calibrate"))  # built once by the calibrate stage (data/qat_data.py)
+    dataset = load_tokenized(ctx.layout.qat_data())  # built once by the calibrate stage (data/qat_data.py)
     student = _init_student(ctx, bits, device)
     teacher = None if q.kd.loss == "ce" else load_teacher(ctx, torch.bfloat16 if "cuda" in device else torch.float32, device)
     args = qat_training_args(q, out / "trainer", r.seed)
@@ -212,7 +213,7 @@ def _worker_main(argv=None) -> None:
     a = p.parse_args(argv)
     recipe = recipe_from_run(a.run_dir)
     inputs = {k: Path(v) for k, v in (s.split("=", 1) for s in a.input)}
-    ctx = StageContext(recipe, Path(a.run_dir), Path(a.out), inputs)
+    ctx = StageContext(recipe, Path(a.run_dir), Path(a.out), inputs, stage="qat")
     for bits in recipe.quant.bits:
         train_one(ctx, bits)
 

@@ -16,12 +16,12 @@ from ..data.reasoning import generation_prompt
 from ..errors import UserError
 from ..evaluation.backends import TransformersBackend
 from ..evaluation.grader import grade
+from ..models import best_device
 from ..pipeline import StageContext
 from ..quant.fake_quant import fake_quant_modules, frozen_fake_quant
 from ..quant.formats import load_quantized_checkpoint, save_quantized_checkpoint
 from ..training import grouped_optimizer, last_checkpoint, quiet_training_args
-from .common import exists_done, finish_training, load_teacher_tokenizer, source_rows, variant
-from .teacher import teacher_model_path
+from .common import exists_done, finish_training, load_teacher_tokenizer, source_rows, teacher_path, variant
 
 
 def dequantized_named_params(model, fix_name=lambda n: n):
@@ -129,18 +129,19 @@ def run(ctx: StageContext) -> dict:
 
     r, cfg = ctx.recipe, ctx.recipe.rl
     tok = load_teacher_tokenizer(ctx)
-    rows = source_rows(ctx, cfg.data)
+    rows = source_rows(ctx, cfg.data, field="rl.data.source")
     if not rows or "answer" not in rows[0]:
         raise UserError("rl.data: rows need an 'answer' field for the verifiable reward")
     metrics = {}
     for bits in r.quant.bits:
-        name = variant(bits, "qat_rl")
-        out = ctx.out / name
+        v = variant(bits, "qat_rl")
+        name, out = str(v), ctx.layout.trained(v)
         if exists_done(out):
             metrics[name] = json.loads((out / "rl_metrics.json").read_text())
             continue
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        student = load_quantized_checkpoint(ctx.input("qat") / variant(bits, "qat") / "model", device=device)
+        device = best_device()
+        student = load_quantized_checkpoint(ctx.layout.checkpoint(variant(bits, "qat")), device=device,
+                                            trust_remote_code=ctx.recipe.model.trust_remote_code)
         acc = student_accuracy(student, tok, rows, max_new_tokens=cfg.max_completion_length)
         if acc < cfg.min_accuracy:
             raise UserError(f"rl: the w{bits} QAT student solves {acc:.1%} of the first RL prompts, below "
@@ -148,7 +149,7 @@ def run(ctx: StageContext) -> dict:
         if cfg.use_vllm:
             # vLLM cannot read the fake-quant checkpoint: it starts from the BF16 teacher's (same
             # architecture), and the first rollout already syncs the student's dequantized weights.
-            student.name_or_path = student.config._name_or_path = teacher_model_path(ctx.input("teacher"))
+            student.name_or_path = student.config._name_or_path = teacher_path(ctx)
         for m in fake_quant_modules(student).values():
             m.scale.requires_grad_(cfg.train_scales)
             m.zero.requires_grad_(cfg.train_scales and not m.scheme.symmetric)

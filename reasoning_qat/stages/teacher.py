@@ -8,7 +8,6 @@ the synthetic arithmetic task with `transformers.Trainer` (resumable from its ch
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from ..data.arithmetic import split_problems, to_records
 from ..data.reasoning import PadCollator, ReasoningSFTDataset, write_jsonl
@@ -17,26 +16,12 @@ from ..models import demo_config, load_config
 from ..pipeline import StageContext
 from ..training import last_checkpoint, quiet_training_args
 
-REF = "model_ref.json"
-
-
-def teacher_model_path(teacher_dir: Path) -> str:
-    """Where the BF16 teacher lives: the demo's trained model, or the recorded hub id / path."""
-    if (teacher_dir / "model" / "config.json").is_file():
-        return str(teacher_dir / "model")
-    return json.loads((teacher_dir / REF).read_text())["path"]
-
-
-def demo_data_dir(teacher_dir: Path) -> Path | None:
-    d = teacher_dir / "data"
-    return d if d.is_dir() else None
-
 
 def run(ctx: StageContext) -> dict:
     m = ctx.recipe.model
     if m.demo is None:
         config = load_config(m.id, trust_remote_code=m.trust_remote_code, revision=m.revision)
-        (ctx.out / REF).write_text(json.dumps({"path": m.id, "revision": m.revision}))
+        ctx.layout.teacher_ref().write_text(json.dumps({"path": m.id, "revision": m.revision}))
         return {"architecture": config.architectures, "num_layers": config.num_hidden_layers, "source": m.id}
     return _train_demo_teacher(ctx)
 
@@ -47,8 +32,9 @@ def _train_demo_teacher(ctx: StageContext) -> dict:
 
     demo, seed = ctx.recipe.model.demo, ctx.recipe.seed
     train, test = split_problems(demo.test_fraction, seed)
-    write_jsonl(ctx.out / "data" / "train.jsonl", to_records(train))
-    write_jsonl(ctx.out / "data" / "test.jsonl", to_records(test))
+    data = ctx.layout.stage("teacher") / "data"
+    write_jsonl(data / "train.jsonl", to_records(train))
+    write_jsonl(data / "test.jsonl", to_records(test))
 
     tokenizer = build_char_tokenizer()
     torch.manual_seed(seed)
@@ -69,8 +55,8 @@ def _train_demo_teacher(ctx: StageContext) -> dict:
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id))
     result = trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
     trainer.model.config.use_cache = True
-    model.save_pretrained(ctx.out / "model")
-    tokenizer.save_pretrained(ctx.out / "model")
+    model.save_pretrained(ctx.layout.teacher_model_dir())
+    tokenizer.save_pretrained(ctx.layout.teacher_model_dir())
     return {
         "source": "demo",
         "parameters": sum(p.numel() for p in model.parameters()),
