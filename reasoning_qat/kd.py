@@ -146,6 +146,19 @@ class KDTrainer(Trainer):
             self.optimizer = grouped_optimizer(self, self.latent_lr, self.scale_lr)
         return self.optimizer
 
+    @torch.no_grad()
+    def initial_loss(self, n_batches: int) -> float:
+        """Mean loss of the initialisation over `n_batches` training batches, before any update: the
+        baseline to read the logged losses against (each is a mean over logging_steps batches too)."""
+        losses = []
+        gpus = list(range(torch.cuda.device_count()))
+        with torch.random.fork_rng(devices=gpus):  # drawing these batches must not change the training's order
+            for i, batch in enumerate(self.get_train_dataloader()):
+                if i == n_batches:
+                    break
+                losses.append(self.compute_loss(self.model, self._prepare_inputs(batch)).item())
+        return sum(losses) / len(losses)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
         pos = inputs.get("position_ids")

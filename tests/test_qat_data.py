@@ -153,7 +153,7 @@ def test_two_process_qat_with_checkpoints_and_teacher_data(tmp_path):
     run = tmp_path / "runs" / "mp"
     written = [json.loads(x) for x in (run / "calibrate" / "qat_data.jsonl").read_text().splitlines()]
     assert len(written) == 64 and all(w["response"] for w in written)
-    assert json.loads((run / "calibrate" / "manifest.json").read_text())["metrics"]["teacher_data"]["rows"] == 64
+    assert json.loads((run / "calibrate" / "manifest.json").read_text())["metrics"]["qat_data"]["teacher_responses"]["rows"] == 64
     log = json.loads((run / "qat" / "w2-qat" / "log_history.json").read_text())
     steps = [h for h in log if "loss" in h]
     assert [h["step"] for h in steps] == [1, 2, 3, 4, 5, 6]

@@ -131,7 +131,6 @@ def qat_training_args(q, output_dir, seed: int):
         bf16=q.bf16 and on_gpu,
         save_steps=q.save_steps,
         logging_steps=q.logging_steps,
-        logging_first_step=True,  # the loss at the initialisation: QAT must not climb above it
         report_to=q.report_to,
         deepspeed=q.deepspeed,
         # The output head runs after the wrapped forward (chunked loss): DDP's unused-parameter search
@@ -164,6 +163,7 @@ def train_one(ctx: StageContext, bits: int) -> None:
     resume = last_checkpoint(args.output_dir)
     if averaging:
         averaging.load(resume, device)
+    initial = _initial_loss(trainer, out / "trainer" / "initial_loss.json", q.logging_steps * q.grad_accum)
     result = trainer.train(resume_from_checkpoint=resume)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     with _gathered(trainer, student):  # ZeRO-3 holds a shard of each parameter per rank
@@ -172,10 +172,23 @@ def train_one(ctx: StageContext, bits: int) -> None:
             student.config.use_cache = True
             save_quantized_checkpoint(student, out / "model", tok, {"method": "qat", "bits": bits, "init": q.init,
                                                                     "loss": q.kd.loss})
-            metrics = {"train_loss": result.training_loss, "final_logged_loss": losses[-1] if losses else None,
+            trainer.state.log_history.insert(0, {"step": 0, "loss": initial, "initial": True})
+            metrics = {"train_loss": result.training_loss, "initial_loss": initial,
+                       "final_logged_loss": losses[-1] if losses else None,
                        "steps": trainer.state.global_step, "averaged_snapshots": averaged, "init": q.init, "loss": q.kd.loss}
             finish_training(out, "qat_metrics.json", metrics, trainer.state.log_history)
     trainer.accelerator.wait_for_everyone()
+
+
+def _initial_loss(trainer, path: Path, n_batches: int) -> float:
+    """The loss of the initialisation (measured once, kept beside the checkpoints for a resumed run)."""
+    if path.is_file():
+        return json.loads(path.read_text())["initial_loss"]
+    value = trainer.initial_loss(n_batches)
+    if trainer.is_world_process_zero():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"initial_loss": value}))
+    return value
 
 
 def _gathered(trainer, model):
