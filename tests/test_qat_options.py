@@ -110,20 +110,36 @@ def test_one_adam_step_moves_the_grid_not_the_absolute_weight(bits):
 def test_kd_qat_from_gptq_never_ends_worse_at_any_bit_width(tmp_path):
     """One recipe's learning rates at 8, 4, 3 and 2 bits: KD-QAT started from GPTQ ends no lower
     than its start minus the CI half-width, and its logged KD loss never rises above twice the loss
-    at step 0 (the initialisation is never destroyed and then repaired)."""
+    of the initialisation. The logged loss of a window depends on which batches it saw (it varies by
+    1.5x between windows of the same untouched model here), so each window is read against the
+    same run repeated with every learning rate at ~0 (same seed: the same batches), whose first
+    value is the step-0 loss."""
     import json
     import subprocess
     import sys
 
     from .conftest import demo_recipe
 
+    def cli(*args):
+        subprocess.run([sys.executable, "-m", "reasoning_qat.cli", *args], check=True, capture_output=True)
+
+    def logged(bits):
+        return [h["loss"] for h in json.loads((run / "qat" / f"w{bits}-qat" / "log_history.json").read_text()) if "loss" in h]
+
     rec = demo_recipe(tmp_path, name="inv", teacher_steps=300, bits="[2, 3, 4, 8]", baselines="[]", qat_steps=40,
                       save_steps=100, limit=180)
-    subprocess.run([sys.executable, "-m", "reasoning_qat.cli", "run", str(rec)], check=True, capture_output=True)
+    cli("run", str(rec))
     run = tmp_path / "runs" / "inv"
     acc = json.loads((run / "eval" / "manifest.json").read_text())["metrics"]
+    trained = {bits: logged(bits) for bits in (2, 3, 4, 8)}
+    frozen = rec.read_text()
+    for key in ("  lr: 1.0e-5", "latent_lr: 1.0e-2", "scale_lr: 1.0e-2"):
+        frozen = frozen.replace(key, key.split(":")[0] + ": 1.0e-12")
+    rec.write_text(frozen)
+    cli("run", str(rec), "--stages", "qat")
     for bits in (2, 3, 4, 8):
         start, end = acc[f"w{bits}-gptq"]["demo_arith"], acc[f"w{bits}-qat"]["demo_arith"]
         assert end["pass@1"] >= start["pass@1"] - start["ci95"], (bits, start, end)
-        losses = [h["loss"] for h in json.loads((run / "qat" / f"w{bits}-qat" / "log_history.json").read_text()) if "loss" in h]
-        assert len(losses) == 9 and max(losses) <= 2 * losses[0], (bits, losses)
+        ours, untouched = trained[bits], logged(bits)
+        assert len(ours) == len(untouched) == 9 and ours[0] == pytest.approx(untouched[0])  # the step-0 loss
+        assert all(a <= 2 * b for a, b in zip(ours, untouched)), (bits, ours, untouched)
