@@ -36,26 +36,13 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 
 
 def load_rows(source: str, split: str = "train", demo_dir: str | Path | None = None, subset: str | None = None,
-              field: str = "data.source", offline_hint: str = "") -> list[dict]:
-    """Rows from `demo` (the run's generated split), a local .jsonl file, or a hub dataset id.
+              field: str = "data.source", offline_hint: str = "", limit: int | None = None) -> list[dict]:
+    """Rows of `demo` (the run's generated split), a .jsonl file, a dataset directory or a hub id, as
+    dicts: the first `limit` only, selected before any row is read (see qat_data.open_dataset)."""
+    from .qat_data import open_dataset
 
-    `field` names the recipe key in errors; `offline_hint` says what to do when the hub is out of reach."""
-    if source == "demo":
-        if demo_dir is None:
-            raise UserError(f"{field}: 'demo' needs the demo teacher (model.demo) in the recipe")
-        return read_jsonl(Path(demo_dir) / f"{split}.jsonl")
-    if source.endswith(".jsonl"):
-        if not Path(source).is_file():
-            raise UserError(f"{field}: no such file {source!r}")
-        return read_jsonl(source)
-    from datasets import load_dataset  # hub ids (or local dataset directories)
-
-    try:
-        return [dict(r) for r in load_dataset(source, subset, split=split)]
-    except Exception as err:  # offline, unknown id, no such split: the datasets library's many error types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise UserError(f"{field}: cannot load {source!r} ({type(err).__name__}: {first[:200]})"
-                        + (f"; {offline_hint}" if offline_hint else "; give a local .jsonl file instead")) from err
+    ds = open_dataset(source, split, subset, demo_dir, field, offline_hint)
+    return ds.select(range(min(limit, len(ds)))).to_list() if limit else ds.to_list()
 
 
 def select_fields(rows: list[dict], prompt_field: str, response_field: str | None, max_samples: int | None = None) -> list[dict]:

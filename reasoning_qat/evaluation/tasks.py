@@ -38,9 +38,9 @@ class Task(BaseModel):
         source = data or self.source
         fix = (f"for offline use give a local copy: eval.data: {{{self.name}: FILE.jsonl}} in the recipe, "
                f"or rqat eval --data FILE.jsonl")
-        rows = load_rows(source, self.split, demo_dir, field=f"task {self.name}: source", offline_hint=fix)
+        rows = load_rows(source, self.split, demo_dir, field=f"task {self.name}: source", offline_hint=fix, limit=limit)
         out = []
-        for i, r in enumerate(rows[:limit] if limit else rows):
+        for i, r in enumerate(rows):
             if self.problem_field not in r or self.answer_field not in r:
                 raise UserError(f"task {self.name}: row {i} lacks {self.problem_field!r} or {self.answer_field!r}")
             answer = str(r[self.answer_field])
