@@ -118,7 +118,7 @@ def hidden_and_head(model, unwrapped, input_ids, attention_mask, position_ids=No
 class KDTrainer(Trainer):
     """Trainer whose loss is distillation from a frozen teacher (or plain CE, for comparison).
 
-    Latent weights (`latent_lr`, grid steps) and quantizer scales/zeros (`scale_lr`, relative) get
+    Latent weights (`latent_lr`, grid steps) and quantizer scales/zeros (`scale_lr`, grid steps at the edge) get
     their own learning rates (`training.grouped_optimizer`); everything else about the loop
     (accumulation, mixed precision, DeepSpeed, checkpoints, resume, logging) is the Trainer's.
     """

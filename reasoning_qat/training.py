@@ -42,8 +42,8 @@ def grouped_optimizer(trainer, latent_lr: float | None, scale_lr: float | None):
     """The trainer's optimizer class with three learning rates: `args.learning_rate` for ordinary
     parameters, `latent_lr` for the latent weights of fake-quant layers and `scale_lr` for their
     scales and zeros. The latter two live in grid units (see FakeQuantLinear), so these rates mean
-    grid steps per update and a relative change of the step size, at every bit width. None: the
-    group trains at args.learning_rate."""
+    grid steps per update (for a step size: grid steps at the grid's edge), at every bit width.
+    None: the group trains at args.learning_rate."""
     from .quant.fake_quant import quant_parameters
 
     model, args = trainer.model, trainer.args

@@ -86,7 +86,7 @@ class TransformersBackend:
         self.device = device or best_device()
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.tokenizer.padding_side = "left"
-        self.model = load_model(model_path, settings.torch_dtype(self.device == "cuda"), trust_remote_code,
+        self.model = load_model(model_path, settings.torch_dtype(self.device != "cpu"), trust_remote_code,
                                 device=self.device).eval()
         self.batch_size = batch_size
 
