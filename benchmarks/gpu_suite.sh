@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_suite.sh demo         # recipes/demo-gpu.yaml end to end
 #   bash benchmarks/gpu_suite.sh ablations    # $ABLATIONS (recipes/*.yaml names) sharing one teacher, compared
 #   parts qatstep, gen, gptq run one benchmark each (QAT_ARGS, GEN_ARGS, GPTQ_ARGS; T_* timeouts)
+#   part qatstage: the real qat stage vs a naive loop (STAGE_ARGS, e.g. "--arch qwen3-1.7b")
 set -uo pipefail
 mkdir -p "${OUT:-/tmp/out}"
 echo "start $(date +%T)" | tee "${OUT:-/tmp/out}/log.txt"
@@ -33,6 +34,7 @@ for part in "$@"; do
        timeout $(t ${T_QAT:-240}) python3 qat_step.py ${QAT_ARGS:-}
        timeout $(t ${T_GPTQ:-240}) python3 gptq_time.py ${GPTQ_ARGS:-}
        timeout $(t ${T_GEN:-120}) python3 generation.py ${GEN_ARGS:-}) 2>&1 | quiet ;;
+    qatstage) (cd benchmarks; timeout $(t ${T_STAGE:-420}) python3 qat_stage.py ${STAGE_ARGS:-}) 2>&1 | quiet ;;
     qatstep) (cd benchmarks; timeout $(t ${T_QAT:-240}) python3 qat_step.py ${QAT_ARGS:-}) 2>&1 | quiet ;;
     gen) (cd benchmarks; timeout $(t ${T_GEN:-120}) python3 generation.py ${GEN_ARGS:-}) 2>&1 | quiet ;;
     gptq) (cd benchmarks; BENCH_TAG=${GPTQ_TAG:-} timeout $(t ${T_GPTQ:-240}) python3 gptq_time.py ${GPTQ_ARGS:-}) 2>&1 | quiet ;;

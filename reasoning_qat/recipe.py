@@ -146,6 +146,7 @@ class KDConfig(_Section):
     jsd_beta: float = Field(0.5, gt=0, lt=1)
     top_k: int | None = Field(None, ge=1)
     chunk_size: int = Field(1024, ge=1)
+    fused: bool = True  # projection + loss + gradient in one pass per chunk (kd.py); false: checkpointed autograd
 
 
 class QATConfig(_Section):
@@ -162,7 +163,7 @@ class QATConfig(_Section):
     latent_lr: float = Field(1e-2, gt=0)  # latent weights of quantized layers: grid steps per update
     scale_lr: float = Field(1e-2, ge=0)  # quantizer step sizes and zero points, grid steps at the grid's edge; 0 freezes
     weight_decay: float = Field(0.0, ge=0)
-    optimizer: str = "adamw_torch"  # any transformers `optim` name
+    optimizer: str = "adamw_torch_fused"  # any transformers `optim` name
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     decay_ratio: float = Field(0.2, gt=0, le=1)  # WSD: fraction of steps spent decaying
@@ -175,10 +176,14 @@ class QATConfig(_Section):
     report_to: list[str] = Field(default_factory=list)
     num_processes: int = Field(1, ge=1)
     deepspeed: str | None = None  # path to a DeepSpeed config, e.g. recipes/accelerate/zero2.json
-    gradient_checkpointing: bool = False
+    # Recompute activations in the backward pass: costs ~1/3 more compute, so `auto` turns it on only
+    # when the step's estimated activations would not fit in the GPU's free memory (stages/qat.py).
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
     bf16: bool = True
     packing: bool = False  # one row per batch, examples concatenated: no padding, no attention across examples
-    compile: bool = False  # torch.compile the fake-quant function (fewer kernels per step; compiles once per shape)
+    # torch.compile each decoder layer of student and teacher (norms, rotary, SiLU, casts and the
+    # fake-quant fused: eager, they were most of a GPU step) and the fake-quant function. auto: on a GPU
+    compile: bool | Literal["auto"] = "auto"
 
 
 class RLConfig(_Section):
@@ -234,6 +239,9 @@ class EvalConfig(_Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on a GPU, fp32 on CPU
     enforce_eager: bool = False
     max_model_len: int | None = Field(None, ge=16)
+    # transformers backend: a static KV cache with a compiled decode step (auto: on a GPU, when the
+    # cache of one batch fits in a third of the free memory)
+    static_cache: bool | Literal["auto"] = "auto"
 
 
 class CompareConfig(_Section):

@@ -82,3 +82,21 @@ def test_transformers_backend_on_a_local_model(saved_tiny, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and {"response", "extracted", "correct", "num_tokens"} <= set(rows[0])
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["pass@1"] == m["pass@1"]
+
+
+def test_static_cache_generation_equals_the_dynamic_cache(saved_tiny):
+    """The static-cache path (what GPUs run, compiled there) pads prompts to multiples of 64 and the
+    last batch to full size; the completions it returns are the dynamic cache's, row for row."""
+    from reasoning_qat.evaluation.backends import EngineSettings, TransformersBackend
+
+    prompts = [f"What is {a}*{a + 3}?" + " pad" * (a % 3) for a in range(5)]
+    outs = {}
+    for static in (False, True):
+        backend = TransformersBackend(str(saved_tiny), batch_size=3, settings=EngineSettings(static_cache=static),
+                                      device="cpu")
+        assert backend.static_cache is static
+        assert ("cache_implementation" in backend._cache_kwargs(3, 10, 12)) is static
+        outs[static] = backend.generate(prompts, k=1, temperature=0, top_p=1.0, top_k=0, max_new_tokens=12)
+    assert len(outs[True]) == 5
+    assert [c[0].text for c in outs[True]] == [c[0].text for c in outs[False]]
+    assert [c[0].num_tokens for c in outs[True]] == [c[0].num_tokens for c in outs[False]]

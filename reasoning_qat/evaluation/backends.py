@@ -34,6 +34,7 @@ class EngineSettings:
     dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on CPU (faster than bf16 without AMX)
     enforce_eager: bool = False
     max_model_len: int | None = None  # None: the model's own
+    static_cache: bool | str = "auto"  # transformers backend only: static KV cache + compiled decode (auto: GPU)
 
     @classmethod
     def from_config(cls, cfg) -> EngineSettings:
@@ -89,6 +90,7 @@ class TransformersBackend:
         self.model = load_model(model_path, settings.torch_dtype(self.device != "cpu"), trust_remote_code,
                                 device=self.device).eval()
         self.batch_size = batch_size
+        self.static_cache = settings.static_cache if settings.static_cache != "auto" else self.device != "cpu"
 
     @classmethod
     def from_model(cls, model, tokenizer, batch_size: int = 64) -> TransformersBackend:
@@ -97,7 +99,28 @@ class TransformersBackend:
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
         self.device = next(model.parameters()).device
         self.tokenizer.padding_side = "left"
+        self.static_cache = False  # an in-memory student may hold fake-quant modules: no compiled decode
         return self
+
+    CACHE_BUCKET = 256  # cache lengths are rounded up to this, so batches share one compiled decode step
+
+    def _cache_kwargs(self, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
+        """generate() arguments for a static KV cache, which transformers compiles the decode step for
+        on a GPU (cuda graphs: no Python per token); {} where it is off or would not fit."""
+        if not self.static_cache:
+            return {}
+        from transformers import GenerationConfig
+
+        c = self.model.config
+        length = -(-(prompt_len + max_new_tokens) // self.CACHE_BUCKET) * self.CACHE_BUCKET
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        size = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * self.model.dtype.itemsize * batch * length
+        if self.model.device.type == "cuda" and size > torch.cuda.mem_get_info(self.model.device)[0] / 3:
+            return {}
+        kwargs = {"cache_implementation": "static"}
+        if hasattr(GenerationConfig(), "max_cache_len"):  # transformers >= 5.19
+            kwargs["max_cache_len"] = length
+        return kwargs
 
     @torch.no_grad()
     def generate(self, prompts: list[str], k: int, temperature: float, top_p: float, top_k: int,
@@ -110,12 +133,17 @@ class TransformersBackend:
         out: list[Completion] = []
         for i in tqdm(range(0, len(flat), self.batch_size), desc="generate", leave=False):
             batch = flat[i : i + self.batch_size]
-            enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            real = len(batch)
+            if self.static_cache:  # same shapes for every batch: pad the last one, prompts to multiples of 64
+                batch = batch + [batch[-1]] * (self.batch_size - real)
+            enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False,
+                      pad_to_multiple_of=64 if self.static_cache else None).to(self.device)
             sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else None) \
                 if temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
             gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                      pad_token_id=tok.pad_token_id, **sampling)
-            new = gen[:, enc["input_ids"].shape[1]:]
+                                      pad_token_id=tok.pad_token_id, **sampling,
+                                      **self._cache_kwargs(len(batch), enc["input_ids"].shape[1], max_new_tokens))
+            new = gen[:real, enc["input_ids"].shape[1]:]
             for row in new:
                 ended = (row == eos).nonzero()
                 n = int(ended[0]) + 1 if len(ended) else int((row != tok.pad_token_id).sum())

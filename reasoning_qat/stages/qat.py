@@ -98,13 +98,29 @@ def _init_student(ctx: StageContext, bits: int, device: str):
         swap_in_fake_quant(student, targets, {k: _to(v, device) for k, v in qws.items()})
     else:
         swap_in_fake_quant(student, targets, keep_latent=r.qat.init == "bf16")
-    if r.qat.compile:
+    if compile_enabled(r.qat.compile, device):
         use_compiled_fake_quant(student)
+        compile_decoder_layers(student)
     if r.qat.scale_lr == 0:
         for n, p in student.named_parameters():
             if n.rsplit(".", 1)[-1] in ("scale", "zero"):
                 p.requires_grad_(False)
     return student
+
+
+def compile_enabled(setting, device: str) -> bool:
+    return "cuda" in device if setting == "auto" else bool(setting)
+
+
+def compile_decoder_layers(model) -> int:
+    """torch.compile each decoder layer in place (one graph, shared by the identical layers; the
+    model's outer loop, masks and gradient checkpointing stay eager). Returns how many."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        return 0
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def _to(qw, device):
@@ -113,7 +129,35 @@ def _to(qw, device):
     return move(qw, device)
 
 
-def qat_training_args(q, output_dir, seed: int):
+def activation_bytes(config, tokens: int, compiled: bool = False) -> int:
+    """Estimated activation memory of one Qwen3-style decoder forward+backward without recompute, in
+    bytes: per token and layer, ~28 bytes per hidden unit (the float32 residual stream of float32
+    master weights, norms and their bf16 casts), ~8 per MLP unit (gate, up, SiLU, product in bf16)
+    and ~11 per attention feature (q, k, v, output, normed q/k). Fitted to the peak measured by
+    benchmarks/qat_stage.py on Qwen3-0.6B (49 GiB at 4 x 4096 tokens without recompute, H100);
+    compiled decoder layers keep ~0.6 of that (fused elementwise ops save fewer intermediates:
+    31 GiB)."""
+    c = config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_token_layer = 28 * c.hidden_size + 8 * c.intermediate_size + \
+        11 * (c.num_attention_heads + c.num_key_value_heads) * head_dim
+    return int(tokens * c.num_hidden_layers * per_token_layer * (0.6 if compiled else 1.0))
+
+
+def choose_recompute(setting, student, tokens: int, device: str, compiled: bool = False) -> tuple[bool, str]:
+    """(gradient checkpointing on?, why) for qat.gradient_checkpointing: true/false, or auto."""
+    if setting != "auto":
+        return bool(setting), "set in the recipe"
+    if "cuda" not in device:
+        return False, "auto: not on a GPU"
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    need = activation_bytes(student.config, tokens, compiled) + 12 * trainable  # + float32 gradients and Adam's two moments
+    on = need > 0.85 * free
+    return on, f"auto: ~{need / 2**30:.1f} GiB needed for {tokens} tokens per step, {free / 2**30:.1f} GiB free"
+
+
+def qat_training_args(q, output_dir, seed: int, recompute: bool | None = None):
     """The recipe's qat section as TrainingArguments (schedule, precision, checkpoints, DeepSpeed)."""
     on_gpu = torch.cuda.is_available()
     n_decay = max(1, int(q.decay_ratio * q.max_steps))
@@ -136,7 +180,7 @@ def qat_training_args(q, output_dir, seed: int):
         # The output head runs after the wrapped forward (chunked loss): DDP's unused-parameter search
         # would mark it unused at the end of forward and then fail when its gradient arrives.
         ddp_find_unused_parameters=False,
-        **({"gradient_checkpointing": True} if q.gradient_checkpointing else {}),
+        **({"gradient_checkpointing": True} if (q.gradient_checkpointing if recompute is None else recompute) else {}),
         seed=seed,
         data_seed=seed,
     )
@@ -153,7 +197,12 @@ def train_one(ctx: StageContext, bits: int) -> None:
     dataset = load_tokenized(ctx.layout.qat_data())  # built once by the calibrate stage (data/qat_data.py)
     student = _init_student(ctx, bits, device)
     teacher = None if q.kd.loss == "ce" else load_teacher(ctx, torch.bfloat16 if "cuda" in device else torch.float32, device)
-    args = qat_training_args(q, out / "trainer", r.seed)
+    if teacher is not None and compile_enabled(q.compile, device):
+        compile_decoder_layers(teacher)
+    recompute, why = choose_recompute(q.gradient_checkpointing, student, q.batch_size * q.data.max_length, device,
+                                      compile_enabled(q.compile, device))
+    print(f"qat: gradient checkpointing {'on' if recompute else 'off'} ({why})", flush=True)
+    args = qat_training_args(q, out / "trainer", r.seed, recompute)
     averaging = WeightAveraging(q.averaging, q.ema_decay, q.lawa_k, q.lawa_interval) if q.averaging != "none" else None
     trainer = KDTrainer(
         model=student, args=args, train_dataset=dataset, data_collator=qat_collator(q.packing, tok.pad_token_id),
@@ -175,7 +224,8 @@ def train_one(ctx: StageContext, bits: int) -> None:
             trainer.state.log_history.insert(0, {"step": 0, "loss": initial, "initial": True})
             metrics = {"train_loss": result.training_loss, "initial_loss": initial,
                        "final_logged_loss": losses[-1] if losses else None,
-                       "steps": trainer.state.global_step, "averaged_snapshots": averaged, "init": q.init, "loss": q.kd.loss}
+                       "steps": trainer.state.global_step, "averaged_snapshots": averaged,
+                       "gradient_checkpointing": recompute, "gradient_checkpointing_reason": why, "init": q.init, "loss": q.kd.loss}
             finish_training(out, "qat_metrics.json", metrics, trainer.state.log_history)
     trainer.accelerator.wait_for_everyone()
 
