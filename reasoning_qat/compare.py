@@ -71,6 +71,23 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def to_task_table(rows: list[dict]) -> str:
+    """One line per (run, bits, method), one column per task plus the average over the tasks the
+    variant has (the suite view: where the paper's table puts AIME, MATH-500, GSM8K, GPQA, LCB)."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    variants = list(dict.fromkeys((r["run"], r["bits"], r["method"], r["label"]) for r in rows))
+    cell = {(r["run"], r["bits"], r["method"], r["task"]): r["pass@1"] for r in rows}
+    lines = ["| run | bits | method | " + " | ".join(tasks) + " | average |", "|---|---|---|" + "---|" * (len(tasks) + 1)]
+    for run, bits, method, label in variants:
+        scores = [cell.get((run, bits, method, t)) for t in tasks]
+        have = [x for x in scores if x is not None]
+        avg = f"{sum(have) / len(have):.3f}" + ("" if len(have) == len(tasks) else f" ({len(have)}/{len(tasks)})") \
+            if have else "-"
+        shown = " | ".join(f"{x:.3f}" if x is not None else "-" for x in scores)
+        lines.append(f"| {run} | {'16' if method == 'bf16' else bits} | {label} | {shown} | {avg} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: str | Path) -> None:
     import matplotlib
 
@@ -106,6 +123,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, make_plot: boo
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md = to_markdown(rows)
+    if len({r["task"] for r in rows}) > 1:  # a suite: the per-task view first, the detailed table below
+        md = "## pass@1 per task\n\n" + to_task_table(rows) + "\n\n## Detail\n\n" + md
     (out_dir / "compare.md").write_text(md + "\n")
     (out_dir / "compare.json").write_text(json.dumps(rows, indent=1))
     if make_plot:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -230,6 +230,9 @@ class EvalConfig(_Section):
     temperature: float | None = Field(None, ge=0)
     seed: int = 0
     data: dict[str, str] = Field(default_factory=dict)  # task name -> local file replacing its hub source
+    # task name -> fields replacing the task file's: e.g. {aime: {combine: [aime24, aime25]}},
+    # {livecodebench: {release_start: 2024-08-01, release_end: 2025-02-01}}, {gpqa_diamond: {samples: 4}}
+    task_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # which export of each variant is evaluated; auto: compressed-tensors under vLLM on a GPU (what is
     # served, with vLLM's packed kernels), else the dequantized checkpoint (same function, any engine)
     export_format: Literal["auto", "dequantized", "compressed-tensors"] = "auto"
@@ -280,9 +283,6 @@ class Recipe(_Section):
         if self.eval.export_format != "compressed-tensors" and "dequantized" not in self.export.formats:
             raise ValueError("export.formats: keep dequantized (what eval runs off a GPU), or set "
                              "eval.export_format: compressed-tensors")
-        unknown = sorted(set(self.eval.data) - {Path(t).stem for t in self.eval.tasks})
-        if unknown:
-            raise ValueError(f"eval.data: {unknown[0]!r} is not one of eval.tasks {self.eval.tasks}")
         return self
 
     @property

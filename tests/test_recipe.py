@@ -47,7 +47,6 @@ BAD = [
                                         "(this recipe: bits [4], symmetric False); use compressed-tensors"),
     (with_("export.formats", ["gptq"]) | {"quant": {"bits": [3, 4], "symmetric": True}}, "(this recipe: bits [3, 4], symmetric True)"),
     (with_("export.formats", ["awq"]), "export.formats[0]: Input should be 'dequantized', 'compressed-tensors' or 'gptq'"),
-    (with_("eval.data", {"aime": "a.jsonl"}), "eval.data: 'aime' is not one of eval.tasks ['math500']"),
     (with_("eval.dtype", "fp8"), "eval.dtype: Input should be 'auto', 'bfloat16', 'float16' or 'float32' (got 'fp8')"),
     (with_("eval.gpu_memory_utilization", 1.5), "eval.gpu_memory_utilization: Input should be less than or equal to 1"),
 ]

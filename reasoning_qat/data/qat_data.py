@@ -26,7 +26,7 @@ from .reasoning import read_jsonl, tokenize_example
 
 
 def open_dataset(source: str, split: str = "train", subset: str | None = None, demo_dir: str | Path | None = None,
-                 field: str = "data.source", offline_hint: str = ""):
+                 field: str = "data.source", offline_hint: str = "", data_files: list[str] | None = None):
     """A `datasets.Dataset` over `source`: `demo`, a .jsonl file, a `save_to_disk` directory or a hub id.
     Hub and disk datasets are memory-mapped Arrow tables: opening one reads no rows."""
     from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
@@ -48,7 +48,7 @@ def open_dataset(source: str, split: str = "train", subset: str | None = None, d
             ds = ds[split]
         return ds
     try:
-        return load_dataset(source, subset, split=split)
+        return load_dataset(source, subset, split=split, **({"data_files": data_files} if data_files else {}))
     except Exception as err:  # offline, unknown id, no such split: the datasets library's many error types
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise UserError(f"{field}: cannot load {source!r} ({type(err).__name__}: {first[:200]})"

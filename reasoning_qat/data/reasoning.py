@@ -36,12 +36,13 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 
 
 def load_rows(source: str, split: str = "train", demo_dir: str | Path | None = None, subset: str | None = None,
-              field: str = "data.source", offline_hint: str = "", limit: int | None = None) -> list[dict]:
+              field: str = "data.source", offline_hint: str = "", limit: int | None = None,
+              data_files: list[str] | None = None) -> list[dict]:
     """Rows of `demo` (the run's generated split), a .jsonl file, a dataset directory or a hub id, as
     dicts: the first `limit` only, selected before any row is read (see qat_data.open_dataset)."""
     from .qat_data import open_dataset
 
-    ds = open_dataset(source, split, subset, demo_dir, field, offline_hint)
+    ds = open_dataset(source, split, subset, demo_dir, field, offline_hint, data_files)
     return ds.select(range(min(limit, len(ds)))).to_list() if limit else ds.to_list()
 
 

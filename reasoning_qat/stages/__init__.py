@@ -24,6 +24,15 @@ STAGES = [
 STAGE_NAMES = [s.name for s in STAGES]
 
 
+def _with_parts(task, data: dict) -> list:
+    """A task and, when it combines others (AIME years) and has no local file of its own, its parts."""
+    from ..evaluation.tasks import load_task
+
+    if not task.combine or task.name in data:
+        return [task]
+    return [task] + [p for part in task.combine for p in _with_parts(load_task(part), data)]
+
+
 def looks_like_path(ref: str) -> bool:
     """A reference meant as a local path rather than a hub id ('org/name'): absolute, relative with
     ./ ../ ~, a data-file suffix, or more than one '/'."""
@@ -49,7 +58,7 @@ def preflight(recipe) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..evaluation.tasks import load_task
+    from ..evaluation.tasks import expand_tasks, load_task
     from ..models import demo_config, load_config
     from ..quant import targets_from_recipe
     from ..recipe import RecipeError
@@ -62,13 +71,21 @@ def preflight(recipe) -> None:
         if field.startswith("qat") or recipe.rl.enabled:
             _check_local(field, data.source)
     _check_local("calibration.generic_source", recipe.calibration.generic_source)
-    for name in recipe.eval.tasks:
-        task = load_task(name)  # unknown names and bad task files fail here
-        _check_local(f"eval.data.{task.name}", recipe.eval.data.get(task.name))
-        if task.name not in recipe.eval.data:
-            _check_local(f"task {task.name}: source", task.source)
-        if task.source == "demo" and m.demo is None and task.name not in recipe.eval.data:
-            raise RecipeError(f"eval.tasks: {task.name} evaluates the demo's test split, which needs model.demo")
+    e = recipe.eval
+    if unknown := set(e.task_options) - set(expand_tasks(e.tasks)):
+        raise RecipeError(f"eval.task_options: {sorted(unknown)} not among the tasks evaluated ({e.tasks})")
+    evaluated = set()
+    for name in expand_tasks(e.tasks):  # unknown names and bad task files fail here
+        top = load_task(name, e.task_options.get(name))
+        evaluated |= {top.name, *(p.name for p in _with_parts(top, {}))}
+        for task in _with_parts(top, e.data):
+            _check_local(f"eval.data.{task.name}", e.data.get(task.name))
+            if task.name not in e.data and not task.combine:
+                _check_local(f"task {task.name}: source", task.source)
+            if task.source == "demo" and m.demo is None and task.name not in e.data:
+                raise RecipeError(f"eval.tasks: {task.name} evaluates the demo's test split, which needs model.demo")
+    if unknown := sorted(set(e.data) - evaluated):
+        raise RecipeError(f"eval.data: {unknown[0]!r} is not one of the tasks evaluated ({sorted(evaluated)})")
     if m.demo is not None:
         from ..data.tokenizer import build_char_tokenizer
 

@@ -14,7 +14,7 @@ import torch
 
 from ..evaluation.backends import EngineSettings, pick_backend
 from ..evaluation.runner import evaluate
-from ..evaluation.tasks import load_task
+from ..evaluation.tasks import expand_tasks, load_task
 from ..pipeline import StageContext
 from ..run_layout import BF16
 from .common import teacher_path
@@ -22,7 +22,7 @@ from .common import teacher_path
 
 def run(ctx: StageContext) -> dict:
     r, e = ctx.recipe, ctx.recipe.eval
-    tasks = [load_task(t) for t in e.tasks]
+    tasks = [load_task(t, e.task_options.get(t)) for t in expand_tasks(e.tasks)]  # suites (`reasoning`) expanded
     models = {BF16: teacher_path(ctx)}
     fmt = e.export_format
     if fmt == "auto":
@@ -42,9 +42,10 @@ def run(ctx: StageContext) -> dict:
                 m = evaluate(path, task, out, backend=e.backend, samples=e.samples, limit=e.limit,
                              demo_dir=ctx.layout.demo_data(), batch_size=e.batch_size,
                              max_new_tokens=e.max_new_tokens, temperature=e.temperature,
-                             settings=EngineSettings.from_config(e), data=e.data.get(task.name),
+                             settings=EngineSettings.from_config(e), data=e.data,
                              trust_remote_code=r.model.trust_remote_code, seed=e.seed)
             metrics.setdefault(name, {})[task.name] = {k: m[k] for k in ("pass@1", "ci95", "truncation_rate",
-                                                                          "mean_response_tokens", "problems", "backend")}
+                                                                          "mean_response_tokens", "problems", "backend",
+                                                                          "sandbox") if k in m}
             print(f"  {name:>18} {task.name}: pass@1 {m['pass@1']:.3f} ± {m['ci95']:.3f}")
     return metrics

@@ -111,12 +111,30 @@ def student_accuracy(model, tok, rows: list[dict], n: int = 64, max_new_tokens: 
     return sum(grade(o[0].text, r["answer"]).correct for o, r in zip(outs, rows)) / max(len(rows), 1)
 
 
+def _keep_cpu_weights_syncable() -> None:
+    """vLLM's CPU build repacks each Linear's weight after loading (oneDNN, or AMX kernels where the
+    CPU has them) and, for Linear layers, drops the weight tensor: a GRPO weight sync then fails
+    ('Parameter' object has no attribute 'weight_loader') or, for the output head, would update a
+    tensor the packed kernel no longer reads. For colocated RL on CPU, every layer keeps plain
+    F.linear over its own weight, which is what vLLM itself does where it skips the repacking. Our
+    engine runs in this process on CPU (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the patch reaches it;
+    rl.py's vllm_weight_gap test checks that the synced weights are the ones served."""
+    from vllm.model_executor.layers import utils
+
+    def plain(layer, remove_weight: bool) -> None:
+        layer.cpu_linear = torch.nn.functional.linear
+
+    utils.dispatch_cpu_unquantized_gemm = plain
+
+
 def _vllm_args(cfg, recipe) -> dict:
     if not cfg.use_vllm:
         return {"use_vllm": False}
     from ..evaluation.backends import pick_backend
 
     pick_backend("vllm")  # one line if vLLM cannot run here
+    if not torch.cuda.is_available():
+        _keep_cpu_weights_syncable()
     e = recipe.eval
     return {"use_vllm": True, "vllm_mode": "colocate",
             "vllm_gpu_memory_utilization": e.gpu_memory_utilization or (0.3 if torch.cuda.is_available() else 0.2),
