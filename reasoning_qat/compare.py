@@ -26,6 +26,7 @@ def collect(run_dirs: list[str | Path]) -> list[dict]:
         sizes = (layout.manifest("export") or {}).get("metrics", {})
         qat = (layout.manifest("qat") or {}).get("metrics", {})
         calib_domain = (layout.manifest("calibrate") or {}).get("metrics", {}).get("domain", "reasoning")
+        ptq = (layout.manifest("ptq") or {}).get("metrics", {})
         teacher_model = layout.teacher_model_dir()
         bf16_bytes = directory_size(teacher_model) if teacher_model.is_dir() else None
         for name, tasks in ev["metrics"].items():
@@ -37,12 +38,23 @@ def collect(run_dirs: list[str | Path]) -> list[dict]:
             for task, tm in tasks.items():
                 rows.append({"run": layout.name, "task": task, "bits": v.bits, "method": v.method, "pass@1": tm["pass@1"],
                              "ci95": tm["ci95"], "size_bytes": size,
-                             "label": _label(v.method, qat.get(str(Variant(v.bits, "qat")), {}), calib_domain)})
+                             "label": _label(v.method, qat.get(str(Variant(v.bits, "qat")), {}), calib_domain)
+                             + _scheme(ptq, v)})
     for r in rows:
         base = [b for b in rows if b["run"] == r["run"] and b["task"] == r["task"] and b["method"] == "bf16"]
         r["recovery"] = r["pass@1"] / base[0]["pass@1"] if base and base[0]["pass@1"] > 0 else None
     key = {m: i for i, m in enumerate(["bf16", *METHOD_ORDER])}
     return sorted(rows, key=lambda r: (r["run"], r["task"], -r["bits"], key.get(r["method"], 99)))
+
+
+def _scheme(ptq_metrics: dict, v) -> str:
+    """' (Hadamard, A4 KV4)' for variants of a rotated / activation- or KV-quantized run, else ''."""
+    if v.method == "bf16":
+        return ""
+    m = next((x for k, x in ptq_metrics.items() if k.startswith(f"w{v.bits}-")), {})
+    parts = (["Hadamard"] if m.get("rotation") == "hadamard" else []) + \
+        ([f"A{m['activations']}"] if m.get("activations") else []) + ([f"KV{m['kv_cache']}"] if m.get("kv_cache") else [])
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _label(method: str, qat_metrics: dict, calib_domain: str = "reasoning") -> str:

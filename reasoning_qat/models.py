@@ -32,7 +32,13 @@ def load_model(path_or_id: str, dtype: torch.dtype = torch.bfloat16, trust_remot
     model = AutoModelForCausalLM.from_pretrained(
         path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision
     )
-    return model.to(device) if device else model
+    model = model.to(device) if device else model
+    # A W4A4KV4 (or rotated) export: its config names the online rotations and activation/KV
+    # quantizers it computes with; without them the weights alone are a different function.
+    from .quant.act_quant import apply_runtime
+
+    apply_runtime(model)
+    return model
 
 
 def load_config(path_or_id: str, trust_remote_code: bool = False, revision: str | None = None):

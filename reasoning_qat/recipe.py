@@ -38,6 +38,13 @@ class DemoTeacher(_Section):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    # the teacher's training dynamics (schedule and weight averaging change how well it survives PTQ)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_ratio: float = Field(0.2, gt=0, le=1)  # wsd: fraction of steps spent decaying
+    averaging: Literal["none", "ema", "lawa"] = "none"  # applied to the saved teacher
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    lawa_k: int = Field(5, ge=2)
+    lawa_interval: int = Field(50, ge=1)
 
 
 class ModelConfig(_Section):
@@ -60,7 +67,31 @@ class QuantOverride(_Section):
     group_size: Literal[-1, 32, 64, 128] | None = None
 
 
+class ActQuantConfig(_Section):
+    """Per-token dynamic fake quantization of the inputs of the quantized Linears."""
+
+    bits: Literal[4, 8] = 4
+    symmetric: bool = False
+    clip_ratio: float = Field(1.0, gt=0, le=1)
+
+
+class KVQuantConfig(_Section):
+    """Fake quantization of keys and values per head (groups along head_dim; -1: the whole head)."""
+
+    bits: Literal[4, 8] = 4
+    group_size: int = Field(-1, ge=-1)
+    symmetric: bool = False
+    clip_ratio: float = Field(1.0, gt=0, le=1)
+
+
+PRESETS = {"w4a4kv4": {"activations": {"bits": 4}, "kv_cache": {"bits": 4}}, "w4a8": {"activations": {"bits": 8}}}
+
+
 class QuantConfig(_Section):
+    # a named scheme filling activations/kv_cache (keys given beside it win): w4a4kv4, w4a8
+    preset: Literal["w4a4kv4", "w4a8"] | None = None
+    activations: ActQuantConfig | None = None  # None: BF16 activations (weight-only)
+    kv_cache: KVQuantConfig | None = None  # None: BF16 KV cache
     bits: list[Literal[2, 3, 4, 8]] = Field(default_factory=lambda: [4])
     group_size: Literal[-1, 32, 64, 128] = 128  # -1: one scale per output channel
     symmetric: bool = False
@@ -69,6 +100,13 @@ class QuantConfig(_Section):
     targets: list[str] = Field(default_factory=lambda: ["Linear"])
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     overrides: list[QuantOverride] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_preset(cls, v):
+        if isinstance(v, dict) and v.get("preset") in PRESETS:
+            v = {**PRESETS[v["preset"]], **v}
+        return v
 
     @field_validator("bits", mode="before")
     @classmethod
@@ -138,6 +176,10 @@ class PTQConfig(_Section):
     block_size: int = Field(128, ge=1)
     act_order: bool = False
     true_sequential: bool = True
+    # QuaRot-style: norms folded, residual stream and V/O rotated by randomised Hadamards (fused into
+    # the weights), online Hadamards on down_proj's input and on q/k (quant/rotation.py)
+    rotation: Literal["none", "hadamard"] = "none"
+    rotation_seed: int = 0
 
 
 class KDConfig(_Section):
@@ -278,6 +320,15 @@ class Recipe(_Section):
                     f"export.formats: gptq is served by vLLM only for symmetric 4- or 8-bit weights (this recipe: "
                     f"bits {sorted(bits)}, symmetric {self.quant.symmetric}); use compressed-tensors, which vLLM "
                     "serves at 2/3/4/8 bits with or without zero points")
+        q = self.quant
+        if q.activations or q.kv_cache or self.ptq.rotation != "none":
+            what = "ptq.rotation" if self.ptq.rotation != "none" else ("quant.activations" if q.activations else "quant.kv_cache")
+            if self.export.formats != ["dequantized"]:
+                raise ValueError(f"export.formats: {what} needs online operations no serving format carries; "
+                                 "use formats: [dequantized] (evaluated through transformers with reasoning_qat's runtime)")
+            if self.eval.backend == "vllm" or self.rl.use_vllm:
+                raise ValueError(f"{'eval.backend' if self.eval.backend == 'vllm' else 'rl.use_vllm'}: vLLM cannot run "
+                                 f"{what} (int4 activations / online rotations); use the transformers backend")
         if self.eval.export_format == "compressed-tensors" and "compressed-tensors" not in self.export.formats:
             raise ValueError("eval.export_format: compressed-tensors is not in export.formats")
         if self.eval.export_format != "compressed-tensors" and "dequantized" not in self.export.formats:

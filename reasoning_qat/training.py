@@ -6,6 +6,15 @@ import math
 from pathlib import Path
 
 
+SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup", "wsd": "warmup_stable_decay"}
+
+
+def schedule_args(schedule: str, steps: int, decay_ratio: float) -> dict:
+    """TrainingArguments for a recipe's `schedule` (cosine, constant, wsd with its decay fraction)."""
+    return {"lr_scheduler_type": SCHEDULES[schedule],
+            "lr_scheduler_kwargs": {"num_decay_steps": max(1, int(decay_ratio * steps))} if schedule == "wsd" else {}}
+
+
 def last_checkpoint(output_dir: str | Path) -> str | None:
     """The newest complete `checkpoint-N` in output_dir, or None (fresh start)."""
     output_dir = Path(output_dir)

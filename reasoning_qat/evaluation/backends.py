@@ -91,6 +91,8 @@ class TransformersBackend:
                                 device=self.device).eval()
         self.batch_size = batch_size
         self.static_cache = settings.static_cache if settings.static_cache != "auto" else self.device != "cpu"
+        if getattr(self.model, "_rqat_runtime", None):  # hooks and a custom attention: keep the eager decode
+            self.static_cache = False
 
     @classmethod
     def from_model(cls, model, tokenizer, batch_size: int = 64) -> TransformersBackend:
@@ -225,6 +227,13 @@ class VLLMBackend:
 
 def make_backend(name: str, model_path: str, batch_size: int = 64, trust_remote_code: bool = False, seed: int = 0,
                  settings: EngineSettings = EngineSettings()):
+    from ..quant.act_quant import needs_runtime
+
+    if needs_runtime(model_path):  # online rotations / int4 activations / KV quantization: no engine serves them
+        if name == "vllm":
+            raise UserError(f"eval.backend: vllm cannot run {model_path} (its config names an rqat runtime: rotations "
+                            "or activation/KV quantization); use backend: transformers")
+        return TransformersBackend(model_path, batch_size, trust_remote_code, settings)
     if pick_backend(name) == "vllm":
         return VLLMBackend(model_path, trust_remote_code, seed, settings)
     return TransformersBackend(model_path, batch_size, trust_remote_code, settings)

@@ -112,6 +112,9 @@ def load_quantized_checkpoint(path: str | Path, dtype=torch.float32, device="cpu
     if missing or unexpected:
         raise UserError(f"{path}: checkpoint does not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
+    from .act_quant import apply_runtime
+
+    apply_runtime(model)  # rotations / activation and KV quantizers the config names (W4A4KV4)
     return model
 
 

@@ -27,9 +27,11 @@ from ..kd import KDTrainer
 from ..models import best_device
 from ..pipeline import StageContext, StageFailed, recipe_from_run
 from ..quant import swap_in_fake_quant, targets_from_recipe
+from ..quant.act_quant import apply_runtime, runtime_spec
 from ..quant.fake_quant import use_compiled_fake_quant
+from ..quant.rotation import rotate
 from ..quant.formats import read_quantized_weights, save_quantized_checkpoint
-from ..training import WeightAveraging, last_checkpoint, quiet_training_args
+from ..training import WeightAveraging, last_checkpoint, quiet_training_args, schedule_args
 from .common import (
     exists_done,
     finish_training,
@@ -38,7 +40,6 @@ from .common import (
     variant,
 )
 
-SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup", "wsd": "warmup_stable_decay"}
 
 
 def _launched() -> bool:
@@ -93,11 +94,14 @@ def _init_student(ctx: StageContext, bits: int, device: str):
     r = ctx.recipe
     targets = targets_from_recipe(r.quant, bits)
     student = load_teacher(ctx, torch.float32, device)  # float32 master weights; bf16 autocast on GPU
+    if r.ptq.rotation == "hadamard":  # the rotation the ptq stage quantized (same seed); the teacher stays as it is
+        rotate(student, r.ptq.rotation_seed)
     if r.qat.init == "ptq":
         qws, _, _ = read_quantized_weights(ctx.layout.ptq(variant(bits, r.ptq.method)))
-        swap_in_fake_quant(student, targets, {k: _to(v, device) for k, v in qws.items()})
+        plan = swap_in_fake_quant(student, targets, {k: _to(v, device) for k, v in qws.items()})
     else:
-        swap_in_fake_quant(student, targets, keep_latent=r.qat.init == "bf16")
+        plan = swap_in_fake_quant(student, targets, keep_latent=r.qat.init == "bf16")
+    apply_runtime(student, runtime_spec(r, plan))  # activation/KV fake-quant and online Hadamards (W4A4KV4)
     if compile_enabled(r.qat.compile, device):
         use_compiled_fake_quant(student)
         compile_decoder_layers(student)
@@ -160,7 +164,6 @@ def choose_recompute(setting, student, tokens: int, device: str, compiled: bool 
 def qat_training_args(q, output_dir, seed: int, recompute: bool | None = None):
     """The recipe's qat section as TrainingArguments (schedule, precision, checkpoints, DeepSpeed)."""
     on_gpu = torch.cuda.is_available()
-    n_decay = max(1, int(q.decay_ratio * q.max_steps))
     return quiet_training_args(
         output_dir=str(output_dir),
         max_steps=q.max_steps,
@@ -169,8 +172,7 @@ def qat_training_args(q, output_dir, seed: int, recompute: bool | None = None):
         learning_rate=q.lr,
         weight_decay=q.weight_decay,
         optim=q.optimizer,
-        lr_scheduler_type=SCHEDULES[q.schedule],
-        lr_scheduler_kwargs={"num_decay_steps": n_decay} if q.schedule == "wsd" else {},
+        **schedule_args(q.schedule, q.max_steps, q.decay_ratio),
         warmup_steps=int(q.warmup_ratio * q.max_steps),
         bf16=q.bf16 and on_gpu,
         save_steps=q.save_steps,

@@ -14,7 +14,7 @@ from ..data.reasoning import PadCollator, ReasoningSFTDataset, write_jsonl
 from ..data.tokenizer import build_char_tokenizer
 from ..models import demo_config, load_config
 from ..pipeline import StageContext
-from ..training import last_checkpoint, quiet_training_args
+from ..training import WeightAveraging, last_checkpoint, quiet_training_args, schedule_args
 
 
 def run(ctx: StageContext) -> dict:
@@ -45,15 +45,22 @@ def _train_demo_teacher(ctx: StageContext) -> dict:
         max_steps=demo.train_steps,
         per_device_train_batch_size=demo.batch_size,
         learning_rate=demo.lr,
-        lr_scheduler_type="cosine",
+        **schedule_args(demo.schedule, demo.train_steps, demo.decay_ratio),
         warmup_steps=max(1, demo.train_steps // 20),
         weight_decay=0.01,
         save_steps=max(50, demo.train_steps // 4),
         logging_steps=max(1, demo.train_steps // 20),
         seed=seed,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id))
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
+    averaging = WeightAveraging(demo.averaging, demo.ema_decay, demo.lawa_k, demo.lawa_interval) \
+        if demo.averaging != "none" else None
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id),
+                      callbacks=[averaging.callback] if averaging else None)
+    resume = last_checkpoint(args.output_dir)
+    if averaging:
+        averaging.load(resume, trainer.args.device)
+    result = trainer.train(resume_from_checkpoint=resume)
+    averaged = averaging.apply(model) if averaging else 0
     trainer.model.config.use_cache = True
     model.save_pretrained(ctx.layout.teacher_model_dir())
     tokenizer.save_pretrained(ctx.layout.teacher_model_dir())
@@ -61,6 +68,10 @@ def _train_demo_teacher(ctx: StageContext) -> dict:
         "source": "demo",
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_loss": round(result.training_loss, 4),
+        "schedule": demo.schedule,
+        "averaging": demo.averaging,
+        "averaged_snapshots": averaged,
+        "learning_rates": [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h],
         "train_problems": len(train),
         "test_problems": len(test),
     }

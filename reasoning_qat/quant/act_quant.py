@@ -1,0 +1,152 @@
+"""Activation and KV-cache fake quantization (the A4 and KV4 of W4A4KV4), straight-through.
+
+- `ActQuantizer`: per-token dynamic quantization of a Linear's input: one scale (and zero point,
+  asymmetric) per token over the last dimension, clipped at `clip_ratio` of the token's range.
+- `KVQuantizer`: keys and values per head, in groups of `group_size` along head_dim (-1: the
+  whole head), asymmetric by default.
+- `install_quant_attention`: an attention function (registered with transformers'
+  AttentionInterface as "rqat_quant") that rotates q/k by a Hadamard where the rotation asks for it
+  and fake-quantizes K and V, then runs SDPA. It sees every key and value in the cache at every
+  step; the quantization is per token, so quantizing a cached entry again gives the same value as
+  storing it quantized: cached generation computes exactly the full-recompute function
+  (tests/test_rotation.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def _fake_quant_last_dim(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float) -> torch.Tensor:
+    """Quantize-dequantize along the last dimension (one scale per row), in float32."""
+    xf = x.float()
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = (xf.abs().amax(-1, keepdim=True) * clip_ratio).clamp(min=1e-8) / qmax
+        q = (xf / scale).round().clamp(-qmax - 1, qmax)
+        return (q * scale).to(x.dtype)
+    qmax = 2**bits - 1
+    lo, hi = xf.amin(-1, keepdim=True) * clip_ratio, xf.amax(-1, keepdim=True) * clip_ratio
+    scale = (hi - lo).clamp(min=1e-8) / qmax
+    zero = (-lo / scale).round()
+    q = ((xf / scale).round() + zero).clamp(0, qmax)
+    return ((q - zero) * scale).to(x.dtype)
+
+
+def _ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """q forward, identity gradient (straight-through)."""
+    return x + (q - x).detach()
+
+
+@dataclass(frozen=True)
+class ActQuantizer:
+    bits: int = 4
+    symmetric: bool = False
+    clip_ratio: float = 1.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _ste(x, _fake_quant_last_dim(x, self.bits, self.symmetric, self.clip_ratio))
+
+
+@dataclass(frozen=True)
+class KVQuantizer:
+    bits: int = 4
+    group_size: int = -1  # along head_dim; -1: one group per head
+    symmetric: bool = False
+    clip_ratio: float = 1.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [batch, heads, tokens, head_dim]."""
+        hd = x.shape[-1]
+        g = hd if self.group_size in (-1, None) else self.group_size
+        if hd % g:
+            raise ValueError(f"kv quantization: group_size {g} does not divide head_dim {hd}")
+        grouped = x.reshape(*x.shape[:-1], hd // g, g)
+        q = _fake_quant_last_dim(grouped, self.bits, self.symmetric, self.clip_ratio).reshape(x.shape)
+        return _ste(x, q)
+
+
+def install_act_quant(modules: dict[str, nn.Module], quantizer: ActQuantizer) -> list:
+    """A forward pre-hook quantizing the input of each module (after any hook registered before,
+    e.g. the online Hadamard of down_proj). Returns the handles."""
+    return [m.register_forward_pre_hook(lambda mod, args: (quantizer(args[0]), *args[1:])) for m in modules.values()]
+
+
+ATTENTION_NAME = "rqat_quant"
+
+
+def _quant_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from .rotation import fwht
+
+    if getattr(module, "rotate_qk", False):
+        query, key = fwht(query), fwht(key)
+    kv = getattr(module, "kv_quantizer", None)
+    if kv is not None:
+        key, value = kv(key), kv(value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def install_quant_attention(model, kv: KVQuantizer | None) -> None:
+    """Route every attention layer of `model` through `_quant_attention` (rotation of q/k where
+    `rotate_qk` is set, K/V fake-quant where `kv` is given)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _quant_attention)
+    for layer in model.get_decoder().layers:
+        layer.self_attn.kv_quantizer = kv
+    model.config._attn_implementation = ATTENTION_NAME
+    for m in model.modules():  # sub-configs that carry their own copy
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = ATTENTION_NAME
+
+
+# ---- the runtime of a W4A4KV4 model: what its config says, installed on load -------------------------
+
+def runtime_spec(recipe, module_names) -> dict | None:
+    """What a model of this recipe computes beyond its weights (None: weight-only): the rotation,
+    the activation quantizer of the listed modules' inputs, the KV quantizer. Stored in the
+    model's config (`rqat_runtime`), so every checkpoint says what it needs to be run."""
+    q, p = recipe.quant, recipe.ptq
+    if not (q.activations or q.kv_cache or p.rotation != "none"):
+        return None
+    return {"rotation": {"kind": p.rotation, "seed": p.rotation_seed} if p.rotation != "none" else None,
+            "activations": q.activations.model_dump() if q.activations else None,
+            "act_modules": sorted(module_names) if q.activations else [],
+            "kv_cache": q.kv_cache.model_dump() if q.kv_cache else None}
+
+
+def apply_runtime(model, spec: dict | None = None) -> bool:
+    """Install the online parts a config's `rqat_runtime` names (online Hadamards, activation and KV
+    fake quantization) on `model`, whose weights already hold the offline parts. Once per model.
+    Returns whether anything was installed."""
+    from .rotation import install_online_rotations
+
+    spec = spec if spec is not None else getattr(model.config, "rqat_runtime", None)
+    if not spec or getattr(model, "_rqat_runtime", None) is not None:
+        return False
+    model.config.rqat_runtime = spec
+    if spec.get("rotation"):
+        install_online_rotations(model)
+    if spec.get("activations"):
+        names = set(spec["act_modules"])
+        install_act_quant({n: m for n, m in model.named_modules() if n in names}, ActQuantizer(**spec["activations"]))
+    kv = spec.get("kv_cache")
+    if spec.get("rotation") or kv:
+        install_quant_attention(model, KVQuantizer(**kv) if kv else None)
+    model._rqat_runtime = spec
+    return True
+
+
+def needs_runtime(path) -> bool:
+    """True for a checkpoint directory whose config names an rqat runtime (W4A4KV4 and friends)."""
+    import json
+    from pathlib import Path
+
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and bool(json.loads(cfg.read_text()).get("rqat_runtime"))

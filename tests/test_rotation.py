@@ -1,0 +1,172 @@
+"""W4A4KV4 building blocks: Hadamard transforms, the QuaRot rotation of a Qwen3 model, activation and
+KV-cache fake quantization, and cached generation under KV quantization."""
+
+import pytest
+import torch
+
+from reasoning_qat.errors import UserError
+from reasoning_qat.quant.act_quant import ActQuantizer, KVQuantizer, install_act_quant, install_quant_attention
+from reasoning_qat.quant.rotation import fwht, hadamard_matrix, install_online_rotations, random_hadamard, rotate
+
+from .conftest import tiny_qwen3
+
+
+@pytest.mark.parametrize("n", [1, 2, 16, 64, 12, 24, 96, 3072])
+def test_fast_hadamard_equals_the_dense_product(n):
+    h = hadamard_matrix(n, torch.float64)
+    assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-12)  # orthonormal
+    assert torch.allclose(h.abs(), torch.full_like(h, n**-0.5))  # a Hadamard matrix, scaled
+    x = torch.randn(3, 5, n, dtype=torch.float64)
+    assert torch.allclose(fwht(x), x @ h, atol=1e-10)
+    q = random_hadamard(n, seed=3)
+    assert torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+
+
+def test_unsupported_hadamard_size_is_a_clear_error():
+    with pytest.raises(UserError, match="size 20 is not built here.*ptq.rotation: none"):
+        hadamard_matrix(20)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_rotation_without_quantization_keeps_the_function(tie):
+    """Norm folding, residual and V/O rotations, and the online Hadamards on down_proj's input and on
+    q/k: the rotated model's logits equal the original's (float32 tolerance). MLP width 96 = 12*8
+    exercises the non-power-of-two transform."""
+    model = tiny_qwen3(vocab_size=50, hidden=64, inter=96, layers=2, tie=tie).float()
+    with torch.no_grad():  # non-trivial norm weights, so folding them matters
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    ids = torch.randint(0, 50, (2, 11))
+    with torch.no_grad():
+        ref = model(ids).logits
+        rotate(model, seed=1)
+        install_online_rotations(model)
+        install_quant_attention(model, kv=None)
+        out = model(ids).logits
+        assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4), (out - ref).abs().max()
+    # the rotation did change the weights (it is not a no-op)
+    assert not torch.allclose(model.model.layers[0].mlp.down_proj.weight, tiny_qwen3(50, 64, 96, 2, tie).model.layers[0].mlp.down_proj.weight)
+
+
+def _reference_asym(x, bits, clip=1.0):
+    """Independent per-row reference with Python floats."""
+    out = torch.empty_like(x)
+    qmax = 2**bits - 1
+    for idx in range(x.shape[0]):
+        row = [float(v) for v in x[idx]]
+        lo, hi = min(row) * clip, max(row) * clip
+        scale = max(hi - lo, 1e-8) / qmax
+        zero = round(-lo / scale)
+        out[idx] = torch.tensor([(min(max(round(v / scale) + zero, 0), qmax) - zero) * scale for v in row])
+    return out
+
+
+def _reference_sym(x, bits):
+    out = torch.empty_like(x)
+    qmax = 2 ** (bits - 1) - 1
+    for idx in range(x.shape[0]):
+        row = [float(v) for v in x[idx]]
+        scale = max(max(abs(v) for v in row), 1e-8) / qmax
+        out[idx] = torch.tensor([min(max(round(v / scale), -qmax - 1), qmax) * scale for v in row])
+    return out
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_activation_quantizer_matches_a_reference(bits):
+    torch.manual_seed(0)
+    x = torch.randn(7, 32, dtype=torch.float64) * torch.linspace(0.1, 3, 32, dtype=torch.float64)
+    assert torch.allclose(ActQuantizer(bits, symmetric=False)(x), _reference_asym(x, bits), atol=1e-9)
+    assert torch.allclose(ActQuantizer(bits, symmetric=True)(x), _reference_sym(x, bits), atol=1e-9)
+    assert torch.allclose(ActQuantizer(bits, clip_ratio=0.9)(x), _reference_asym(x, bits, 0.9), atol=1e-9)
+    # 2^bits levels per token at most, and a straight-through gradient
+    assert all(len(set(r.tolist())) <= 2**bits for r in ActQuantizer(bits)(x))
+    x.requires_grad_(True)
+    ActQuantizer(bits)(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_kv_quantizer_groups_per_head():
+    torch.manual_seed(0)
+    k = torch.randn(2, 3, 5, 16, dtype=torch.float64)
+    q = KVQuantizer(4, group_size=8)(k)
+    ref = _reference_asym(k.reshape(-1, 8), 4).reshape(k.shape)
+    assert torch.allclose(q, ref, atol=1e-9)
+    whole = KVQuantizer(4, group_size=-1)(k)
+    assert torch.allclose(whole, _reference_asym(k.reshape(-1, 16), 4).reshape(k.shape), atol=1e-9)
+
+
+def _quantized_model():
+    model = tiny_qwen3(vocab_size=50, hidden=64, inter=96, layers=2).double()
+    rotate(model, seed=0)
+    install_online_rotations(model)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    install_act_quant(linears, ActQuantizer(4))
+    install_quant_attention(model, KVQuantizer(4, group_size=8))
+    return model.eval()
+
+
+def test_kv_quantization_acts_during_cached_generation():
+    """Greedy generation with the KV cache equals a full recompute of every prefix under the same
+    quantization, and differs from the unquantized model's: KV and activation quantization are
+    active in the cached decode steps."""
+    torch.manual_seed(0)
+    model = _quantized_model()
+    ids = torch.randint(0, 50, (2, 6))
+    with torch.no_grad():
+        cached = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                                use_cache=True, pad_token_id=0)
+        seq = ids
+        for _ in range(12):  # full recompute, no cache
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+        plain = tiny_qwen3(vocab_size=50, hidden=64, inter=96, layers=2).double().eval()
+        unquantized = plain(seq, use_cache=False).logits
+        quantized = model(seq, use_cache=False).logits
+    assert torch.equal(cached, seq)
+    assert (quantized - unquantized).abs().max() > 1e-3  # the quantizers do change the function
+
+
+def test_w4a4kv4_demo_end_to_end(tmp_path):
+    """The demo at w4a4kv4 with Hadamard rotation: ptq (GPTQ and RTN on rotated weights), KD-QAT
+    with activation and KV fake-quant, export, eval through transformers, compare. The export
+    carries its runtime in config.json: our loader reproduces the QAT student's function, a plain
+    AutoModelForCausalLM load (weights only) does not, and vLLM is refused with one line."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from reasoning_qat.evaluation.backends import make_backend
+    from reasoning_qat.models import load_model
+    from reasoning_qat.quant.formats import load_quantized_checkpoint
+
+    from .conftest import demo_recipe
+
+    rec = demo_recipe(tmp_path, name="w4a4", teacher_steps=150, bits="[4]", baselines="[rtn]", qat_steps=10, limit=30)
+    text = rec.read_text().replace("quant: {bits: [4], group_size: 32}",
+                                   "quant: {bits: [4], group_size: 32, preset: w4a4kv4, kv_cache: {group_size: 16}}")
+    text = text.replace("ptq: {method: gptq, baselines: [rtn]}", "ptq: {method: gptq, baselines: [rtn], rotation: hadamard}")
+    rec.write_text(text.replace("formats: [dequantized, compressed-tensors]", "formats: [dequantized]"))
+    subprocess.run([sys.executable, "-m", "reasoning_qat.cli", "run", str(rec)], check=True, capture_output=True)
+    run = tmp_path / "runs" / "w4a4"
+    ev = json.loads((run / "eval" / "manifest.json").read_text())["metrics"]
+    assert {"bf16", "w4-rtn", "w4-gptq", "w4-qat"} <= set(ev)
+    assert all(m["demo_arith"]["backend"] == "TransformersBackend" for m in ev.values())
+    table = (run / "compare" / "compare.md").read_text()
+    assert "KD-QAT (Hadamard, A4, KV4)" in table and "GPTQ (domain calib) (Hadamard, A4, KV4)" in table
+    export = run / "export" / "w4-qat" / "dequantized"
+    spec = json.loads((export / "config.json").read_text())["rqat_runtime"]
+    assert spec["rotation"]["kind"] == "hadamard" and spec["activations"]["bits"] == 4 and spec["kv_cache"]["bits"] == 4
+    ids = torch.randint(3, 60, (2, 20))
+    student = load_quantized_checkpoint(run / "qat" / "w4-qat" / "model").eval()
+    served = load_model(str(export), torch.float32).eval()
+    raw = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    with torch.no_grad():
+        s, e, w = student(ids).logits, served(ids).logits, raw(ids).logits
+    assert torch.allclose(e, s, atol=1e-3), (e - s).abs().max()
+    assert (w - s).abs().max() > 1e-2  # the weights alone are another function: the config says what else runs
+    with pytest.raises(UserError, match="vllm cannot run"):
+        make_backend("vllm", str(export))
