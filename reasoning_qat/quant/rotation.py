@@ -127,9 +127,10 @@ def rotate(model, seed: int = 0) -> None:
     fold_norms(model)
     cfg = model.config
     d, head_dim = cfg.hidden_size, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    q = random_hadamard(d, seed)
-    h_head = hadamard_matrix(head_dim, torch.float64)
-    h_mlp = hadamard_matrix(cfg.intermediate_size, torch.float64)
+    device = model.get_input_embeddings().weight.device
+    q = random_hadamard(d, seed).to(device)  # drawn on the CPU: the same rotation on any device
+    h_head = hadamard_matrix(head_dim, torch.float64, device)
+    h_mlp = hadamard_matrix(cfg.intermediate_size, torch.float64, device)
 
     def apply(lin, fn):
         lin.weight.copy_(fn(lin.weight.double()).to(lin.weight.dtype))
