@@ -19,7 +19,6 @@ outside the allowed library paths).
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import signal
@@ -102,25 +101,15 @@ exec(_code, {"__name__": "__main__", "__builtins__": __builtins__})
 '''
 
 
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _try_unshare(flags: int) -> bool:
-    return _libc().unshare(flags) == 0
-
-
 @functools.lru_cache(maxsize=1)
 def network_isolation() -> str:
     """'netns' (a fresh network namespace), 'userns+netns' (one inside an unprivileged user
     namespace), or 'none' (this OS lets neither: programs keep the machine's network, the audit
-    hook alone refuses sockets). Probed once in a child process."""
+    hook alone refuses sockets). Probed once, in a child interpreter."""
     for name, flags in (("netns", CLONE_NEWNET), ("userns+netns", CLONE_NEWUSER | CLONE_NEWNET)):
-        pid = os.fork()
-        if pid == 0:  # the child only probes and exits
-            os._exit(0 if _try_unshare(flags) else 1)
-        _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status) == 0:
+        # a fresh interpreter probes (forking this one, which may run threads, could deadlock in the loader)
+        probe = f"import ctypes, sys; sys.exit(0 if ctypes.CDLL(None).unshare({flags}) == 0 else 1)"
+        if subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, check=False).returncode == 0:
             return name
     return "none"
 
