@@ -39,6 +39,7 @@ for part in "$@"; do
     gen) (cd benchmarks; timeout $(t ${T_GEN:-120}) python3 generation.py ${GEN_ARGS:-}) 2>&1 | quiet ;;
     gptq) (cd benchmarks; BENCH_TAG=${GPTQ_TAG:-} timeout $(t ${T_GPTQ:-240}) python3 gptq_time.py ${GPTQ_ARGS:-}) 2>&1 | quiet ;;
     demo) timeout $(t ${T_DEMO:-500}) rqat run recipes/demo-gpu.yaml 2>&1 | quiet ;;
+    organism) timeout $(t ${T_ORG:-540}) rqat run recipes/organism-gpu.yaml 2>&1 | quiet ;;
     ablations)
       # Recipes whose model section matches share one teacher: the first run trains it and the
       # others get a copy (the pipeline accepts it only if its recipe hash matches).

@@ -38,6 +38,11 @@ class DemoTeacher(_Section):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    # arith: (a+b)*c in two steps (810 problems); chain: 4-6 dependent +/- steps on 3-4 digit numbers
+    # worked column by column with carries (data/arithmetic.py), `num_problems` of them
+    task: Literal["arith", "chain"] = "arith"
+    num_problems: int = Field(20000, ge=100)
+    max_length: int = Field(256, ge=32)  # training sequence length (chain responses need ~450)
     # the teacher's training dynamics (schedule and weight averaging change how well it survives PTQ)
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     decay_ratio: float = Field(0.2, gt=0, le=1)  # wsd: fraction of steps spent decaying

@@ -156,3 +156,27 @@ def test_pipeline_records_the_data_policy_and_trains_on_the_calibrate_copy(tmp_p
     status = subprocess.run([sys.executable, "-m", "reasoning_qat.cli", "status", str(run)], capture_output=True, text=True)
     assert f"qat data: {stats['kept']} of 720 kept (first)" in status.stdout
     assert json.loads((run / "qat" / "manifest.json").read_text())["metrics"]["w4-qat"]["steps"] == 2
+
+
+def test_chain_task_works_every_column_and_splits_by_problem():
+    """The organism's task: each step's column work (digits, carries, borrows) reproduces the step's
+    result, the answer is the last value, thinking is 100-350 characters, train and test share no
+    problem."""
+    import re
+
+    from reasoning_qat.data.arithmetic import split_chain_problems
+
+    train, test = split_chain_problems(3000, 0.4, seed=1)
+    assert len(test) == 1200 and not {p.problem for p in train} & {p.problem for p in test}
+    for p in train[:300] + test[:300]:
+        thinking = p.response.split("<think>\n")[1].split("\n</think>")[0]
+        assert 100 <= len(thinking) <= 350
+        v = p.start
+        for line, (op, n), nxt in zip(thinking.splitlines(), p.steps, p.values()):
+            head, cols, result = re.match(r"(\d+[+-]\d+): (.*) -> (\d+)$", line).groups()
+            assert head == f"{v}{op}{n}" and int(result) == nxt == (v + n if op == "+" else v - n) >= 0
+            digits = [int(c.split("=")[1].split()[0]) % 10 for c in cols.split(", ")]
+            carry_out = cols.endswith("c1")
+            assert int(("1" if carry_out else "") + "".join(map(str, reversed(digits)))) == nxt  # the column work is the result
+            v = nxt
+        assert p.answer == str(v) and p.response.endswith(f"\\boxed{{{v}}}.")

@@ -47,3 +47,83 @@ def split_problems(test_fraction: float = 0.2, seed: int = 0) -> tuple[list[Arit
 def to_records(problems: list[ArithProblem]) -> list[dict]:
     """Rows in the project's reasoning-data schema: prompt, response (with thinking), answer."""
     return [{"prompt": p.problem, "response": p.response, "answer": p.answer} for p in problems]
+
+
+# ---- the harder task of the GPU model organism: dependent multi-digit steps with carries ----------------
+
+@dataclass(frozen=True)
+class ChainProblem:
+    """start, then 4-6 dependent steps of +/- a 2-3 digit number: "Start at 482. Add 359, subtract
+    127, ...". The thinking works every step column by column, least significant digit first, with
+    its carries or borrows (e.g. `482+359: 2+9=11 c1, 8+5+1=14 c1, 4+3+1=8 -> 841`), ~130-330
+    characters (tokens of the character tokenizer) in all: an error in any column propagates to the answer."""
+
+    start: int
+    steps: tuple[tuple[str, int], ...]
+
+    @property
+    def problem(self) -> str:
+        words = ", ".join(f"{'add' if op == '+' else 'subtract'} {n}" for op, n in self.steps)
+        return f"Start at {self.start}, then {words}. What is the result?"
+
+    def values(self) -> list[int]:
+        out, v = [], self.start
+        for op, n in self.steps:
+            v = v + n if op == "+" else v - n
+            out.append(v)
+        return out
+
+    @property
+    def answer(self) -> str:
+        return str(self.values()[-1])
+
+    @property
+    def response(self) -> str:
+        lines, v = [], self.start
+        for (op, n), nxt in zip(self.steps, self.values()):
+            lines.append(f"{v}{op}{n}: {_columns(v, n, op)} -> {nxt}")
+            v = nxt
+        return "<think>\n" + "\n".join(lines) + "\n</think>\n\nThe answer is \\boxed{" + self.answer + "}."
+
+
+def _columns(a: int, b: int, op: str) -> str:
+    """Column work for a+b or a-b (a >= b >= 0 for subtraction), carries/borrows shown as c1/b1."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    parts, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+        if op == "+":
+            s = x + y + carry
+            parts.append(f"{x}+{y}{'+1' if carry else ''}={s}{' c1' if s >= 10 else ''}")
+            carry = int(s >= 10)
+        else:
+            s = x - y - carry
+            parts.append(f"{x}-{y}{'-1' if carry else ''}={s + 10 if s < 0 else s}{' b1' if s < 0 else ''}")
+            carry = int(s < 0)
+    return ", ".join(parts)
+
+
+def chain_problems(n: int, seed: int, min_steps: int = 4, max_steps: int = 6) -> list[ChainProblem]:
+    """n distinct problems; subtraction only where the running value stays >= the subtrahend, so
+    every intermediate value is non-negative and the column method applies."""
+    rnd, seen, out = random.Random(seed), set(), []
+    while len(out) < n:
+        v = rnd.randint(100, 999)
+        start, steps = v, []
+        for _ in range(rnd.randint(min_steps, max_steps)):
+            k = rnd.randint(10, 999)
+            op = "-" if rnd.random() < 0.5 and v >= k else "+"
+            v = v + k if op == "+" else v - k
+            steps.append((op, k))
+        p = ChainProblem(start, tuple(steps))
+        if p.problem not in seen:
+            seen.add(p.problem)
+            out.append(p)
+    return out
+
+
+def split_chain_problems(n: int, test_fraction: float, seed: int) -> tuple[list[ChainProblem], list[ChainProblem]]:
+    """Train/test split by problem (the generator draws distinct problems)."""
+    problems = chain_problems(n, seed)
+    n_test = int(n * test_fraction)
+    return problems[n_test:], problems[:n_test]

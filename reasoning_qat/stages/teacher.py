@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from ..data.arithmetic import split_problems, to_records
+from ..data.arithmetic import split_chain_problems, split_problems, to_records
 from ..data.reasoning import PadCollator, ReasoningSFTDataset, write_jsonl
 from ..data.tokenizer import build_char_tokenizer
 from ..models import demo_config, load_config
@@ -31,7 +31,8 @@ def _train_demo_teacher(ctx: StageContext) -> dict:
     from transformers import Qwen3ForCausalLM, Trainer
 
     demo, seed = ctx.recipe.model.demo, ctx.recipe.seed
-    train, test = split_problems(demo.test_fraction, seed)
+    train, test = split_problems(demo.test_fraction, seed) if demo.task == "arith" else \
+        split_chain_problems(demo.num_problems, demo.test_fraction, seed)
     data = ctx.layout.stage("teacher") / "data"
     write_jsonl(data / "train.jsonl", to_records(train))
     write_jsonl(data / "test.jsonl", to_records(test))
@@ -39,7 +40,7 @@ def _train_demo_teacher(ctx: StageContext) -> dict:
     tokenizer = build_char_tokenizer()
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(demo_config(demo, tokenizer))
-    dataset = ReasoningSFTDataset(to_records(train), tokenizer, max_length=256)
+    dataset = ReasoningSFTDataset(to_records(train), tokenizer, max_length=demo.max_length)
     args = quiet_training_args(
         output_dir=str(ctx.out / "trainer"),
         max_steps=demo.train_steps,
@@ -48,6 +49,7 @@ def _train_demo_teacher(ctx: StageContext) -> dict:
         **schedule_args(demo.schedule, demo.train_steps, demo.decay_ratio),
         warmup_steps=max(1, demo.train_steps // 20),
         weight_decay=0.01,
+        bf16=torch.cuda.is_available(),  # mixed precision on a GPU (float32 master weights)
         save_steps=max(50, demo.train_steps // 4),
         logging_steps=max(1, demo.train_steps // 20),
         seed=seed,
