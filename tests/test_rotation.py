@@ -170,3 +170,16 @@ def test_w4a4kv4_demo_end_to_end(tmp_path):
     assert (w - s).abs().max() > 1e-2  # the weights alone are another function: the config says what else runs
     with pytest.raises(UserError, match="vllm cannot run"):
         make_backend("vllm", str(export))
+
+
+def test_rotation_of_an_unsupported_width_is_refused_before_the_run_starts(tmp_path):
+    from reasoning_qat.recipe import Recipe, RecipeError
+    from reasoning_qat.stages import preflight
+
+    recipe = Recipe.model_validate({"name": "r", "model": {"demo": {"hidden_size": 64, "intermediate_size": 160}},
+                                    "quant": {"group_size": -1}, "ptq": {"rotation": "hadamard"},
+                                    "export": {"formats": ["dequantized"]}, "eval": {"tasks": ["demo_arith"]},
+                                    "run_root": str(tmp_path / "runs")})
+    with pytest.raises(RecipeError, match="ptq.rotation: the model's intermediate_size is 160; rotation: .*size 160"):
+        preflight(recipe)
+    assert not (tmp_path / "runs").exists()

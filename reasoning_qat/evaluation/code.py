@@ -74,7 +74,7 @@ print(_json.dumps(_fn(*_args)))
 
 
 def _same_output(got: str, expected: str) -> bool:
-    """Whitespace-insensitive line comparison; numbers equal within 1e-6 (LiveCodeBench's checker
+    """Whitespace-insensitive token comparison; numbers equal within 1e-6 (LiveCodeBench's checker
     also accepts float noise)."""
     a, b = got.strip().split(), expected.strip().split()
     if a == b:

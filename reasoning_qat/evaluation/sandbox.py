@@ -49,10 +49,6 @@ class Result:
     timed_out: bool
     wall_s: float
 
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0 and not self.timed_out
-
 
 # Runs inside the sandboxed interpreter before the program: the audit hook, then the program itself.
 _PRELUDE = r'''
@@ -62,17 +58,17 @@ _lib = tuple({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exe
 _deny = {"os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system", "os.kill", "os.killpg",
          "subprocess.Popen", "pty.spawn", "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo",
          "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function", "os.chdir", "os.chroot",
-         "sys.setrecursionlimit_unused", "os.putenv", "os.unsetenv", "os.symlink", "os.link", "os.rename", "os.remove",
+         "os.putenv", "os.unsetenv", "os.symlink", "os.link", "os.rename", "os.remove",
          "os.rmdir", "shutil.rmtree", "os.truncate"}
 _path_events = {"open", "os.listdir", "os.scandir", "os.walk", "glob.glob", "os.mkdir", "os.chmod", "os.chown",
                 "os.utime", "os.startfile"}
 def _inside(path, writing):
-    try:
-        p = os.path.realpath(os.fsdecode(path) if not isinstance(path, int) else "")
-    except Exception:
-        return False
     if isinstance(path, int):
         return True  # an already-open descriptor (stdin/stdout)
+    try:
+        p = os.path.realpath(os.fsdecode(path))
+    except Exception:
+        return False
     if p == _root or p.startswith(_root + os.sep):
         return True
     return not writing and any(p == l or p.startswith(l + os.sep) for l in _lib)

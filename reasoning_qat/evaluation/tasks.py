@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..data.reasoning import load_rows
 from ..errors import UserError
 from ..recipe import RecipeError
+from .grader import LETTERS
 
 
 class Sampling(BaseModel):
@@ -127,7 +128,7 @@ class Task(BaseModel):
         text = problem["problem"] if isinstance(problem, dict) else problem
         fields = {"problem": text.strip() if self.kind != "math" else text}
         if self.kind == "multiple_choice":
-            fields["choices"] = "\n".join(f"{'ABCDEFGHIJ'[i]}) {c}" for i, c in enumerate(choices or []))
+            fields["choices"] = "\n".join(f"{LETTERS[i]}) {c}" for i, c in enumerate(choices or []))
         if self.kind == "code":
             starter = problem.get("starter", "") if isinstance(problem, dict) else ""
             fields["format"] = (self.code.starter_template.format(starter=starter) if starter.strip()
@@ -139,7 +140,7 @@ class Task(BaseModel):
         options = [problem["answer"], *problem["distractors"]]
         order = list(range(len(options)))
         random.Random(seed).shuffle(order)
-        return [options[i] for i in order], "ABCDEFGHIJ"[order.index(0)]
+        return [options[i] for i in order], LETTERS[order.index(0)]
 
 
 def _as_date(value, task: str) -> date:

@@ -40,8 +40,9 @@ def _paley12() -> torch.Tensor:
     return h
 
 
-def _split(n: int) -> tuple[int, int]:
-    """(dense factor 1 or 12, power of two) with n = factor * power."""
+def hadamard_factors(n: int) -> tuple[int, int]:
+    """(dense factor 1 or 12, power of two) with n = factor * power; a one-line error for sizes no
+    Hadamard is built for here (also the recipe preflight's check)."""
     for factor in (1, 12):
         m = n // factor
         if n % factor == 0 and m >= 1 and m & (m - 1) == 0:
@@ -52,7 +53,7 @@ def _split(n: int) -> tuple[int, int]:
 
 def hadamard_matrix(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
     """The orthonormal Hadamard matrix H (H H^T = I) that `fwht` applies: x @ H."""
-    factor, m = _split(n)
+    factor, m = hadamard_factors(n)
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < m:  # Sylvester
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
@@ -65,7 +66,7 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     """x @ hadamard_matrix(x.shape[-1]) in O(n log n): butterflies over the power-of-two part, a
     12 x 12 product for the rest."""
     n = x.shape[-1]
-    factor, m = _split(n)
+    factor, m = hadamard_factors(n)
     shape = x.shape
     y = x.reshape(-1, factor, m)
     h = 1

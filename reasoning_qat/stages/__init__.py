@@ -72,10 +72,11 @@ def preflight(recipe) -> None:
             _check_local(field, data.source)
     _check_local("calibration.generic_source", recipe.calibration.generic_source)
     e = recipe.eval
-    if unknown := set(e.task_options) - set(expand_tasks(e.tasks)):
+    names = expand_tasks(e.tasks)  # unknown names and bad task files fail here
+    if unknown := set(e.task_options) - set(names):
         raise RecipeError(f"eval.task_options: {sorted(unknown)} not among the tasks evaluated ({e.tasks})")
     evaluated = set()
-    for name in expand_tasks(e.tasks):  # unknown names and bad task files fail here
+    for name in names:
         top = load_task(name, e.task_options.get(name))
         evaluated |= {top.name, *(p.name for p in _with_parts(top, {}))}
         for task in _with_parts(top, e.data):
@@ -104,3 +105,14 @@ def preflight(recipe) -> None:
             targets_from_recipe(recipe.quant, bits).resolve(model)
         except ValueError as err:
             raise RecipeError(str(err)) from None
+    if recipe.ptq.rotation == "hadamard":  # every width a Hadamard acts on must be one we build
+        from ..errors import UserError
+        from ..quant.rotation import hadamard_factors
+
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        for field, n in (("hidden_size", config.hidden_size), ("intermediate_size", config.intermediate_size),
+                         ("head_dim", head_dim)):
+            try:
+                hadamard_factors(n)
+            except UserError as err:
+                raise RecipeError(f"ptq.rotation: the model's {field} is {n}; {err}") from None

@@ -23,6 +23,19 @@ def load_teacher(ctx, dtype=None, device: str | None = None):
     return teacher_source(ctx).model(dtype, device)
 
 
+def load_rotated_teacher(ctx, device: str):
+    """The teacher in float32, rotated when `ptq.rotation: hadamard` (recipe's seed): what every ptq
+    variant quantizes and what the QAT student starts from. The KD teacher itself stays unrotated."""
+    import torch
+
+    model = load_teacher(ctx, torch.float32, device)
+    if ctx.recipe.ptq.rotation == "hadamard":
+        from ..quant.rotation import rotate
+
+        rotate(model, ctx.recipe.ptq.rotation_seed)
+    return model
+
+
 def load_teacher_tokenizer(ctx):
     return teacher_source(ctx).tokenizer()
 

@@ -8,26 +8,15 @@ from __future__ import annotations
 
 import json
 
-import torch
 from safetensors.torch import load_file
 
 from ..models import best_device
 from ..pipeline import StageContext
 from ..quant import swap_in_fake_quant, targets_from_recipe
-from ..quant.formats import save_quantized_checkpoint
 from ..quant.act_quant import apply_runtime, runtime_spec
+from ..quant.formats import save_quantized_checkpoint
 from ..quant.ptq import gptq_quantize_model, rtn_quantize_model
-from ..quant.rotation import rotate
-from .common import exists_done, load_teacher, load_teacher_tokenizer, mark_done, ptq_methods, variant
-
-
-def _load(ctx: StageContext, device: str):
-    """The teacher in float32, rotated (ptq.rotation: hadamard) with the recipe's seed: every
-    variant and the QAT student get the same rotation."""
-    model = load_teacher(ctx, torch.float32, device)
-    if ctx.recipe.ptq.rotation == "hadamard":
-        rotate(model, ctx.recipe.ptq.rotation_seed)
-    return model
+from .common import exists_done, load_rotated_teacher, load_teacher_tokenizer, mark_done, ptq_methods, variant
 
 
 def run(ctx: StageContext) -> dict:
@@ -44,19 +33,19 @@ def run(ctx: StageContext) -> dict:
             if exists_done(out):  # finished before a crash: keep it
                 metrics[name] = json.loads((out / "ptq_errors.json").read_text())["summary"]
                 continue
-            model = _load(ctx, device)
+            model = load_rotated_teacher(ctx, device)
             plan = targets.resolve(model)
             spec = runtime_spec(r, plan)
-            apply_runtime(model, spec)  # GPTQ calibrates on what the quantized model will compute
             if method == "rtn":
                 qws, errors = rtn_quantize_model(model, plan)
             else:
                 ids = calib["generic" if method == "gptq_generic" else "main"]
+                apply_runtime(model, spec)  # GPTQ calibrates on what the quantized model will compute
                 qws, errors = gptq_quantize_model(
                     model, plan, ids, damp=r.ptq.damp, block_size=r.ptq.block_size, act_order=r.ptq.act_order,
                     true_sequential=r.ptq.true_sequential, device=device,
                 )
-                model = _load(ctx, device)  # GPTQ overwrote weights in place
+                model = load_rotated_teacher(ctx, device)  # GPTQ overwrote weights in place
             swap_in_fake_quant(model, targets, qws)
             if spec:
                 model.config.rqat_runtime = spec  # the checkpoint says what runs beside its weights

@@ -29,17 +29,16 @@ from ..pipeline import StageContext, StageFailed, recipe_from_run
 from ..quant import swap_in_fake_quant, targets_from_recipe
 from ..quant.act_quant import apply_runtime, runtime_spec
 from ..quant.fake_quant import use_compiled_fake_quant
-from ..quant.rotation import rotate
 from ..quant.formats import read_quantized_weights, save_quantized_checkpoint
 from ..training import WeightAveraging, last_checkpoint, quiet_training_args, schedule_args
 from .common import (
     exists_done,
     finish_training,
+    load_rotated_teacher,
     load_teacher,
     load_teacher_tokenizer,
     variant,
 )
-
 
 
 def _launched() -> bool:
@@ -93,9 +92,7 @@ def qat_collator(packing: bool, pad_token_id: int):
 def _init_student(ctx: StageContext, bits: int, device: str):
     r = ctx.recipe
     targets = targets_from_recipe(r.quant, bits)
-    student = load_teacher(ctx, torch.float32, device)  # float32 master weights; bf16 autocast on GPU
-    if r.ptq.rotation == "hadamard":  # the rotation the ptq stage quantized (same seed); the teacher stays as it is
-        rotate(student, r.ptq.rotation_seed)
+    student = load_rotated_teacher(ctx, device)  # float32 master weights (bf16 autocast on GPU), ptq's rotation
     if r.qat.init == "ptq":
         qws, _, _ = read_quantized_weights(ctx.layout.ptq(variant(bits, r.ptq.method)))
         plan = swap_in_fake_quant(student, targets, {k: _to(v, device) for k, v in qws.items()})

@@ -8,6 +8,7 @@ student's accuracy is below `rl.min_accuracy`: RL needs a viable cold start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import torch
@@ -111,20 +112,31 @@ def student_accuracy(model, tok, rows: list[dict], n: int = 64, max_new_tokens: 
     return sum(grade(o[0].text, r["answer"]).correct for o, r in zip(outs, rows)) / max(len(rows), 1)
 
 
-def _keep_cpu_weights_syncable() -> None:
+@contextlib.contextmanager
+def _syncable_cpu_weights(use_vllm: bool):
     """vLLM's CPU build repacks each Linear's weight after loading (oneDNN, or AMX kernels where the
     CPU has them) and, for Linear layers, drops the weight tensor: a GRPO weight sync then fails
     ('Parameter' object has no attribute 'weight_loader') or, for the output head, would update a
-    tensor the packed kernel no longer reads. For colocated RL on CPU, every layer keeps plain
-    F.linear over its own weight, which is what vLLM itself does where it skips the repacking. Our
-    engine runs in this process on CPU (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the patch reaches it;
-    rl.py's vllm_weight_gap test checks that the synced weights are the ones served."""
+    tensor the packed kernel no longer reads. While the colocated RL engine is built on CPU, every
+    layer keeps plain F.linear over its own weight, which is what vLLM itself does where it skips
+    the repacking; engines built afterwards (eval) get vLLM's own kernels again. Our CPU engine runs
+    in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the patch reaches it; the stage's
+    vllm_weight_gap (tested) checks that the synced weights are the ones served."""
+    if not use_vllm or torch.cuda.is_available():
+        yield
+        return
     from vllm.model_executor.layers import utils
+
+    original = utils.dispatch_cpu_unquantized_gemm
 
     def plain(layer, remove_weight: bool) -> None:
         layer.cpu_linear = torch.nn.functional.linear
 
     utils.dispatch_cpu_unquantized_gemm = plain
+    try:
+        yield
+    finally:
+        utils.dispatch_cpu_unquantized_gemm = original
 
 
 def _vllm_args(cfg, recipe) -> dict:
@@ -133,8 +145,6 @@ def _vllm_args(cfg, recipe) -> dict:
     from ..evaluation.backends import pick_backend
 
     pick_backend("vllm")  # one line if vLLM cannot run here
-    if not torch.cuda.is_available():
-        _keep_cpu_weights_syncable()
     e = recipe.eval
     return {"use_vllm": True, "vllm_mode": "colocate",
             "vllm_gpu_memory_utilization": e.gpu_memory_utilization or (0.3 if torch.cuda.is_available() else 0.2),
@@ -193,7 +203,9 @@ def run(ctx: StageContext) -> dict:
             seed=r.seed,
             **_vllm_args(cfg, r),
         )
-        trainer = _trainer_class(cfg.latent_lr)(model=student, reward_funcs=funcs, args=args, train_dataset=data, processing_class=tok)
+        with _syncable_cpu_weights(cfg.use_vllm):  # the colocated engine is built here
+            trainer = _trainer_class(cfg.latent_lr)(model=student, reward_funcs=funcs, args=args, train_dataset=data,
+                                                    processing_class=tok)
         trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
         rollouts = {"rollouts": "vllm" if cfg.use_vllm else "transformers", **trainer.hook_calls,
