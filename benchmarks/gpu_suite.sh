@@ -40,6 +40,8 @@ for part in "$@"; do
     gptq) (cd benchmarks; BENCH_TAG=${GPTQ_TAG:-} timeout $(t ${T_GPTQ:-240}) python3 gptq_time.py ${GPTQ_ARGS:-}) 2>&1 | quiet ;;
     demo) timeout $(t ${T_DEMO:-500}) rqat run recipes/demo-gpu.yaml 2>&1 | quiet ;;
     organism) timeout $(t ${T_ORG:-540}) rqat run recipes/organism-gpu.yaml 2>&1 | quiet ;;
+    runs)  # benchmarks/organism_runs.py $RUNS_ARGS, stopped (resumable) before the call's deadline
+      python3 benchmarks/organism_runs.py --deadline $(( $(t 9999) - ${RUNS_MARGIN:-45} )) $RUNS_ARGS 2>&1 | quiet ;;
     ablations)
       # Recipes whose model section matches share one teacher: the first run trains it and the
       # others get a copy (the pipeline accepts it only if its recipe hash matches).
@@ -54,6 +56,6 @@ for part in "$@"; do
   esac
 done
 # Keep manifests, metrics, compare tables and plots (not the checkpoints).
-find benchmarks/results runs -name '*.json' -o -name '*.md' -o -name '*.png' 2>/dev/null | grep -v "/trainer/\|/model/\|/dequantized/\|/gptq/\|samples.jsonl" \
+find benchmarks/results runs -name '*.json' -o -name '*.md' -o -name '*.png' -o -name '*.log' 2>/dev/null | grep -v "/trainer/\|/model/\|/dequantized/\|/gptq/\|samples.jsonl" \
   | tar czf "${OUT:-/tmp/out}/results.tar.gz" -T -
 ls -la "${OUT:-/tmp/out}"

@@ -12,9 +12,9 @@ from .errors import UserError
 from .quant.formats import directory_size
 from .run_layout import RunLayout, Variant
 
-METHOD_ORDER = ["rtn", "gptq_generic", "gptq", "qat", "qat_rl"]
+METHOD_ORDER = ["rtn", "gptq_generic", "gptq", "ptq_rl", "qat", "qat_rl"]
 METHOD_LABEL = {"bf16": "BF16", "rtn": "RTN", "gptq": "GPTQ (domain calib)", "gptq_generic": "GPTQ (generic calib)",
-                "qat": "KD-QAT", "qat_rl": "KD-QAT + RL"}
+                "qat": "KD-QAT", "qat_rl": "KD-QAT + RL", "ptq_rl": "RL from PTQ"}
 
 
 def collect(run_dirs: list[str | Path]) -> list[dict]:
@@ -25,6 +25,7 @@ def collect(run_dirs: list[str | Path]) -> list[dict]:
             raise UserError(f"{layout.root}: no finished eval stage; run `rqat run RECIPE --stages eval` first")
         sizes = (layout.manifest("export") or {}).get("metrics", {})
         qat = (layout.manifest("qat") or {}).get("metrics", {})
+        rl = (layout.manifest("rl") or {}).get("metrics", {})
         calib_domain = (layout.manifest("calibrate") or {}).get("metrics", {}).get("domain", "reasoning")
         ptq = (layout.manifest("ptq") or {}).get("metrics", {})
         teacher_model = layout.teacher_model_dir()
@@ -37,12 +38,14 @@ def collect(run_dirs: list[str | Path]) -> list[dict]:
                 (exported[k] for k in ("compressed-tensors_bytes", "gptq_bytes", "dequantized_bytes") if k in exported), None)
             for task, tm in tasks.items():
                 rows.append({"run": layout.name, "task": task, "bits": v.bits, "method": v.method, "pass@1": tm["pass@1"],
-                             "ci95": tm["ci95"], "size_bytes": size,
-                             "label": _label(v.method, qat.get(str(Variant(v.bits, "qat")), {}), calib_domain)
-                             + _scheme(ptq, v)})
+                             "ci95": tm["ci95"], "size_bytes": size, "ce": tm.get("ce"),
+                             "label": _label(v.method, qat.get(str(Variant(v.bits, "qat")), {}), calib_domain,
+                                             rl.get(name, {})) + _scheme(ptq, v)})
     for r in rows:
         base = [b for b in rows if b["run"] == r["run"] and b["task"] == r["task"] and b["method"] == "bf16"]
         r["recovery"] = r["pass@1"] / base[0]["pass@1"] if base and base[0]["pass@1"] > 0 else None
+        # relative increase of the held-out cross-entropy over BF16's (demo tasks)
+        r["ce_increase"] = r["ce"] / base[0]["ce"] - 1 if base and r["ce"] is not None and base[0].get("ce") else None
     key = {m: i for i, m in enumerate(["bf16", *METHOD_ORDER])}
     return sorted(rows, key=lambda r: (r["run"], r["task"], -r["bits"], key.get(r["method"], 99)))
 
@@ -57,9 +60,12 @@ def _scheme(ptq_metrics: dict, v) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def _label(method: str, qat_metrics: dict, calib_domain: str = "reasoning") -> str:
-    """Names variants by how they were made: the main GPTQ's calibration domain, QAT's loss and init."""
+def _label(method: str, qat_metrics: dict, calib_domain: str = "reasoning", rl_metrics: dict | None = None) -> str:
+    """Names variants by how they were made: the main GPTQ's calibration domain, QAT's loss and init,
+    the PTQ checkpoint RL started from."""
     label = METHOD_LABEL.get(method, method)
+    if method == "ptq_rl" and (rl_metrics or {}).get("init"):
+        return f"RL from {_label(Variant.parse(rl_metrics['init']).method, {}, calib_domain)}"
     if method == "gptq" and calib_domain == "generic":
         label = METHOD_LABEL["gptq_generic"]
     if method in ("qat", "qat_rl") and qat_metrics:
@@ -72,14 +78,20 @@ def _label(method: str, qat_metrics: dict, calib_domain: str = "reasoning") -> s
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| run | task | bits | method | pass@1 | ±95% CI | recovery (% of BF16) | size on disk (MB) |",
-             "|---|---|---|---|---|---|---|---|"]
+    with_ce = any(r.get("ce") is not None for r in rows)
+    lines = ["| run | task | bits | method | pass@1 | ±95% CI | recovery (% of BF16) | size on disk (MB) |"
+             + (" held-out CE | CE increase (%) |" if with_ce else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if with_ce else "")]
     for r in rows:
         rec = f"{100 * r['recovery']:.1f}" if r["recovery"] is not None else "-"
         size = f"{r['size_bytes'] / 2**20:.2f}" if r["size_bytes"] else "-"
         bits = "16" if r["method"] == "bf16" else str(r["bits"])
-        lines.append(f"| {r['run']} | {r['task']} | {bits} | {r['label']} | "
-                     f"{r['pass@1']:.3f} | {r['ci95']:.3f} | {rec} | {size} |")
+        line = f"| {r['run']} | {r['task']} | {bits} | {r['label']} | {r['pass@1']:.3f} | {r['ci95']:.3f} | {rec} | {size} |"
+        if with_ce:
+            ce, inc = r.get("ce"), r.get("ce_increase")
+            line += f" {ce:.4f} |" if ce is not None else " - |"
+            line += f" {100 * inc:+.2f} |" if inc is not None else " - |"
+        lines.append(line)
     return "\n".join(lines)
 
 

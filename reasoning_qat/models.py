@@ -66,7 +66,8 @@ def demo_config(demo, tokenizer, max_positions: int = 256):
         num_attention_heads=demo.num_heads,
         num_key_value_heads=demo.num_kv_heads,
         head_dim=demo.head_dim,
-        max_position_embeddings=max_positions,
+        # engines cap the context at this (vLLM's max_model_len): room for the longest prompt + response
+        max_position_embeddings=max_positions if demo.task == "arith" else max(max_positions, 2 * demo.max_length),
         tie_word_embeddings=False,
         rope_theta=10000.0,
     )

@@ -82,8 +82,8 @@ class StageContext:
 class Stage:
     name: str
     run: Callable[[StageContext], dict | None]
-    deps: tuple[str, ...]
-    recipe_keys: tuple[str, ...]
+    deps: tuple[str, ...] | Callable[[Recipe], tuple[str, ...]]  # stages whose outputs it reads
+    recipe_keys: tuple[str, ...] | Callable[[Recipe], tuple[str, ...]]  # the recipe fields it depends on
     enabled: Callable[[Recipe], bool] = lambda r: True
     help: str = ""
     version: int = 1  # bump when the stage's code changes what a recipe means: finished runs go stale
@@ -129,12 +129,14 @@ class Pipeline:
 
     def recipe_hash(self, name: str, run_format: int = RUN_FORMAT) -> str:
         stage = self.stages[name]
+        keys = stage.recipe_keys(self.recipe) if callable(stage.recipe_keys) else stage.recipe_keys
         if run_format < 2:  # manifests written before run format 2 hashed every field, defaults included
-            return self.recipe.section_hash(*stage.recipe_keys, exclude_defaults=False)
-        return self.recipe.section_hash(*stage.recipe_keys, f"version={stage.version}")
+            return self.recipe.section_hash(*keys, exclude_defaults=False)
+        return self.recipe.section_hash(*keys, f"version={stage.version}")
 
     def active_deps(self, name: str) -> list[str]:
-        return [d for d in self.stages[name].deps if self.enabled(d)]
+        deps = self.stages[name].deps
+        return [d for d in (deps(self.recipe) if callable(deps) else deps) if self.enabled(d)]
 
     def status(self, name: str) -> str:
         """done | stale | missing | partial | disabled"""

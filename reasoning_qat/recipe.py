@@ -42,7 +42,13 @@ class DemoTeacher(_Section):
     # worked column by column with carries (data/arithmetic.py), `num_problems` of them
     task: Literal["arith", "chain"] = "arith"
     num_problems: int = Field(20000, ge=100)
-    max_length: int = Field(256, ge=32)  # training sequence length (chain responses need ~450)
+    min_steps: int = Field(4, ge=1)  # chain: steps per problem, drawn uniformly in [min_steps, max_steps]
+    max_steps: int = Field(6, ge=1)
+    trace: Literal["columns", "compact"] = "columns"  # chain: column work written out, or step results only
+    max_length: int = Field(256, ge=32)  # training sequence length (chain: ~450 at 6 steps, ~650 at 8)
+    # the teacher's own seed (init, data, order): runs that differ only in `seed` share one teacher
+    # (and can take a copy of it) when this is set; None: the run's seed
+    seed: int | None = None
     # the teacher's training dynamics (schedule and weight averaging change how well it survives PTQ)
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     decay_ratio: float = Field(0.2, gt=0, le=1)  # wsd: fraction of steps spent decaying
@@ -50,6 +56,12 @@ class DemoTeacher(_Section):
     ema_decay: float = Field(0.999, gt=0, lt=1)
     lawa_k: int = Field(5, ge=2)
     lawa_interval: int = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _step_range(self):
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps {self.min_steps} is above max_steps {self.max_steps}")
+        return self
 
 
 class ModelConfig(_Section):
@@ -235,6 +247,9 @@ class QATConfig(_Section):
 
 class RLConfig(_Section):
     enabled: bool = False
+    # qat: GRPO on the QAT student (the paper's KD cold start); ptq: straight from the ptq stage's
+    # checkpoint of `ptq.method` (qat may be off), the control that shows RL needs a viable start
+    init: Literal["qat", "ptq"] = "qat"
     min_accuracy: float = Field(0.05, ge=0, le=1)  # refuse to start below this (no viable cold start)
     train_scales: bool = False
     data: DataConfig = Field(default_factory=DataConfig)
@@ -272,6 +287,9 @@ class EvalConfig(_Section):
     backend: Literal["auto", "vllm", "transformers"] = "auto"
     samples: int = Field(1, ge=1)  # k samples per problem; pass@1 is averaged over them
     limit: int | None = Field(None, ge=1)
+    # which variants to evaluate, by method (bf16, rtn, gptq, gptq_generic, qat, qat_rl, ptq_rl); None: all.
+    # Runs that share a teacher and PTQ (an ablation of QAT) need not score those again.
+    methods: list[Literal["bf16", "rtn", "gptq", "gptq_generic", "qat", "qat_rl", "ptq_rl"]] | None = None
     batch_size: int = Field(64, ge=1)
     max_new_tokens: int | None = Field(None, ge=1)  # None: the task's own default
     temperature: float | None = Field(None, ge=0)
@@ -292,6 +310,9 @@ class EvalConfig(_Section):
     # transformers backend: a static KV cache with a compiled decode step (auto: on a GPU, when the
     # cache of one batch fits in a third of the free memory)
     static_cache: bool | Literal["auto"] = "auto"
+    # demo tasks: also each variant's mean cross-entropy per token of the held-out reference
+    # solutions (teacher forcing), a damage measure that moves before pass@1 does
+    reference_ce: bool = True
 
 
 class CompareConfig(_Section):
@@ -314,8 +335,9 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        if self.rl.enabled and not self.qat.enabled:
-            raise ValueError("rl.enabled needs qat.enabled (RL starts from the QAT student)")
+        if self.rl.enabled and self.rl.init == "qat" and not self.qat.enabled:
+            raise ValueError("rl.enabled needs qat.enabled (RL starts from the QAT student; rl.init: ptq starts "
+                             "from the PTQ checkpoint instead)")
         if self.qat.deepspeed is not None and not Path(self.qat.deepspeed).is_file():
             raise ValueError(f"qat.deepspeed: no such DeepSpeed config file {self.qat.deepspeed!r}")
         if "gptq" in self.export.formats:

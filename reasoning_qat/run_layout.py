@@ -33,7 +33,7 @@ class Variant:
     """One model of a run: a bit width and how it was made (bits 16, method bf16: the teacher)."""
 
     bits: int
-    method: str  # bf16 | rtn | gptq | gptq_generic | qat | qat_rl
+    method: str  # bf16 | rtn | gptq | gptq_generic | qat | qat_rl | ptq_rl (GRPO straight from PTQ)
 
     def __str__(self) -> str:
         return "bf16" if self.method == "bf16" else f"w{self.bits}-{self.method}"
@@ -167,7 +167,7 @@ class RunLayout:
 
     def trained(self, v: Variant) -> Path:
         """The directory of a trained variant (qat or rl stage); its checkpoint is `model/`."""
-        return self.stage("rl" if v.method == "qat_rl" else "qat") / str(v)
+        return self.stage("rl" if v.method.endswith("_rl") else "qat") / str(v)
 
     def checkpoint(self, v: Variant) -> Path:
         """The rqat quantized checkpoint of any quantized variant."""

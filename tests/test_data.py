@@ -180,3 +180,20 @@ def test_chain_task_works_every_column_and_splits_by_problem():
             assert int(("1" if carry_out else "") + "".join(map(str, reversed(digits)))) == nxt  # the column work is the result
             v = nxt
         assert p.answer == str(v) and p.response.endswith(f"\\boxed{{{v}}}.")
+
+
+def test_chain_step_range_and_compact_trace():
+    """min/max_steps bound the steps; the compact trace writes one `a+b=c` line per step (the
+    carries left to the network) and ends at the same answer as the column trace."""
+    from reasoning_qat.data.arithmetic import chain_problems
+
+    cols, compact = chain_problems(400, 3, 4, 8), chain_problems(400, 3, 4, 8, "compact")
+    assert {len(p.steps) for p in cols} == set(range(4, 9))
+    for a, b in zip(cols, compact):
+        assert (a.start, a.steps, a.answer) == (b.start, b.steps, b.answer)
+        lines = b.response.split("<think>\n")[1].split("\n</think>")[0].splitlines()
+        v = b.start
+        for line, (op, n), nxt in zip(lines, b.steps, b.values()):
+            assert line == f"{v}{op}{n}={nxt}"
+            v = nxt
+        assert len(lines) == len(b.steps) and b.response.endswith(f"\\boxed{{{b.answer}}}.")

@@ -72,6 +72,34 @@ def test_rl_refuses_a_student_that_cannot_solve_anything(tmp_path):
                                            "max_completion_length: 40}"))
     res = cli("run", str(rec), check=False)
     assert res.returncode == 2
-    assert "rl: the w2 QAT student solves" in res.stderr and "below rl.min_accuracy=0.5" in res.stderr
+    assert "rl: the w2-qat student solves" in res.stderr and "below rl.min_accuracy=0.5" in res.stderr
     run = tmp_path / "runs" / "cold"
     assert (run / "qat" / "manifest.json").is_file() and not (run / "rl").exists()
+
+
+@pytest.mark.slow
+def test_grpo_straight_from_a_ptq_checkpoint(tmp_path):
+    """rl.init: ptq (the control row: RL without the KD cold start) runs with QAT off, starts from
+    the ptq stage's checkpoint of ptq.method, and its variant goes through export, eval and compare."""
+    rec = demo_recipe(tmp_path, name="rlptq", teacher_steps=300, bits="[4]", baselines="[]", qat="false", limit=10)
+    rec.write_text(rec.read_text().replace("method: gptq", "method: rtn").replace(
+        "rl: {enabled: false}", "rl: {enabled: true, init: ptq, min_accuracy: 0.0, data: {source: demo}, max_steps: 2, "
+        "num_generations: 4, batch_size: 4, max_completion_length: 40, save_steps: 1}"))
+    cli("run", str(rec))
+    run = tmp_path / "runs" / "rlptq"
+    assert not (run / "qat").exists()
+    rl = json.loads((run / "rl" / "manifest.json").read_text())
+    assert set(rl["inputs"]) == {"teacher", "ptq"}
+    m = rl["metrics"]["w4-ptq_rl"]
+    assert m["init"] == "w4-rtn" and m["steps"] == 2 and m["quantized_rollout_batches"] >= 2
+    # RL changed the weights it started from (a w4 start solves some prompts: the rewards differ)
+    start, after = (load_quantized_checkpoint(p) for p in (run / "ptq" / "w4-rtn", run / "rl" / "w4-ptq_rl" / "model"))
+    x = torch.randint(0, 100, (1, 20))
+    with torch.no_grad():
+        assert not torch.allclose(start(x).logits, after(x).logits)
+    ev = json.loads((run / "eval" / "manifest.json").read_text())["metrics"]
+    assert {"bf16", "w4-rtn", "w4-ptq_rl"} <= set(ev)
+    # the held-out cross-entropy sits beside pass@1, and quantization raised it
+    assert 0 < ev["bf16"]["demo_arith"]["ce"] < ev["w4-rtn"]["demo_arith"]["ce"]
+    table = (run / "compare" / "compare.md").read_text()
+    assert "| rlptq | demo_arith | 4 | RL from RTN |" in table and "CE increase (%)" in table

@@ -148,3 +148,32 @@ def test_a_second_run_on_a_busy_run_directory_is_refused(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == f"error: {run_dir} is in use by another rqat run (pid {os.getpid()}); wait for it to finish or stop it, then re-run"
     assert not (run_dir / "teacher").exists()
+
+
+def test_a_demo_teacher_with_its_own_seed_is_shared_by_runs_of_other_seeds():
+    """model.demo.seed set: the teacher stage does not depend on the run's seed (two seeds share one
+    teacher, and a copy of it is accepted); unset, it does. QAT depends on the run's seed either way."""
+    from reasoning_qat.stages import STAGES
+
+    def hashes(seed, demo_seed):
+        demo = {"train_steps": 5} | ({"seed": demo_seed} if demo_seed is not None else {})
+        p = Pipeline(parse_recipe({"name": "s", "seed": seed, "model": {"demo": demo}}), STAGES)
+        return p.recipe_hash("teacher"), p.recipe_hash("qat")
+
+    assert hashes(0, 0)[0] == hashes(1, 0)[0] and hashes(0, 0)[1] != hashes(1, 0)[1]
+    assert hashes(0, None)[0] != hashes(1, None)[0]
+    assert hashes(0, 0)[0] != hashes(0, 1)[0]
+
+
+def test_rl_from_ptq_depends_on_ptq_not_qat():
+    from reasoning_qat.stages import STAGES
+
+    base = {"name": "r", "model": {"demo": {}}, "rl": {"enabled": True}}
+    p = Pipeline(parse_recipe(base), STAGES)
+    assert p.active_deps("rl") == ["teacher", "qat"]
+    q = Pipeline(parse_recipe(base | {"qat": {"enabled": False}, "rl": {"enabled": True, "init": "ptq"}}), STAGES)
+    assert q.active_deps("rl") == ["teacher", "ptq"] and not q.enabled("qat")
+    # which PTQ checkpoint RL starts from is part of what the rl stage means
+    r = Pipeline(parse_recipe(base | {"qat": {"enabled": False}, "ptq": {"method": "rtn"},
+                                      "rl": {"enabled": True, "init": "ptq"}}), STAGES)
+    assert r.recipe_hash("rl") != q.recipe_hash("rl")

@@ -53,13 +53,16 @@ def to_records(problems: list[ArithProblem]) -> list[dict]:
 
 @dataclass(frozen=True)
 class ChainProblem:
-    """start, then 4-6 dependent steps of +/- a 2-3 digit number: "Start at 482. Add 359, subtract
+    """start, then 4-6 (or min_steps..max_steps) dependent steps of +/- a 2-3 digit number: "Start at 482. Add 359, subtract
     127, ...". The thinking works every step column by column, least significant digit first, with
     its carries or borrows (e.g. `482+359: 2+9=11 c1, 8+5+1=14 c1, 4+3+1=8 -> 841`), ~130-330
     characters (tokens of the character tokenizer) in all: an error in any column propagates to the answer."""
 
     start: int
     steps: tuple[tuple[str, int], ...]
+    # columns: every column written out; compact: only each step's result ("482+359=841"), so the
+    # carries are computed inside the network, not on the page (a harder, more precision-hungry task)
+    trace: str = "columns"
 
     @property
     def problem(self) -> str:
@@ -81,7 +84,7 @@ class ChainProblem:
     def response(self) -> str:
         lines, v = [], self.start
         for (op, n), nxt in zip(self.steps, self.values()):
-            lines.append(f"{v}{op}{n}: {_columns(v, n, op)} -> {nxt}")
+            lines.append(f"{v}{op}{n}={nxt}" if self.trace == "compact" else f"{v}{op}{n}: {_columns(v, n, op)} -> {nxt}")
             v = nxt
         return "<think>\n" + "\n".join(lines) + "\n</think>\n\nThe answer is \\boxed{" + self.answer + "}."
 
@@ -103,7 +106,7 @@ def _columns(a: int, b: int, op: str) -> str:
     return ", ".join(parts)
 
 
-def chain_problems(n: int, seed: int, min_steps: int = 4, max_steps: int = 6) -> list[ChainProblem]:
+def chain_problems(n: int, seed: int, min_steps: int = 4, max_steps: int = 6, trace: str = "columns") -> list[ChainProblem]:
     """n distinct problems; subtraction only where the running value stays >= the subtrahend, so
     every intermediate value is non-negative and the column method applies."""
     rnd, seen, out = random.Random(seed), set(), []
@@ -115,15 +118,16 @@ def chain_problems(n: int, seed: int, min_steps: int = 4, max_steps: int = 6) ->
             op = "-" if rnd.random() < 0.5 and v >= k else "+"
             v = v + k if op == "+" else v - k
             steps.append((op, k))
-        p = ChainProblem(start, tuple(steps))
+        p = ChainProblem(start, tuple(steps), trace)
         if p.problem not in seen:
             seen.add(p.problem)
             out.append(p)
     return out
 
 
-def split_chain_problems(n: int, test_fraction: float, seed: int) -> tuple[list[ChainProblem], list[ChainProblem]]:
+def split_chain_problems(n: int, test_fraction: float, seed: int, min_steps: int = 4, max_steps: int = 6,
+                         trace: str = "columns") -> tuple[list[ChainProblem], list[ChainProblem]]:
     """Train/test split by problem (the generator draws distinct problems)."""
-    problems = chain_problems(n, seed)
+    problems = chain_problems(n, seed, min_steps, max_steps, trace)
     n_test = int(n * test_fraction)
     return problems[n_test:], problems[:n_test]

@@ -6,14 +6,29 @@ from .. import compare
 from ..pipeline import Stage
 from . import calibrate, evaluate, export, ptq, qat, rl, teacher
 
+
+def _teacher_keys(recipe) -> tuple[str, ...]:
+    """A demo teacher with its own seed does not depend on the run's: seeds share one teacher."""
+    demo = recipe.model.demo
+    return ("model",) if demo is not None and demo.seed is not None else ("model", "seed")
+
+
+def _rl_deps(recipe) -> tuple[str, ...]:
+    return ("teacher", "ptq") if recipe.rl.init == "ptq" else ("teacher", "qat")
+
+
+def _rl_keys(recipe) -> tuple[str, ...]:
+    return ("quant", "rl", "seed") + (("ptq.method",) if recipe.rl.init == "ptq" else ())
+
+
 STAGES = [
-    Stage("teacher", teacher.run, (), ("model", "seed"), help="the BF16 model (trains the demo teacher)"),
+    Stage("teacher", teacher.run, (), _teacher_keys, help="the BF16 model (trains the demo teacher)"),
     Stage("calibrate", calibrate.run, ("teacher",), ("calibration", "qat.data", "ptq.baselines"),
           help="domain-matched calibration set"),
     Stage("ptq", ptq.run, ("teacher", "calibrate"), ("quant", "ptq"), help="RTN / GPTQ checkpoints"),
     Stage("qat", qat.run, ("teacher", "calibrate", "ptq"), ("quant", "qat", "seed", "ptq.method"),
           enabled=lambda r: r.qat.enabled, help="KD quantization-aware training"),
-    Stage("rl", rl.run, ("teacher", "qat"), ("quant", "rl", "seed"), enabled=lambda r: r.rl.enabled,
+    Stage("rl", rl.run, _rl_deps, _rl_keys, enabled=lambda r: r.rl.enabled,
           help="GRPO on the quantized student"),
     Stage("export", export.run, ("ptq", "qat", "rl"), ("export", "model.dtype", "ptq.act_order"),
           help="dequantized and GPTQ checkpoints"),

@@ -31,6 +31,8 @@ def run(ctx: StageContext) -> dict:
     for v in ctx.layout.exported_variants():
         if ctx.layout.export(v, fmt).is_dir():
             models[v] = str(ctx.layout.export(v, fmt))
+    if e.methods is not None:
+        models = {v: p for v, p in models.items() if v.method in e.methods}
     metrics: dict = {}
     for v, path in models.items():
         name = str(v)
@@ -47,5 +49,26 @@ def run(ctx: StageContext) -> dict:
             metrics.setdefault(name, {})[task.name] = {k: m[k] for k in ("pass@1", "ci95", "truncation_rate",
                                                                           "mean_response_tokens", "problems", "backend",
                                                                           "sandbox") if k in m}
-            print(f"  {name:>18} {task.name}: pass@1 {m['pass@1']:.3f} ± {m['ci95']:.3f}")
+            if e.reference_ce and task.source == "demo" and ctx.layout.demo_data() is not None:
+                metrics[name][task.name].update(_reference_ce(ctx, path, out, task))
+            print(f"  {name:>18} {task.name}: pass@1 {m['pass@1']:.3f} ± {m['ci95']:.3f}"
+                  + (f", held-out CE {metrics[name][task.name]['ce']:.4f}" if "ce" in metrics[name][task.name] else ""))
     return metrics
+
+
+def _reference_ce(ctx: StageContext, model_path: str, out, task) -> dict:
+    """Cross-entropy of the task's held-out reference solutions (the demo test split), kept in
+    ce.json beside the task's metrics so a resumed eval does not recompute it."""
+    from ..data.reasoning import read_jsonl
+    from ..evaluation.likelihood import reference_ce_of
+
+    f = out / "ce.json"
+    if f.is_file():
+        return json.loads(f.read_text())
+    e = ctx.recipe.eval
+    rows = read_jsonl(ctx.layout.demo_data() / f"{task.split}.jsonl")
+    m = reference_ce_of(model_path, rows[: e.limit] if e.limit else rows, batch_size=e.batch_size,
+                        trust_remote_code=ctx.recipe.model.trust_remote_code)
+    out.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(m))
+    return m

@@ -26,7 +26,8 @@ def quantized_variants(ctx: StageContext) -> list[Variant]:
     r, found = ctx.recipe, []
     for bits in r.quant.bits:
         found += [variant(bits, m) for m in ptq_methods(r)]
-        found += [variant(bits, m) for m, stage in (("qat", "qat"), ("qat_rl", "rl")) if stage in ctx.inputs]
+        rl = "ptq_rl" if ctx.recipe.rl.init == "ptq" else "qat_rl"
+        found += [variant(bits, m) for m, stage in (("qat", "qat"), (rl, "rl")) if stage in ctx.inputs]
     return found
 
 

@@ -1,4 +1,5 @@
-"""rl stage: GRPO (TRL's GRPOTrainer) on the fake-quant QAT student, reward = verified correctness.
+"""rl stage: GRPO (TRL's GRPOTrainer) on the fake-quant QAT student, reward = verified correctness
+(`rl.init: ptq`: on the ptq stage's checkpoint instead, variant `ptq_rl`).
 
 Rollouts come from the quantized policy: generation runs the student's own forward (FakeQuantLinear),
 and when TRL's vLLM rollouts are on, the weights synced to vLLM are the dequantized fake-quant
@@ -161,18 +162,20 @@ def run(ctx: StageContext) -> dict:
     if not rows or "answer" not in rows[0]:
         raise UserError("rl.data: rows need an 'answer' field for the verifiable reward")
     metrics = {}
+    start = "ptq" if cfg.init == "ptq" else "qat"
     for bits in r.quant.bits:
-        v = variant(bits, "qat_rl")
+        v = variant(bits, f"{start}_rl")
         name, out = str(v), ctx.layout.trained(v)
         if exists_done(out):
             metrics[name] = json.loads((out / "rl_metrics.json").read_text())
             continue
         device = best_device()
-        student = load_quantized_checkpoint(ctx.layout.checkpoint(variant(bits, "qat")), device=device,
+        init = variant(bits, r.ptq.method if start == "ptq" else "qat")
+        student = load_quantized_checkpoint(ctx.layout.checkpoint(init), device=device,
                                             trust_remote_code=ctx.recipe.model.trust_remote_code)
         acc = student_accuracy(student, tok, rows, max_new_tokens=cfg.max_completion_length)
         if acc < cfg.min_accuracy:
-            raise UserError(f"rl: the w{bits} QAT student solves {acc:.1%} of the first RL prompts, below "
+            raise UserError(f"rl: the {init} student solves {acc:.1%} of the first RL prompts, below "
                              f"rl.min_accuracy={cfg.min_accuracy}; RL needs a viable start (train QAT longer or lower it)")
         if cfg.use_vllm:
             # vLLM cannot read the fake-quant checkpoint: it starts from the BF16 teacher's (same
@@ -210,8 +213,8 @@ def run(ctx: StageContext) -> dict:
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
         rollouts = {"rollouts": "vllm" if cfg.use_vllm else "transformers", **trainer.hook_calls,
                     **(trainer.vllm_weight_gap() if cfg.use_vllm else {})}
-        save_quantized_checkpoint(student, out / "model", tok, {"method": "qat_rl", "bits": bits})
-        m = {"start_accuracy": acc, "steps": trainer.state.global_step,
+        save_quantized_checkpoint(student, out / "model", tok, {"method": v.method, "bits": bits})
+        m = {"init": str(init), "start_accuracy": acc, "steps": trainer.state.global_step,
              "mean_reward_first": sum(rewards[:5]) / max(len(rewards[:5]), 1),
              "mean_reward_last": sum(rewards[-5:]) / max(len(rewards[-5:]), 1), **rollouts}
         finish_training(out, "rl_metrics.json", m, trainer.state.log_history)

@@ -30,9 +30,10 @@ def _train_demo_teacher(ctx: StageContext) -> dict:
     import torch
     from transformers import Qwen3ForCausalLM, Trainer
 
-    demo, seed = ctx.recipe.model.demo, ctx.recipe.seed
+    demo = ctx.recipe.model.demo
+    seed = ctx.recipe.seed if demo.seed is None else demo.seed
     train, test = split_problems(demo.test_fraction, seed) if demo.task == "arith" else \
-        split_chain_problems(demo.num_problems, demo.test_fraction, seed)
+        split_chain_problems(demo.num_problems, demo.test_fraction, seed, demo.min_steps, demo.max_steps, demo.trace)
     data = ctx.layout.stage("teacher") / "data"
     write_jsonl(data / "train.jsonl", to_records(train))
     write_jsonl(data / "test.jsonl", to_records(test))

@@ -1,0 +1,154 @@
+"""The GPU organism's table (issue 16): every variant of several runs (seeds, QAT/RL ablations that
+share one teacher), one row per method, one column per scheme, mean over seeds with a 95% CI, and
+the paper's four findings read off it.
+
+  python benchmarks/organism_table.py runs/organism-gpu-* [--correctness correctness.json] --out FILE.md
+
+Rows are named as `rqat compare` names them (BF16, RTN, GPTQ (generic calib), GPTQ (domain calib),
+KD-QAT, KD-QAT (RTN init), CE-QAT, KD-QAT + RL, RL from RTN). The CI pools the seeds per problem:
+each problem's score is its mean over seeds and samples, and the interval is 1.96 standard errors
+over problems (from each eval's samples.jsonl, or the --correctness file gpu runs bring back);
+without per-problem data it falls back to combining the runs' own intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from reasoning_qat.compare import collect  # noqa: E402
+
+ROW_ORDER = ["BF16", "RTN", "GPTQ (generic calib)", "GPTQ (domain calib)", "KD-QAT", "KD-QAT (RTN init)", "CE-QAT",
+             "KD-QAT + RL", "RL from RTN", "RL from GPTQ (domain calib)"]
+
+
+def per_problem(run_dir: Path, variant: str, task: str, correctness: dict) -> dict | None:
+    """{problem id: [0/1 per sample]} of one evaluated variant, or None when not kept."""
+    key = f"{run_dir.name}/{variant}/{task}"
+    rows = correctness.get(key)
+    if rows is None:
+        f = run_dir / "eval" / variant / task / "samples.jsonl"
+        if not f.is_file():
+            return None
+        rows = [[r["id"], r["sample"], int(r["correct"])] for r in map(json.loads, f.open())]
+    out = defaultdict(list)
+    for pid, _, ok in rows:
+        out[str(pid)].append(ok)
+    return out
+
+
+def pooled(scores: list[dict]) -> tuple[float, float]:
+    """Mean and 95% CI half-width over problems of each problem's mean over all runs' samples."""
+    problems = set.intersection(*(set(s) for s in scores))
+    vals = [sum(sum(s[p]) for s in scores) / sum(len(s[p]) for s in scores) for p in sorted(problems)]
+    n = len(vals)
+    mean = sum(vals) / n
+    var = sum((x - mean) ** 2 for x in vals) / max(n - 1, 1)
+    return mean, 1.96 * math.sqrt(var / n)
+
+
+def qat_losses(run_dir: Path, variant: str) -> tuple[float | None, float | None, int | None]:
+    """(loss at step 0, loss at the last logged step, that step) of a QAT variant."""
+    f = run_dir / "qat" / variant / "log_history.json"
+    if not f.is_file():
+        return None, None, None
+    hist = [h for h in json.loads(f.read_text()) if "loss" in h]
+    if not hist:
+        return None, None, None
+    return hist[0]["loss"], hist[-1]["loss"], hist[-1].get("step")
+
+
+def build(run_dirs: list[Path], correctness: dict) -> dict:
+    """{(label, bits): {"mean", "ci", "seeds", "loss0", "lossN", "stepN"}} for every row."""
+    groups = defaultdict(list)
+    for r in collect(run_dirs):
+        groups[(r["label"], 16 if r["method"] == "bf16" else r["bits"], r["task"])].append(r)
+    table = {}
+    for (label, bits, task), rows in groups.items():
+        dirs = {r["run"]: next(d for d in run_dirs if d.name == r["run"]) for r in rows}
+        variant = "bf16" if bits == 16 else f"w{bits}-{rows[0]['method']}"
+        # one entry per distinct run (runs sharing a teacher all score BF16: the same model, once per seed)
+        scores = [per_problem(dirs[r["run"]], variant, task, correctness) for r in rows]
+        if all(s is not None for s in scores):
+            mean, ci = pooled(scores)
+        else:
+            mean = sum(r["pass@1"] for r in rows) / len(rows)
+            ci = math.sqrt(sum(r["ci95"] ** 2 for r in rows)) / len(rows)
+        entry = {"mean": mean, "ci": ci, "seeds": len(rows), "task": task}
+        if rows[0]["method"] == "qat":
+            losses = [qat_losses(dirs[r["run"]], variant) for r in rows]
+            if all(x[0] is not None for x in losses):
+                entry.update(loss0=sum(x[0] for x in losses) / len(losses), lossN=sum(x[1] for x in losses) / len(losses),
+                             stepN=losses[0][2])
+        table[(label, bits)] = entry
+    return table
+
+
+def cell(e: dict | None) -> str:
+    return f"{e['mean']:.3f} ± {e['ci']:.3f}" if e else "-"
+
+
+def compare_rows(a: dict | None, b: dict | None) -> str:
+    """'a - b = d (CI c): a better' style reading; separated when |d| exceeds the combined CI."""
+    if not a or not b:
+        return "not measured"
+    d, c = a["mean"] - b["mean"], math.sqrt(a["ci"] ** 2 + b["ci"] ** 2)
+    verdict = "holds" if d > c else ("reversed" if d < -c else "not separated")
+    return f"{a['mean']:.3f} vs {b['mean']:.3f}: {d:+.3f} (±{c:.3f}) → {verdict}"
+
+
+def findings(table: dict, bits_list: list[int]) -> list[str]:
+    out = []
+    for bits in bits_list:
+        t = lambda label: table.get((label, bits))  # noqa: E731
+        out.append(f"**W{bits}G128**")
+        out.append(f"- KD beats CE (KD-QAT vs CE-QAT): {compare_rows(t('KD-QAT'), t('CE-QAT'))}")
+        line = f"- PTQ init beats RTN init (KD-QAT vs KD-QAT (RTN init)): {compare_rows(t('KD-QAT'), t('KD-QAT (RTN init)'))}"
+        a, b = t("KD-QAT"), t("KD-QAT (RTN init)")
+        if a and b and "loss0" in a and "loss0" in b:
+            line += (f"; KD loss at step 0 {a['loss0']:.4g} vs {b['loss0']:.4g}, at step {a['stepN']} "
+                     f"{a['lossN']:.4g} vs {b['lossN']:.4g}")
+        out.append(line)
+        out.append(f"- domain calibration beats generic (GPTQ): {compare_rows(t('GPTQ (domain calib)'), t('GPTQ (generic calib)'))}")
+        out.append(f"- RL adds accuracy after the KD cold start (KD-QAT + RL vs KD-QAT): {compare_rows(t('KD-QAT + RL'), t('KD-QAT'))}")
+        out.append(f"- RL from the collapsed PTQ start (RL from RTN vs RTN): {compare_rows(t('RL from RTN'), t('RTN'))}")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--correctness", type=Path, help="per-problem correctness brought back from a GPU run (bg.sh)")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    runs = [d for d in a.runs if (d / "eval" / "manifest.json").is_file()]
+    correctness = json.loads(a.correctness.read_text()) if a.correctness else {}
+    table = build(runs, correctness)
+    bits_list = sorted({b for _, b in table if b != 16}, reverse=True)
+    labels = [lb for lb in ROW_ORDER if any((lb, b) in table for b in [16, *bits_list])]
+    labels += sorted({lb for lb, _ in table} - set(labels))
+    lines = ["| method | " + " | ".join(f"W{b}G128" for b in bits_list) + " | seeds |",
+             "|---|" + "---|" * (len(bits_list) + 1)]
+    for lb in labels:
+        if (lb, 16) in table:
+            e = table[(lb, 16)]
+            lines.append(f"| {lb} | " + " | ".join(cell(e) for _ in bits_list) + f" | {e['seeds']} |")
+            continue
+        seeds = max(table[(lb, b)]["seeds"] for b in bits_list if (lb, b) in table)
+        lines.append(f"| {lb} | " + " | ".join(cell(table.get((lb, b))) for b in bits_list) + f" | {seeds} |")
+    md = "\n".join(lines) + "\n\n" + "\n".join(findings(table, bits_list)) + "\n"
+    print(md)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
