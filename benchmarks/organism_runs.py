@@ -4,7 +4,8 @@
 Each variant is the base recipe with dotted overrides, run as its own `rqat run` process (at most
 --parallel at once; stages resume, so a variant cut off by --deadline goes on in the next call).
 A variant with `--share NAME` waits for NAME's teacher and starts from a copy of it (the pipeline
-accepts the copy only if the teacher's recipe hash matches, i.e. the model section and seed agree).
+accepts the copy only if the teacher's recipe hash matches, i.e. the model section and seed agree);
+`--teacher-from RUN_DIR` gives every variant a copy of a teacher that is already there.
 
   python benchmarks/organism_runs.py --base recipes/organism-gpu.yaml --out benchmarks/results/x \\
       --variant l4 model.demo.num_layers=4 --variant l2 model.demo.num_layers=2 --parallel 2
@@ -16,6 +17,7 @@ teacher's size and training time beside it) in --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -57,6 +59,8 @@ def main() -> int:
                     help="a variant: its name, then overrides; repeat for more")
     ap.add_argument("--share", nargs=2, action="append", default=[], metavar=("VARIANT", "FROM"),
                     help="VARIANT starts from a copy of FROM's teacher (waits for it)")
+    ap.add_argument("--teacher-from", type=Path, default=None, metavar="RUN_DIR",
+                    help="every variant without a teacher starts from a copy of RUN_DIR/teacher (e.g. one carried in)")
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--deadline", type=float, default=None, help="seconds: stop what still runs (it resumes later)")
     ap.add_argument("--stages", default=None, help="passed to rqat run --stages")
@@ -82,6 +86,26 @@ def main() -> int:
             raise SystemExit(f"--share {v} {src}: both must be variants")
 
     pending, active, finished = list(runs), {}, {}
+
+    def stop_all(signum=None, frame=None):
+        # each run has its own process group (so --deadline can stop it whole): take them along
+        for proc, _ in active.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        if signum is not None:
+            raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop_all)
+    try:
+        _schedule(a, runs, share, pending, active, finished, started, log_dir)
+    finally:
+        stop_all()
+    _report(a, runs)
+    return 0
+
+
+def _schedule(a, runs, share, pending, active, finished, started, log_dir: Path) -> None:
     while pending or active:
         for name, (proc, log) in list(active.items()):
             if proc.poll() is not None:
@@ -105,16 +129,21 @@ def main() -> int:
                 if src in finished:  # its run ended without a teacher: this one trains its own
                     share.pop(name)
                 continue
-            if src and not (run_dir / "teacher").exists():
+            origin = runs[src][1] if src else a.teacher_from
+            if origin is not None and origin.resolve() != run_dir.resolve() and not (run_dir / "teacher").exists():
+                if not teacher_done(origin):
+                    raise SystemExit(f"--teacher-from {origin}: no finished teacher stage there")
                 run_dir.mkdir(parents=True, exist_ok=True)
-                shutil.copytree(runs[src][1] / "teacher", run_dir / "teacher")
-            log = open(log_dir / f"{path.stem}.log", "a")
+                shutil.copytree(origin / "teacher", run_dir / "teacher")
+            log = open(log_dir / f"{path.stem}.log", "a")  # noqa: SIM115 (closed when its run ends)
             cmd = ["rqat", "run", str(path)] + (["--stages", a.stages] if a.stages else [])
             active[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log)
             pending.remove(name)
             print(f"[{time.time() - started:6.0f}s] {name}: started", flush=True)
         time.sleep(2)
 
+
+def _report(a, runs) -> None:
     from reasoning_qat.compare import write_report
 
     done = [runs[n][1] for n in runs if (runs[n][1] / "eval" / "manifest.json").is_file()]
@@ -137,7 +166,6 @@ def main() -> int:
     missing = [n for n in runs if runs[n][1] not in done]
     if missing:
         print(f"not finished: {', '.join(missing)}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 share one teacher), one row per method, one column per scheme, mean over seeds with a 95% CI, and
 the paper's four findings read off it.
 
-  python benchmarks/organism_table.py runs/organism-gpu-* [--correctness correctness.json] --out FILE.md
+  python benchmarks/organism_table.py runs/organism-gpu-* [--correctness C1.json C2.json ...] --out FILE.md
 
 Rows are named as `rqat compare` names them (BF16, RTN, GPTQ (generic calib), GPTQ (domain calib),
 KD-QAT, KD-QAT (RTN init), CE-QAT, KD-QAT + RL, RL from RTN). The CI pools the seeds per problem:
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from reasoning_qat.compare import collect  # noqa: E402
+from reasoning_qat.compare import collect
 
 ROW_ORDER = ["BF16", "RTN", "GPTQ (generic calib)", "GPTQ (domain calib)", "KD-QAT", "KD-QAT (RTN init)", "CE-QAT",
              "KD-QAT + RL", "RL from RTN", "RL from GPTQ (domain calib)"]
@@ -103,11 +103,17 @@ def compare_rows(a: dict | None, b: dict | None) -> str:
     return f"{a['mean']:.3f} vs {b['mean']:.3f}: {d:+.3f} (±{c:.3f}) → {verdict}"
 
 
-def findings(table: dict, bits_list: list[int]) -> list[str]:
+def scheme(bits: int, group_size: int) -> str:
+    return f"W{bits}G{group_size}" if group_size > 0 else f"W{bits} per-channel"
+
+
+def findings(table: dict, bits_list: list[int], group_size: int = 128) -> list[str]:
     out = []
     for bits in bits_list:
-        t = lambda label: table.get((label, bits))  # noqa: E731
-        out.append(f"**W{bits}G128**")
+        def t(label, bits=bits):
+            return table.get((label, bits))
+
+        out.append(f"\n**{scheme(bits, group_size)}**\n")
         out.append(f"- KD beats CE (KD-QAT vs CE-QAT): {compare_rows(t('KD-QAT'), t('CE-QAT'))}")
         line = f"- PTQ init beats RTN init (KD-QAT vs KD-QAT (RTN init)): {compare_rows(t('KD-QAT'), t('KD-QAT (RTN init)'))}"
         a, b = t("KD-QAT"), t("KD-QAT (RTN init)")
@@ -124,16 +130,20 @@ def findings(table: dict, bits_list: list[int]) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--correctness", type=Path, help="per-problem correctness brought back from a GPU run (bg.sh)")
+    ap.add_argument("--correctness", type=Path, nargs="*", default=[],
+                    help="per-problem correctness files brought back from GPU calls (bg.sh), merged")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     runs = [d for d in a.runs if (d / "eval" / "manifest.json").is_file()]
-    correctness = json.loads(a.correctness.read_text()) if a.correctness else {}
+    correctness = {k: v for f in a.correctness for k, v in json.loads(f.read_text()).items()}
     table = build(runs, correctness)
     bits_list = sorted({b for _, b in table if b != 16}, reverse=True)
+    from reasoning_qat.pipeline import recipe_from_run
+
+    group_size = recipe_from_run(runs[0]).quant.group_size  # the runs of one table share their scheme
     labels = [lb for lb in ROW_ORDER if any((lb, b) in table for b in [16, *bits_list])]
     labels += sorted({lb for lb, _ in table} - set(labels))
-    lines = ["| method | " + " | ".join(f"W{b}G128" for b in bits_list) + " | seeds |",
+    lines = ["| method | " + " | ".join(scheme(b, group_size) for b in bits_list) + " | seeds |",
              "|---|" + "---|" * (len(bits_list) + 1)]
     for lb in labels:
         if (lb, 16) in table:
@@ -142,7 +152,7 @@ def main() -> int:
             continue
         seeds = max(table[(lb, b)]["seeds"] for b in bits_list if (lb, b) in table)
         lines.append(f"| {lb} | " + " | ".join(cell(table.get((lb, b))) for b in bits_list) + f" | {seeds} |")
-    md = "\n".join(lines) + "\n\n" + "\n".join(findings(table, bits_list)) + "\n"
+    md = "\n".join(lines) + "\n" + "\n".join(findings(table, bits_list, group_size)) + "\n"
     print(md)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
