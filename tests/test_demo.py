@@ -34,6 +34,8 @@ def test_demo_pipeline_small(tmp_path):
     ptq = json.loads((run / "ptq" / "manifest.json").read_text())["metrics"]
     assert ptq["w2-gptq"]["error_kind"] == "output" and ptq["w2-rtn"]["error_kind"] == "weight"
     assert 0 < ptq["w2-gptq"]["mean_layer_error"] < ptq["w2-gptq"]["max_layer_error"] < 1
+    # how much of each layer's input width the calibration data uses (GPTQ's H; RTN has none)
+    assert 0 < ptq["w2-gptq"]["mean_input_rank_fraction"] <= 1 and "mean_input_rank_fraction" not in ptq["w2-rtn"]
     layers = json.loads((run / "ptq" / "w2-gptq" / "ptq_errors.json").read_text())["layers"]
     assert len(layers) == 14
 

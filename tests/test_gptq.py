@@ -89,3 +89,22 @@ def test_gptq_driver_builds_no_autograd_graph(tiny_model):
     plan = QuantTargets(QuantScheme(4, 32)).resolve(tiny_model)
     gptq_quantize_model(tiny_model, plan, torch.randint(0, 100, (4, 16)), batch_size=2, progress=False)
     assert seen and not any(seen)
+
+
+def test_participation_ratio_counts_the_input_directions_used():
+    """Inputs confined to k directions give a ratio of at most k (exactly k when the k carry equal
+    variance); isotropic inputs give nearly the full width."""
+    from reasoning_qat.quant.gptq import HessianAccumulator, participation_ratio
+
+    torch.manual_seed(0)
+    d, k = 64, 5
+    basis = torch.linalg.qr(torch.randn(d, k))[0]  # k orthonormal directions
+    low, full = HessianAccumulator(d, "cpu"), HessianAccumulator(d, "cpu")
+    for _ in range(4):
+        low.add(torch.randn(512, k) @ basis.T)
+        full.add(torch.randn(512, d))
+    assert abs(participation_ratio(low.H) - k) < 0.5
+    assert participation_ratio(full.H) > 0.85 * d
+    skewed = HessianAccumulator(d, "cpu")
+    skewed.add(torch.randn(2048, k) * torch.tensor([10.0, 1, 1, 1, 1]) @ basis.T)
+    assert participation_ratio(skewed.H) < 1.2  # one direction dominates the energy

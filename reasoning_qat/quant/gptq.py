@@ -31,6 +31,15 @@ class HessianAccumulator:
         self.H += x.t() @ x
 
 
+def participation_ratio(H: torch.Tensor) -> float:
+    """Effective number of input directions a Linear uses: (sum of H's eigenvalues)^2 / sum of their
+    squares = tr(H)^2 / ||H||_F^2, from 1 (one direction) to in_features (isotropic inputs). GPTQ can
+    push rounding error into the directions its calibration inputs never visit, so a small ratio
+    predicts little GPTQ damage on inputs like the calibration's."""
+    H = H.double()
+    return float(torch.trace(H) ** 2 / (H * H).sum().clamp_min(1e-300))
+
+
 def weighted_error(weight: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
     """Relative output error ||(W - W_hat) X||^2 / ||W X||^2 on the calibration inputs, from H."""
     d = (weight.float() - w_hat.float())

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from .fake_quant import QuantizedWeight
-from .gptq import HessianAccumulator, gptq_quantize, weighted_error
+from .gptq import HessianAccumulator, gptq_quantize, participation_ratio, weighted_error
 from .scheme import QuantScheme
 
 SEQUENTIAL_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
@@ -113,10 +113,12 @@ def gptq_quantize_model(
     device: str = "cpu",
     batch_size: int = 8,
     progress: bool = True,
+    input_ranks: dict[str, float] | None = None,
 ) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
     """Quantize the planned Linear layers with GPTQ; the model's weights are replaced by the
     dequantized result as it goes (so later layers see quantized inputs). Returns codes and the
-    relative output error of each layer on its calibration inputs."""
+    relative output error of each layer on its calibration inputs; `input_ranks`, when given, is
+    filled with each layer's input participation ratio (effective number of input directions)."""
     model.eval()
     layers = decoder_layers(model)
     states = capture_layer_inputs(model, layers, calib, device, batch_size)
@@ -136,6 +138,8 @@ def gptq_quantize_model(
                 qw = gptq_quantize(lin.weight.data, accs[n].H, plan[n], block_size, damp, act_order)
                 w_hat = qw.dequantize()
                 errors[n] = weighted_error(lin.weight.data, w_hat, accs[n].H)
+                if input_ranks is not None:
+                    input_ranks[n] = participation_ratio(accs[n].H)
                 lin.weight.data.copy_(w_hat.to(lin.weight.dtype))
                 qws[n] = qw
                 del accs[n]

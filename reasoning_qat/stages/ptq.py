@@ -35,7 +35,9 @@ def run(ctx: StageContext) -> dict:
                 continue
             model = load_rotated_teacher(ctx, device)
             plan = targets.resolve(model)
+            width = {n: model.get_submodule(n).in_features for n in plan}
             spec = runtime_spec(r, plan)
+            ranks: dict[str, float] = {}
             if method == "rtn":
                 qws, errors = rtn_quantize_model(model, plan)
             else:
@@ -43,7 +45,7 @@ def run(ctx: StageContext) -> dict:
                 apply_runtime(model, spec)  # GPTQ calibrates on what the quantized model will compute
                 qws, errors = gptq_quantize_model(
                     model, plan, ids, damp=r.ptq.damp, block_size=r.ptq.block_size, act_order=r.ptq.act_order,
-                    true_sequential=r.ptq.true_sequential, device=device,
+                    true_sequential=r.ptq.true_sequential, device=device, input_ranks=ranks,
                 )
                 model = load_rotated_teacher(ctx, device)  # GPTQ overwrote weights in place
             swap_in_fake_quant(model, targets, qws)
@@ -54,7 +56,10 @@ def run(ctx: StageContext) -> dict:
                        "error_kind": "weight" if method == "rtn" else "output", "rotation": r.ptq.rotation,
                        "activations": r.quant.activations.bits if r.quant.activations else None,
                        "kv_cache": r.quant.kv_cache.bits if r.quant.kv_cache else None}
-            (out / "ptq_errors.json").write_text(json.dumps({"summary": summary, "layers": errors}, indent=1))
+            if ranks:  # how much of each layer's input width the calibration data uses (GPTQ only)
+                summary["mean_input_rank_fraction"] = sum(ranks[n] / width[n] for n in ranks) / len(ranks)
+            (out / "ptq_errors.json").write_text(json.dumps(
+                {"summary": summary, "layers": errors, **({"input_participation_ratio": ranks} if ranks else {})}, indent=1))
             mark_done(out)
             metrics[name] = summary
             del model
