@@ -82,6 +82,12 @@ class WeightAveraging:
 
     FILE = "weight_averaging.safetensors"
 
+    @classmethod
+    def from_config(cls, cfg) -> WeightAveraging | None:
+        """From a recipe section with `averaging`, `ema_decay`, `lawa_k`, `lawa_interval` (the qat
+        section and the demo teacher's); None when it averages nothing."""
+        return None if cfg.averaging == "none" else cls(cfg.averaging, cfg.ema_decay, cfg.lawa_k, cfg.lawa_interval)
+
     def __init__(self, mode: str, ema_decay: float = 0.999, lawa_k: int = 5, lawa_interval: int = 50):
         from transformers import TrainerCallback
 

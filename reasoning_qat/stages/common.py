@@ -66,6 +66,11 @@ def variant(bits: int, method: str) -> Variant:
     return Variant(bits, method)
 
 
+def rl_method(recipe: Recipe) -> str:
+    """The rl stage's variant method: `qat_rl` (GRPO after QAT) or `ptq_rl` (straight from PTQ)."""
+    return f"{recipe.rl.init}_rl"
+
+
 def ptq_methods(recipe: Recipe) -> list[str]:
     """The ptq stage's outputs: the main method (QAT's init) first, then the baselines."""
     return list(dict.fromkeys([recipe.ptq.method, *recipe.ptq.baselines]))

@@ -18,7 +18,7 @@ from ..quant.formats import (
     load_quantized_checkpoint,
 )
 from ..run_layout import Variant
-from .common import checkpoint_source, exists_done, mark_done, ptq_methods, variant
+from .common import checkpoint_source, exists_done, mark_done, ptq_methods, rl_method, variant
 
 
 def quantized_variants(ctx: StageContext) -> list[Variant]:
@@ -26,8 +26,7 @@ def quantized_variants(ctx: StageContext) -> list[Variant]:
     r, found = ctx.recipe, []
     for bits in r.quant.bits:
         found += [variant(bits, m) for m in ptq_methods(r)]
-        rl = "ptq_rl" if ctx.recipe.rl.init == "ptq" else "qat_rl"
-        found += [variant(bits, m) for m, stage in (("qat", "qat"), (rl, "rl")) if stage in ctx.inputs]
+        found += [variant(bits, m) for m, stage in (("qat", "qat"), (rl_method(r), "rl")) if stage in ctx.inputs]
     return found
 
 

@@ -35,9 +35,8 @@ def run(ctx: StageContext) -> dict:
                 continue
             model = load_rotated_teacher(ctx, device)
             plan = targets.resolve(model)
-            width = {n: model.get_submodule(n).in_features for n in plan}
             spec = runtime_spec(r, plan)
-            ranks: dict[str, float] = {}
+            ranks: dict[str, float] = {}  # GPTQ's input participation ratio per layer
             if method == "rtn":
                 qws, errors = rtn_quantize_model(model, plan)
             else:
@@ -47,6 +46,8 @@ def run(ctx: StageContext) -> dict:
                     model, plan, ids, damp=r.ptq.damp, block_size=r.ptq.block_size, act_order=r.ptq.act_order,
                     true_sequential=r.ptq.true_sequential, device=device, input_ranks=ranks,
                 )
+                # how much of each layer's input width the calibration data uses, on average
+                fraction = sum(ranks[n] / model.get_submodule(n).in_features for n in ranks) / max(len(ranks), 1)
                 model = load_rotated_teacher(ctx, device)  # GPTQ overwrote weights in place
             swap_in_fake_quant(model, targets, qws)
             if spec:
@@ -56,8 +57,8 @@ def run(ctx: StageContext) -> dict:
                        "error_kind": "weight" if method == "rtn" else "output", "rotation": r.ptq.rotation,
                        "activations": r.quant.activations.bits if r.quant.activations else None,
                        "kv_cache": r.quant.kv_cache.bits if r.quant.kv_cache else None}
-            if ranks:  # how much of each layer's input width the calibration data uses (GPTQ only)
-                summary["mean_input_rank_fraction"] = sum(ranks[n] / width[n] for n in ranks) / len(ranks)
+            if ranks:
+                summary["mean_input_rank_fraction"] = fraction
             (out / "ptq_errors.json").write_text(json.dumps(
                 {"summary": summary, "layers": errors, **({"input_participation_ratio": ranks} if ranks else {})}, indent=1))
             mark_done(out)

@@ -202,7 +202,7 @@ def train_one(ctx: StageContext, bits: int) -> None:
                                       compile_enabled(q.compile, device))
     print(f"qat: gradient checkpointing {'on' if recompute else 'off'} ({why})", flush=True)
     args = qat_training_args(q, out / "trainer", r.seed, recompute)
-    averaging = WeightAveraging(q.averaging, q.ema_decay, q.lawa_k, q.lawa_interval) if q.averaging != "none" else None
+    averaging = WeightAveraging.from_config(q)
     trainer = KDTrainer(
         model=student, args=args, train_dataset=dataset, data_collator=qat_collator(q.packing, tok.pad_token_id),
         teacher=teacher, kd=q.kd, latent_lr=q.latent_lr, scale_lr=q.scale_lr if q.scale_lr > 0 else None,

@@ -23,7 +23,15 @@ from ..pipeline import StageContext
 from ..quant.fake_quant import fake_quant_modules, frozen_fake_quant
 from ..quant.formats import load_quantized_checkpoint, save_quantized_checkpoint
 from ..training import grouped_optimizer, last_checkpoint, quiet_training_args
-from .common import exists_done, finish_training, load_teacher_tokenizer, source_rows, teacher_path, variant
+from .common import (
+    exists_done,
+    finish_training,
+    load_teacher_tokenizer,
+    rl_method,
+    source_rows,
+    teacher_path,
+    variant,
+)
 
 
 def dequantized_named_params(model, fix_name=lambda n: n):
@@ -162,15 +170,14 @@ def run(ctx: StageContext) -> dict:
     if not rows or "answer" not in rows[0]:
         raise UserError("rl.data: rows need an 'answer' field for the verifiable reward")
     metrics = {}
-    start = "ptq" if cfg.init == "ptq" else "qat"
     for bits in r.quant.bits:
-        v = variant(bits, f"{start}_rl")
+        v = variant(bits, rl_method(r))
         name, out = str(v), ctx.layout.trained(v)
         if exists_done(out):
             metrics[name] = json.loads((out / "rl_metrics.json").read_text())
             continue
         device = best_device()
-        init = variant(bits, r.ptq.method if start == "ptq" else "qat")
+        init = variant(bits, r.ptq.method if cfg.init == "ptq" else "qat")
         student = load_quantized_checkpoint(ctx.layout.checkpoint(init), device=device,
                                             trust_remote_code=ctx.recipe.model.trust_remote_code)
         acc = student_accuracy(student, tok, rows, max_new_tokens=cfg.max_completion_length)

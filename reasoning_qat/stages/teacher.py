@@ -55,8 +55,7 @@ def _train_demo_teacher(ctx: StageContext) -> dict:
         logging_steps=max(1, demo.train_steps // 20),
         seed=seed,
     )
-    averaging = WeightAveraging(demo.averaging, demo.ema_decay, demo.lawa_k, demo.lawa_interval) \
-        if demo.averaging != "none" else None
+    averaging = WeightAveraging.from_config(demo)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id),
                       callbacks=[averaging.callback] if averaging else None)
     resume = last_checkpoint(args.output_dir)
