@@ -56,6 +56,5 @@ for part in "$@"; do
   esac
 done
 # Keep manifests, metrics, compare tables and plots (not the checkpoints).
-find benchmarks/results runs -name '*.json' -o -name '*.md' -o -name '*.png' -o -name '*.log' 2>/dev/null | grep -v "/trainer/\|/model/\|/dequantized/\|/gptq/\|samples.jsonl" \
-  | tar czf "${OUT:-/tmp/out}/results.tar.gz" -T -
+bash benchmarks/pack_results.sh "${OUT:-/tmp/out}/results.tar.gz"
 ls -la "${OUT:-/tmp/out}"

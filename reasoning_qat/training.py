@@ -70,6 +70,39 @@ def grouped_optimizer(trainer, latent_lr: float | None, scale_lr: float | None):
     return cls([g for g in groups if g["params"]], **kwargs)
 
 
+def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "training"):
+    """Make `optimizer.step` skip a step whose gradients hold a NaN or inf (the gradients are
+    dropped, the weights and the optimizer's moments stay as they were) instead of writing NaN into
+    the weights: a GRPO step can meet a finite loss with NaN gradients (the GPU organism's RL from
+    W3 RTN, seed 1, step 16), and the next rollout's sampling then dies on a device-side assert.
+    `stats["skipped_nonfinite_steps"]` counts the skips; `limit` in a row raise TrainingDiverged."""
+    import torch
+
+    from .errors import TrainingDiverged
+
+    stats.setdefault("skipped_nonfinite_steps", 0)
+    in_a_row = 0
+    step = optimizer.step
+
+    def guarded(*args, **kwargs):
+        nonlocal in_a_row
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            stats["skipped_nonfinite_steps"] += 1
+            in_a_row += 1
+            optimizer.zero_grad(set_to_none=True)
+            if in_a_row >= limit:
+                raise TrainingDiverged(f"{what}: {limit} steps in a row had NaN/inf gradients; the weights were "
+                                       "left as they were (last checkpoint kept): lower the learning rates or "
+                                       "start from a better init")
+            return None
+        in_a_row = 0
+        return step(*args, **kwargs)
+
+    optimizer.step = guarded
+    return optimizer
+
+
 def is_finite(x: float) -> bool:
     return math.isfinite(x)
 

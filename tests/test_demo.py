@@ -99,6 +99,10 @@ def test_grpo_straight_from_a_ptq_checkpoint(tmp_path):
     x = torch.randint(0, 100, (1, 20))
     with torch.no_grad():
         assert not torch.allclose(start(x).logits, after(x).logits)
+    # transformers' Trainer switches the KV cache off in the config (TrainingArguments.use_cache):
+    # the saved policy and its export switch it on again, or generation recomputes every prefix
+    configs = [run / "rl" / "w4-ptq_rl" / "model" / "config.json", *(run / "export").glob("w4-ptq_rl/*/config.json")]
+    assert len(configs) >= 2 and all(json.loads(c.read_text())["use_cache"] is True for c in configs)
     ev = json.loads((run / "eval" / "manifest.json").read_text())["metrics"]
     assert {"bf16", "w4-rtn", "w4-ptq_rl"} <= set(ev)
     # the held-out cross-entropy sits beside pass@1, and quantization raised it

@@ -143,3 +143,44 @@ def test_kd_qat_from_gptq_never_ends_worse_at_any_bit_width(tmp_path):
         ours, untouched = trained[bits], logged(bits)
         assert len(ours) == len(untouched) == 9 and ours[0] == pytest.approx(untouched[0])  # the step-0 loss
         assert all(a <= 2 * b for a, b in zip(ours, untouched)), (bits, ours, untouched)
+
+
+def test_a_step_with_nan_gradients_is_skipped_and_three_in_a_row_stop_training():
+    """The RL trainer's optimizer (skip_nonfinite_steps): a NaN gradient leaves weights and Adam's
+    moments as they were instead of writing NaN into the policy, finite steps go on, and a run of
+    them stops with TrainingDiverged."""
+    from reasoning_qat.errors import TrainingDiverged
+    from reasoning_qat.training import skip_nonfinite_steps
+
+    model = tiny_qwen3()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    stats = {}
+    skip_nonfinite_steps(opt, stats, limit=3, what="rl")
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+
+    def backward(poison: bool):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        (loss * float("nan") if poison else loss).backward()
+
+    backward(poison=False)
+    opt.step()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    moments = {id(p): s["exp_avg"].clone() for p, s in opt.state.items()}
+    backward(poison=True)
+    opt.step()
+    assert stats["skipped_nonfinite_steps"] == 1
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(s["exp_avg"], moments[id(p)]) for p, s in opt.state.items())
+    backward(poison=False)
+    opt.step()  # a finite step after a skip trains as usual (and resets the count in a row)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    backward(poison=True)
+    opt.step()
+    backward(poison=True)
+    opt.step()
+    backward(poison=True)
+    with pytest.raises(TrainingDiverged, match="rl: 3 steps in a row had NaN/inf gradients"):
+        opt.step()
+    assert stats["skipped_nonfinite_steps"] == 4

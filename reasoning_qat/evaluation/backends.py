@@ -142,8 +142,10 @@ class TransformersBackend:
                       pad_to_multiple_of=64 if self.static_cache else None).to(self.device)
             sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else None) \
                 if temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+            # use_cache: a checkpoint saved with the cache off (by a trainer) would otherwise recompute
+            # the whole prefix at every token
             gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                      pad_token_id=tok.pad_token_id, **sampling,
+                                      pad_token_id=tok.pad_token_id, use_cache=True, **sampling,
                                       **self._cache_kwargs(len(batch), enc["input_ids"].shape[1], max_new_tokens))
             new = gen[:real, enc["input_ids"].shape[1]:]
             for row in new:

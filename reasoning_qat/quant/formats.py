@@ -56,6 +56,15 @@ def _dedup_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+
+def _for_inference(model: nn.Module) -> None:
+    """A saved checkpoint is for generation: trainers switch the KV cache off in the config (TRL's
+    GRPO does), and a config saved that way makes every later `generate` recompute the whole prefix
+    at every token (the GPU organism's RL variants never finished their eval). Every writer here
+    saves the config with the cache on."""
+    model.config.use_cache = True
+
+
 def save_quantized_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer=None, extra_meta: dict | None = None):
     """Write a fake-quant model (FakeQuantLinear modules) in the rqat format."""
     out_dir = Path(out_dir)
@@ -72,6 +81,7 @@ def save_quantized_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer=N
             state[f"{name}.{part}"] = getattr(qw, part)
         modules[name] = qw.scheme.to_dict()
     save_file(_dedup_shared(state), str(out_dir / WEIGHTS), metadata={"format": FORMAT_VERSION})
+    _for_inference(model)
     model.config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
@@ -130,6 +140,7 @@ def export_dequantized(model: nn.Module, out_dir: str | Path, tokenizer=None, dt
     """Plain transformers checkpoint with the dequantized weights; returns the quantized weights."""
     qws = swap_out_fake_quant(model)
     model.to(dtype)
+    _for_inference(model)
     model.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
@@ -187,6 +198,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
     quantized = set(qws)
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
     save_file(_dedup_shared(state), str(out_dir / WEIGHTS), metadata={"format": "pt"})
+    _for_inference(model)
     model.config.save_pretrained(out_dir)
     qcfg = QuantizationConfig(config_groups=config_groups, format="pack-quantized", quantization_status="compressed",
                               ignore=ignore)
@@ -277,6 +289,7 @@ def export_gptq(model: nn.Module, out_dir: str | Path, tokenizer=None, act_order
         schemes[name] = qw.scheme
     save_file(_dedup_shared(state), str(out_dir / WEIGHTS), metadata={"format": "pt"})
     qcfg = gptq_config(schemes, act_order)
+    _for_inference(model)
     config = model.config.to_dict()
     config["quantization_config"] = qcfg
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")

@@ -217,7 +217,6 @@ def train_one(ctx: StageContext, bits: int) -> None:
     with _gathered(trainer, student):  # ZeRO-3 holds a shard of each parameter per rank
         averaged = averaging.apply(student) if averaging else 0
         if trainer.is_world_process_zero():
-            student.config.use_cache = True
             save_quantized_checkpoint(student, out / "model", tok, {"method": "qat", "bits": bits, "init": q.init,
                                                                     "loss": q.kd.loss})
             trainer.state.log_history.insert(0, {"step": 0, "loss": initial, "initial": True})

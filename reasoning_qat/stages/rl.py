@@ -22,7 +22,7 @@ from ..models import best_device
 from ..pipeline import StageContext
 from ..quant.fake_quant import fake_quant_modules, frozen_fake_quant
 from ..quant.formats import load_quantized_checkpoint, save_quantized_checkpoint
-from ..training import grouped_optimizer, last_checkpoint, quiet_training_args
+from ..training import grouped_optimizer, last_checkpoint, quiet_training_args, skip_nonfinite_steps
 from .common import (
     exists_done,
     finish_training,
@@ -70,8 +70,8 @@ def _trainer_class(latent_lr: float):
 
         def __init__(self, *args, **kwargs):
             self.latent_lr = latent_lr  # grid steps per update (FakeQuantLinear trains in grid units)
-            super().__init__(*args, **kwargs)
             self.hook_calls = {"quantized_rollout_batches": 0, "dequantized_weight_syncs": 0}
+            super().__init__(*args, **kwargs)
             gen = getattr(self, "vllm_generation", None)
             if gen is not None:
                 def dequantized_params():
@@ -82,7 +82,8 @@ def _trainer_class(latent_lr: float):
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:
-                self.optimizer = grouped_optimizer(self, self.latent_lr, self.args.learning_rate)
+                self.optimizer = skip_nonfinite_steps(grouped_optimizer(self, self.latent_lr, self.args.learning_rate),
+                                                      self.hook_calls, what="rl")
             return self.optimizer
 
         def _generate(self, prompts):

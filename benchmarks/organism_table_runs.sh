@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU organism's table (issue 16) as benchmarks/organism_runs.py variants of
+# recipes/organism-gpu.yaml, all sharing the teacher of run kd0. Prints RUNS_ARGS for bg.sh:
+#   RUNS_ARGS="$(bash benchmarks/organism_table_runs.sh [VARIANT...])" bash benchmarks/bg.sh start runs
+# Variants kd0 ... ce1 make the W3G128 / W2G128 columns, akd0 ... ace1 (prefix a) the W4A4KV4 column;
+# the digit is the seed. Naming some runs only these (a later call on a fresh machine leaves out the
+# runs that already came back); naming none runs all twenty. Each row is one override of the recipe, so
+# no row is tuned beyond what the recipe shows; seed 1 changes the calibration sample, the QAT/RL data
+# order and the eval's sampling, not the teacher (model.demo.seed).
+set -eu
+S1="seed=1 calibration.seed=1 eval.seed=1"
+PTQ="qat.enabled=false rl.enabled=false eval.methods=[bf16,rtn,gptq_generic,gptq]"  # the PTQ rows
+KD="ptq.baselines=[] eval.methods=[qat,qat_rl]"                                      # KD-QAT from GPTQ, then GRPO
+R="qat.init=rtn ptq.baselines=[rtn] rl.enabled=false eval.methods=[qat]"             # KD-QAT from RTN
+C="qat.kd.loss=ce ptq.baselines=[] rl.enabled=false eval.methods=[qat]"              # CE-QAT from GPTQ
+# GRPO straight from RTN, past the cold-start gate (rl.min_accuracy 0) for this row only
+P="qat.enabled=false rl.init=ptq ptq.method=rtn ptq.baselines=[] rl.min_accuracy=0.0 eval.methods=[ptq_rl]"
+A4="quant.bits=[4] quant.preset=w4a4kv4 ptq.rotation=hadamard"
+w23="kd0 kd1 rlptq0 rlptq1 ptq0 ptq1 kdrtn0 kdrtn1 ce0 ce1"  # the order runs start in: longest first
+w4a4kv4="akd0 akd1 arlptq0 arlptq1 aptq0 aptq1 akdrtn0 akdrtn1 ace0 ace1"
+want=${*:-$w23 $w4a4kv4}
+teacher=runs/organism-gpu-kd0
+args="--base recipes/organism-gpu.yaml --out benchmarks/results/organism-gpu/table --parallel ${PARALLEL:-8}"
+[ -f $teacher/teacher/manifest.json ] && args="$args --teacher-from $teacher"
+for v in $want; do
+  scheme=""; base=$v
+  # W4A4KV4: Hadamard-rotated (as QuaRot runs it) for every method of the column; BF16 is the w23 runs'
+  [ "${v:0:1}" = a ] && { scheme=$A4; base=${v:1}; }
+  case $base in
+    kdrtn[01]) rows=$R ;; kd[01]) rows=$KD ;; rlptq[01]) rows=$P ;; ce[01]) rows=$C ;;
+    ptq[01]) rows=$PTQ; [ -n "$scheme" ] && rows=${rows/bf16,/} ;;
+    *) echo "unknown variant $v (one of: $w23 $w4a4kv4)" >&2; exit 2 ;;
+  esac
+  seed=""; [ "${v: -1}" = 1 ] && seed=$S1
+  args="$args --variant $v $scheme $rows $seed"
+  # without a teacher on disk yet, every run waits for kd0's (which must then be in the list)
+  [ -f $teacher/teacher/manifest.json ] || [ "$v" = kd0 ] || args="$args --share $v kd0"
+done
+echo "$args"
