@@ -37,7 +37,7 @@ if [ -f $BG/results.tar.gz ]; then cp $BG/results.tar.gz "$OUT"/; else bash benc
 python3 - "$OUT"/correctness.json <<'PY' 2>/dev/null
 import json, sys, pathlib
 out = {}
-for f in pathlib.Path("runs").glob("*/eval/*/*/samples.jsonl"):
+for f in [*pathlib.Path("runs").glob("*/eval/*/*/samples.jsonl"), *pathlib.Path("runs").glob("*/.eval.partial/*/*/samples.jsonl")]:
     rows = [json.loads(l) for l in f.open()]
     out["/".join(f.parts[1:2] + f.parts[3:5])] = [[r["id"], r["sample"], int(r["correct"])] for r in rows]
 json.dump(out, open(sys.argv[1], "w"))

@@ -65,14 +65,17 @@ def qat_losses(run_dir: Path, variant: str) -> tuple[float | None, float | None,
 
 
 def build(run_dirs: list[Path], correctness: dict) -> dict:
-    """{(label, bits): {"mean", "ci", "seeds", "loss0", "lossN", "stepN"}} for every row."""
+    """{(label, column): {"mean", "ci", "seeds", "loss0", "lossN", "stepN", "unfinished"}} for every row;
+    column = (bits, scheme): scheme "" for weight-only, e.g. "Hadamard, A4, KV4"; BF16 is (16, "")."""
     groups = defaultdict(list)
-    for r in collect(run_dirs):
-        groups[(r["label"], 16 if r["method"] == "bf16" else r["bits"], r["task"])].append(r)
+    for r in collect(run_dirs, unfinished=True):
+        label = r["label"].removesuffix(f" ({r['scheme']})") if r["scheme"] else r["label"]
+        column = (16, "") if r["method"] == "bf16" else (r["bits"], r["scheme"])
+        groups[(label, column, r["task"])].append(r)
     table = {}
-    for (label, bits, task), rows in groups.items():
+    for (label, column, task), rows in groups.items():
         dirs = {r["run"]: next(d for d in run_dirs if d.name == r["run"]) for r in rows}
-        variant = "bf16" if bits == 16 else f"w{bits}-{rows[0]['method']}"
+        variant = "bf16" if column[0] == 16 else f"w{column[0]}-{rows[0]['method']}"
         # one entry per distinct run (runs sharing a teacher all score BF16: the same model, once per seed)
         scores = [per_problem(dirs[r["run"]], variant, task, correctness) for r in rows]
         if all(s is not None for s in scores):
@@ -80,18 +83,21 @@ def build(run_dirs: list[Path], correctness: dict) -> dict:
         else:
             mean = sum(r["pass@1"] for r in rows) / len(rows)
             ci = math.sqrt(sum(r["ci95"] ** 2 for r in rows)) / len(rows)
-        entry = {"mean": mean, "ci": ci, "seeds": len(rows), "task": task}
+        ces = [r["ce"] for r in rows if r.get("ce") is not None]
+        entry = {"mean": mean, "ci": ci, "seeds": len(rows), "task": task,
+                 "unfinished": any(r.get("unfinished_eval") for r in rows),
+                 "ce": sum(ces) / len(ces) if len(ces) == len(rows) else None}
         if rows[0]["method"] == "qat":
             losses = [qat_losses(dirs[r["run"]], variant) for r in rows]
             if all(x[0] is not None for x in losses):
                 entry.update(loss0=sum(x[0] for x in losses) / len(losses), lossN=sum(x[1] for x in losses) / len(losses),
                              stepN=losses[0][2])
-        table[(label, bits)] = entry
+        table[(label, column)] = entry
     return table
 
 
 def cell(e: dict | None) -> str:
-    return f"{e['mean']:.3f} ± {e['ci']:.3f}" if e else "-"
+    return f"{e['mean']:.3f} ± {e['ci']:.3f}" + (" †" if e.get("unfinished") else "") if e else "-"
 
 
 def compare_rows(a: dict | None, b: dict | None) -> str:
@@ -103,17 +109,23 @@ def compare_rows(a: dict | None, b: dict | None) -> str:
     return f"{a['mean']:.3f} vs {b['mean']:.3f}: {d:+.3f} (±{c:.3f}) → {verdict}"
 
 
-def scheme(bits: int, group_size: int) -> str:
-    return f"W{bits}G{group_size}" if group_size > 0 else f"W{bits} per-channel"
+def scheme(column: tuple[int, str], group_size: int) -> str:
+    """W3G128; W4A4KV4G128 (Hadamard) for a column whose scheme quantizes activations / KV cache."""
+    bits, extra = column
+    parts = [p.strip() for p in extra.split(",") if p.strip()]
+    name = f"W{bits}" + "".join(p for p in parts if p[0] in "AK")
+    name += f"G{group_size}" if group_size > 0 else " per-channel"
+    notes = [p for p in parts if p[0] not in "AK"]
+    return name + (f" ({', '.join(notes)})" if notes else "")
 
 
-def findings(table: dict, bits_list: list[int], group_size: int = 128) -> list[str]:
+def findings(table: dict, columns: list[tuple[int, str]], group_size: int = 128) -> list[str]:
     out = []
-    for bits in bits_list:
-        def t(label, bits=bits):
-            return table.get((label, bits))
+    for column in columns:
+        def t(label, column=column):
+            return table.get((label, column))
 
-        out.append(f"\n**{scheme(bits, group_size)}**\n")
+        out.append(f"\n**{scheme(column, group_size)}**\n")
         out.append(f"- KD beats CE (KD-QAT vs CE-QAT): {compare_rows(t('KD-QAT'), t('CE-QAT'))}")
         line = f"- PTQ init beats RTN init (KD-QAT vs KD-QAT (RTN init)): {compare_rows(t('KD-QAT'), t('KD-QAT (RTN init)'))}"
         a, b = t("KD-QAT"), t("KD-QAT (RTN init)")
@@ -134,25 +146,36 @@ def main() -> int:
                     help="per-problem correctness files brought back from GPU calls (bg.sh), merged")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
-    runs = [d for d in a.runs if (d / "eval" / "manifest.json").is_file()]
+    runs = [d for d in a.runs if (d / "eval" / "manifest.json").is_file() or any((d / ".eval.partial").glob("*/*/metrics.json"))]
     correctness = {k: v for f in a.correctness for k, v in json.loads(f.read_text()).items()}
     table = build(runs, correctness)
-    bits_list = sorted({b for _, b in table if b != 16}, reverse=True)
+    columns = sorted({c for _, c in table if c[0] != 16}, key=lambda c: (c[1] != "", -c[0], c[1]))
     from reasoning_qat.pipeline import recipe_from_run
 
-    group_size = recipe_from_run(runs[0]).quant.group_size  # the runs of one table share their scheme
-    labels = [lb for lb in ROW_ORDER if any((lb, b) in table for b in [16, *bits_list])]
+    group_size = recipe_from_run(runs[0]).quant.group_size  # the runs of one table share their group size
+    labels = [lb for lb in ROW_ORDER if any((lb, c) in table for c in [(16, ""), *columns])]
     labels += sorted({lb for lb, _ in table} - set(labels))
-    lines = ["| method | " + " | ".join(scheme(b, group_size) for b in bits_list) + " | seeds |",
-             "|---|" + "---|" * (len(bits_list) + 1)]
+    lines = ["| method | " + " | ".join(scheme(c, group_size) for c in columns) + " | runs (seeds) per cell |",
+             "|---|" + "---|" * (len(columns) + 1)]
     for lb in labels:
-        if (lb, 16) in table:
-            e = table[(lb, 16)]
-            lines.append(f"| {lb} | " + " | ".join(cell(e) for _ in bits_list) + f" | {e['seeds']} |")
+        if (lb, (16, "")) in table:
+            e = table[(lb, (16, ""))]
+            lines.append(f"| {lb} | " + " | ".join(cell(e) for _ in columns) + f" | {e['seeds']} |")
             continue
-        seeds = max(table[(lb, b)]["seeds"] for b in bits_list if (lb, b) in table)
-        lines.append(f"| {lb} | " + " | ".join(cell(table.get((lb, b))) for b in bits_list) + f" | {seeds} |")
-    md = "\n".join(lines) + "\n" + "\n".join(findings(table, bits_list, group_size)) + "\n"
+        seeds = max(table[(lb, c)]["seeds"] for c in columns if (lb, c) in table)
+        lines.append(f"| {lb} | " + " | ".join(cell(table.get((lb, c))) for c in columns) + f" | {seeds} |")
+    md = "\n".join(lines) + "\n"
+    # held-out cross-entropy (nats per response token, mean over the runs): damage pass@1 does not show yet
+    if any(e.get("ce") is not None for e in table.values()):
+        md += "\nHeld-out CE of the reference solutions (mean over the runs):\n\n| method | " + \
+            " | ".join(scheme(c, group_size) for c in columns) + " |\n|---|" + "---|" * len(columns) + "\n"
+        for lb in labels:
+            cells = [table.get((lb, (16, "")) if (lb, (16, "")) in table else (lb, c)) for c in columns]
+            md += f"| {lb} | " + " | ".join(f"{e['ce']:.3g}" if e and e.get("ce") is not None else "-" for e in cells) + " |\n"
+    if any(e.get("unfinished") for e in table.values()):
+        md += ("\n† from a run whose eval stage did not finish: the variants it did finish (the others are "
+               "'-'); no per-problem data came back, so the interval combines the runs' own.\n")
+    md += "\n".join(findings(table, columns, group_size)) + "\n"
     print(md)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

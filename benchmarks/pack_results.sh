@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
 # `bash benchmarks/pack_results.sh ARCHIVE`: the GPU runs' manifests, metrics, compare tables, plots
 # and logs (not checkpoints, not the large samples) into one archive that a device call brings back.
-find benchmarks/results runs -name '*.json' -o -name '*.md' -o -name '*.png' -o -name '*.log' 2>/dev/null \
+find benchmarks/results runs -name '*.json' -o -name '*.yaml' -o -name '*.md' -o -name '*.png' -o -name '*.log' 2>/dev/null \
   | grep -v "/trainer/\|/model/\|/dequantized/\|/gptq/\|samples.jsonl" | tar czf "$1" -T -

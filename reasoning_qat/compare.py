@@ -17,10 +17,18 @@ METHOD_LABEL = {"bf16": "BF16", "rtn": "RTN", "gptq": "GPTQ (domain calib)", "gp
                 "qat": "KD-QAT", "qat_rl": "KD-QAT + RL", "ptq_rl": "RL from PTQ"}
 
 
-def collect(run_dirs: list[str | Path]) -> list[dict]:
+def collect(run_dirs: list[str | Path], unfinished: bool = False) -> list[dict]:
+    """One row per (run, variant, task) of the runs' finished eval stages. `unfinished`: a run whose
+    eval stage has not finished contributes the variants it has finished (their metrics.json in the
+    stage's partial directory; such rows carry "unfinished_eval": True), instead of an error."""
     rows = []
     for layout in map(RunLayout, run_dirs):
         ev = layout.manifest("eval")
+        if ev is None and unfinished:
+            ev = {"metrics": _finished_variants(layout.partial("eval"))}
+            partial = True
+        else:
+            partial = False
         if ev is None:
             raise UserError(f"{layout.root}: no finished eval stage; run `rqat run RECIPE --stages eval` first")
         sizes = (layout.manifest("export") or {}).get("metrics", {})
@@ -36,11 +44,13 @@ def collect(run_dirs: list[str | Path]) -> list[dict]:
             # the packed checkpoint users serve, where there is one
             size = bf16_bytes if v.method == "bf16" else next(
                 (exported[k] for k in ("compressed-tensors_bytes", "gptq_bytes", "dequantized_bytes") if k in exported), None)
+            scheme = _scheme(ptq, v)
             for task, tm in tasks.items():
                 rows.append({"run": layout.name, "task": task, "bits": v.bits, "method": v.method, "pass@1": tm["pass@1"],
                              "ci95": tm["ci95"], "size_bytes": size, "ce": tm.get("ce"),
                              "label": _label(v.method, qat.get(str(Variant(v.bits, "qat")), {}), calib_domain,
-                                             rl.get(name, {})) + _scheme(ptq, v)})
+                                             rl.get(name, {})) + scheme,
+                             "scheme": scheme.strip(" ()"), **({"unfinished_eval": True} if partial else {})})
     for r in rows:
         base = [b for b in rows if b["run"] == r["run"] and b["task"] == r["task"] and b["method"] == "bf16"]
         r["recovery"] = r["pass@1"] / base[0]["pass@1"] if base and base[0]["pass@1"] > 0 else None
@@ -48,6 +58,17 @@ def collect(run_dirs: list[str | Path]) -> list[dict]:
         r["ce_increase"] = r["ce"] / base[0]["ce"] - 1 if base and r["ce"] is not None and base[0].get("ce") else None
     key = {m: i for i, m in enumerate(["bf16", *METHOD_ORDER])}
     return sorted(rows, key=lambda r: (r["run"], r["task"], -r["bits"], key.get(r["method"], 99)))
+
+
+def _finished_variants(eval_dir: Path) -> dict:
+    """{variant: {task: metrics (+ its ce.json)}} of the evaluations an unfinished eval stage completed."""
+    out = {}
+    for f in sorted(eval_dir.glob("*/*/metrics.json")):
+        m = json.loads(f.read_text())
+        ce = f.parent / "ce.json"
+        out.setdefault(f.parent.parent.name, {})[f.parent.name] = {
+            "pass@1": m["pass@1"], "ci95": m["ci95"], **(json.loads(ce.read_text()) if ce.is_file() else {})}
+    return out
 
 
 def _scheme(ptq_metrics: dict, v) -> str:

@@ -40,3 +40,38 @@ def test_variant_overrides_set_nested_keys_parsed_as_yaml():
     assert out == {"name": "o", "qat": {"kd": {"loss": "ce"}}, "eval": {"tasks": ["demo_arith"], "methods": ["qat"]},
                    "rl": {"enabled": False}, "seed": 1}
     assert base["qat"]["kd"]["loss"] == "forward_kl"  # the base recipe is left as it was
+
+
+def _manifest(path, metrics):
+    import json
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "manifest.json").write_text(json.dumps({"status": "done", "metrics": metrics}))
+
+
+def test_schemes_are_columns_and_an_unfinished_eval_gives_the_variants_it_finished(tmp_path):
+    """A W4A4KV4 run's variants go to their own column (not into W4 weight-only), and a run whose
+    eval stage was cut off contributes the variants it finished, marked."""
+    import json
+
+    t = _module()
+    a4 = {"rotation": "hadamard", "activations": 4, "kv_cache": 4}
+    done, cut = tmp_path / "ptq0", tmp_path / "akd0"
+    _manifest(done / "ptq", {"w3-rtn": {"rotation": "none"}})
+    _manifest(done / "eval", {"bf16": {"demo_arith": {"pass@1": 0.99, "ci95": 0.01, "ce": 1e-3}},
+                              "w3-rtn": {"demo_arith": {"pass@1": 0.95, "ci95": 0.02, "ce": 2e-3}}})
+    _manifest(cut / "ptq", {"w4-gptq": a4})
+    _manifest(cut / "qat", {"w4-qat": {"loss": "forward_kl", "init": "ptq"}})
+    finished = cut / ".eval.partial" / "w4-qat" / "demo_arith"
+    finished.mkdir(parents=True)
+    (finished / "metrics.json").write_text(json.dumps({"pass@1": 0.9, "ci95": 0.03}))
+    (finished / "ce.json").write_text(json.dumps({"ce": 5e-3}))
+    (cut / ".eval.partial" / "w4-qat_rl" / "demo_arith").mkdir(parents=True)  # cut off: no metrics yet
+    table = t.build([done, cut], {})
+    w4a4 = (4, "Hadamard, A4, KV4")
+    assert set(table) == {("BF16", (16, "")), ("RTN", (3, "")), ("KD-QAT", w4a4)}
+    assert table[("KD-QAT", w4a4)]["unfinished"] and table[("KD-QAT", w4a4)]["ce"] == 5e-3
+    assert not table[("RTN", (3, ""))]["unfinished"] and table[("RTN", (3, ""))]["mean"] == 0.95
+    assert t.scheme(w4a4, 128) == "W4A4KV4G128 (Hadamard)" and t.scheme((3, ""), 128) == "W3G128"
+    assert t.scheme((2, ""), -1) == "W2 per-channel"
+    assert t.cell(table[("KD-QAT", w4a4)]).endswith("†") and "†" not in t.cell(table[("RTN", (3, ""))])
