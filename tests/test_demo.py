@@ -101,7 +101,8 @@ def test_grpo_straight_from_a_ptq_checkpoint(tmp_path):
         assert not torch.allclose(start(x).logits, after(x).logits)
     # transformers' Trainer switches the KV cache off in the config (TrainingArguments.use_cache):
     # the saved policy and its export switch it on again, or generation recomputes every prefix
-    configs = [run / "rl" / "w4-ptq_rl" / "model" / "config.json", *(run / "export").glob("w4-ptq_rl/*/config.json")]
+    configs = [run / "rl" / "w4-ptq_rl" / "model" / "config.json", *(run / "export").glob("w4-ptq_rl/*/config.json"),
+               *(run / "export").glob("w4-ptq_rl/*/generation_config.json")]
     assert len(configs) >= 2 and all(json.loads(c.read_text())["use_cache"] is True for c in configs)
     ev = json.loads((run / "eval" / "manifest.json").read_text())["metrics"]
     assert {"bf16", "w4-rtn", "w4-ptq_rl"} <= set(ev)

@@ -100,3 +100,22 @@ def test_static_cache_generation_equals_the_dynamic_cache(saved_tiny):
     assert len(outs[True]) == 5
     assert [c[0].text for c in outs[True]] == [c[0].text for c in outs[False]]
     assert [c[0].num_tokens for c in outs[True]] == [c[0].num_tokens for c in outs[False]]
+
+
+def test_generation_keeps_the_kv_cache_on_for_a_checkpoint_saved_with_it_off(saved_tiny):
+    """A checkpoint a Trainer saved carries use_cache: false; the transformers backend asks for the
+    cache anyway, so each decoding step feeds one new token, not the whole prefix again."""
+    import json
+
+    from reasoning_qat.evaluation.backends import TransformersBackend
+
+    for name in ("config.json", "generation_config.json"):  # as a Trainer-trained model is saved
+        f = saved_tiny / name
+        f.write_text(json.dumps({**(json.loads(f.read_text()) if f.is_file() else {}), "use_cache": False}))
+    backend = TransformersBackend(str(saved_tiny), batch_size=2, device="cpu")
+    assert backend.model.config.use_cache is False and backend.model.generation_config.use_cache is False
+    lengths = []
+    backend.model.model.register_forward_pre_hook(lambda m, args, kw: lengths.append(kw["input_ids"].shape[1]),
+                                                  with_kwargs=True)
+    backend.generate(["What is 2+3?", "What is 4*5?"], k=1, temperature=0, top_p=1.0, top_k=0, max_new_tokens=8)
+    assert len(lengths) > 2 and lengths[0] > 1 and set(lengths[1:]) == {1}

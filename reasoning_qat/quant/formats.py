@@ -63,6 +63,8 @@ def _for_inference(model: nn.Module) -> None:
     at every token (the GPU organism's RL variants never finished their eval). Every writer here
     saves the config with the cache on."""
     model.config.use_cache = True
+    if getattr(model, "generation_config", None) is not None:  # derived from the config when the model was built
+        model.generation_config.use_cache = True
 
 
 def save_quantized_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer=None, extra_meta: dict | None = None):
