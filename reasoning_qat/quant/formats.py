@@ -56,12 +56,11 @@ def _dedup_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-
 def _for_inference(model: nn.Module) -> None:
-    """A saved checkpoint is for generation: trainers switch the KV cache off in the config (TRL's
-    GRPO does), and a config saved that way makes every later `generate` recompute the whole prefix
-    at every token (the GPU organism's RL variants never finished their eval). Every writer here
-    saves the config with the cache on."""
+    """A saved checkpoint is for generation: transformers' Trainer switches the KV cache off in the
+    config (TrainingArguments.use_cache defaults to False), and a config saved that way makes every
+    later `generate` recompute the whole prefix at every token (the GPU organism's RL variants never
+    finished their eval). Every writer here saves the config with the cache on."""
     model.config.use_cache = True
     if getattr(model, "generation_config", None) is not None:  # derived from the config when the model was built
         model.generation_config.use_cache = True
