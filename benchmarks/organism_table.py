@@ -96,6 +96,13 @@ def build(run_dirs: list[Path], correctness: dict) -> dict:
     return table
 
 
+def row_entries(table: dict, label: str, columns: list[tuple[int, str]]) -> list[dict | None]:
+    """The row's entry in each column (BF16, one model, stands in every column)."""
+    if (label, (16, "")) in table:
+        return [table[(label, (16, ""))]] * len(columns)
+    return [table.get((label, c)) for c in columns]
+
+
 def cell(e: dict | None) -> str:
     return f"{e['mean']:.3f} ± {e['ci']:.3f}" + (" †" if e.get("unfinished") else "") if e else "-"
 
@@ -158,20 +165,16 @@ def main() -> int:
     lines = ["| method | " + " | ".join(scheme(c, group_size) for c in columns) + " | runs (seeds) per cell |",
              "|---|" + "---|" * (len(columns) + 1)]
     for lb in labels:
-        if (lb, (16, "")) in table:
-            e = table[(lb, (16, ""))]
-            lines.append(f"| {lb} | " + " | ".join(cell(e) for _ in columns) + f" | {e['seeds']} |")
-            continue
-        seeds = max(table[(lb, c)]["seeds"] for c in columns if (lb, c) in table)
-        lines.append(f"| {lb} | " + " | ".join(cell(table.get((lb, c))) for c in columns) + f" | {seeds} |")
+        entries = row_entries(table, lb, columns)
+        lines.append(f"| {lb} | " + " | ".join(map(cell, entries)) + f" | {max(e['seeds'] for e in entries if e)} |")
     md = "\n".join(lines) + "\n"
     # held-out cross-entropy (nats per response token, mean over the runs): damage pass@1 does not show yet
     if any(e.get("ce") is not None for e in table.values()):
         md += "\nHeld-out CE of the reference solutions (mean over the runs):\n\n| method | " + \
             " | ".join(scheme(c, group_size) for c in columns) + " |\n|---|" + "---|" * len(columns) + "\n"
         for lb in labels:
-            cells = [table.get((lb, (16, "")) if (lb, (16, "")) in table else (lb, c)) for c in columns]
-            md += f"| {lb} | " + " | ".join(f"{e['ce']:.3g}" if e and e.get("ce") is not None else "-" for e in cells) + " |\n"
+            md += f"| {lb} | " + " | ".join(f"{e['ce']:.3g}" if e and e.get("ce") is not None else "-"
+                                            for e in row_entries(table, lb, columns)) + " |\n"
     if any(e.get("unfinished") for e in table.values()):
         md += ("\n† from a run whose eval stage did not finish: the variants it did finish (the others are "
                "'-'); no per-problem data came back, so the interval combines the runs' own.\n")

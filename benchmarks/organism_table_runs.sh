@@ -19,9 +19,10 @@ A4="quant.bits=[4] quant.preset=w4a4kv4 ptq.rotation=hadamard"
 w23="kd0 kd1 rlptq0 rlptq1 ptq0 ptq1 kdrtn0 kdrtn1 ce0 ce1"  # the order runs start in: longest first
 w4a4kv4="akd0 akd1 arlptq0 arlptq1 aptq0 aptq1 akdrtn0 akdrtn1 ace0 ace1"
 want=${*:-$w23 $w4a4kv4}
-teacher=runs/organism-gpu-kd0
 args="--base recipes/organism-gpu.yaml --out benchmarks/results/organism-gpu/table --parallel ${PARALLEL:-8}"
-[ -f $teacher/teacher/manifest.json ] && args="$args --teacher-from $teacher"
+# kd0's teacher is everyone's: with kd0 in the list the others wait for it (trained there, or put
+# there by bg.sh's UNPACK before the runs start); without, it must already be on disk
+[[ " $want " == *" kd0 "* ]] || args="$args --teacher-from runs/organism-gpu-kd0"
 for v in $want; do
   scheme=""; base=$v
   # W4A4KV4: Hadamard-rotated (as QuaRot runs it) for every method of the column; BF16 is the w23 runs'
@@ -33,7 +34,6 @@ for v in $want; do
   esac
   seed=""; [ "${v: -1}" = 1 ] && seed=$S1
   args="$args --variant $v $scheme $rows $seed"
-  # without a teacher on disk yet, every run waits for kd0's (which must then be in the list)
-  [ -f $teacher/teacher/manifest.json ] || [ "$v" = kd0 ] || args="$args --share $v kd0"
+  [[ " $want " == *" kd0 "* ]] && [ "$v" != kd0 ] && args="$args --share $v kd0"
 done
 echo "$args"

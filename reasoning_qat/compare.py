@@ -24,11 +24,9 @@ def collect(run_dirs: list[str | Path], unfinished: bool = False) -> list[dict]:
     rows = []
     for layout in map(RunLayout, run_dirs):
         ev = layout.manifest("eval")
-        if ev is None and unfinished:
+        partial = ev is None and unfinished
+        if partial:
             ev = {"metrics": _finished_variants(layout.partial("eval"))}
-            partial = True
-        else:
-            partial = False
         if ev is None:
             raise UserError(f"{layout.root}: no finished eval stage; run `rqat run RECIPE --stages eval` first")
         sizes = (layout.manifest("export") or {}).get("metrics", {})

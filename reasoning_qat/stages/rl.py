@@ -70,12 +70,13 @@ def _trainer_class(latent_lr: float):
 
         def __init__(self, *args, **kwargs):
             self.latent_lr = latent_lr  # grid steps per update (FakeQuantLinear trains in grid units)
-            self.hook_calls = {"quantized_rollout_batches": 0, "dequantized_weight_syncs": 0}
+            # what the hooks below and the non-finite-step guard count, reported in rl_metrics
+            self.counts = {"quantized_rollout_batches": 0, "dequantized_weight_syncs": 0}
             super().__init__(*args, **kwargs)
             gen = getattr(self, "vllm_generation", None)
             if gen is not None:
                 def dequantized_params():
-                    self.hook_calls["dequantized_weight_syncs"] += 1
+                    self.counts["dequantized_weight_syncs"] += 1
                     return dequantized_named_params(gen.model, gen._fix_param_name_to_vllm)
 
                 gen._iter_named_params = dequantized_params
@@ -83,13 +84,13 @@ def _trainer_class(latent_lr: float):
         def create_optimizer(self, model=None):
             if self.optimizer is None:
                 self.optimizer = skip_nonfinite_steps(grouped_optimizer(self, self.latent_lr, self.args.learning_rate),
-                                                      self.hook_calls, what="rl")
+                                                      self.counts, what="rl")
             return self.optimizer
 
         def _generate(self, prompts):
             # Rollouts use the quantized weights as they stand at this step, quantized once for
             # the whole batch of generations rather than at every decoding step.
-            self.hook_calls["quantized_rollout_batches"] += 1
+            self.counts["quantized_rollout_batches"] += 1
             with frozen_fake_quant(self.accelerator.unwrap_model(self.model)):
                 return super()._generate(prompts)
 
@@ -219,7 +220,7 @@ def run(ctx: StageContext) -> dict:
                                                     processing_class=tok)
         trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-        rollouts = {"rollouts": "vllm" if cfg.use_vllm else "transformers", **trainer.hook_calls,
+        rollouts = {"rollouts": "vllm" if cfg.use_vllm else "transformers", **trainer.counts,
                     **(trainer.vllm_weight_gap() if cfg.use_vllm else {})}
         save_quantized_checkpoint(student, out / "model", tok, {"method": v.method, "bits": bits})
         m = {"init": str(init), "start_accuracy": acc, "steps": trainer.state.global_step,
