@@ -8,7 +8,9 @@ Rows are named as `rqat compare` names them (BF16, RTN, GPTQ (generic calib), GP
 KD-QAT, KD-QAT (RTN init), CE-QAT, KD-QAT + RL, RL from RTN). The CI pools the seeds per problem:
 each problem's score is its mean over seeds and samples, and the interval is 1.96 standard errors
 over problems (from each eval's samples.jsonl, or the --correctness file gpu runs bring back);
-without per-problem data it falls back to combining the runs' own intervals.
+without per-problem data it falls back to combining the runs' own intervals. The findings compare two
+rows by their per-problem differences (every row is scored on the same held-out problems), which
+separates smaller differences than two intervals side by side.
 """
 
 from __future__ import annotations
@@ -43,14 +45,23 @@ def per_problem(run_dir: Path, variant: str, task: str, correctness: dict) -> di
     return out
 
 
-def pooled(scores: list[dict]) -> tuple[float, float]:
-    """Mean and 95% CI half-width over problems of each problem's mean over all runs' samples."""
+def per_problem_means(scores: list[dict]) -> dict:
+    """{problem: its mean over all runs' samples}, over the problems every run scored."""
     problems = set.intersection(*(set(s) for s in scores))
-    vals = [sum(sum(s[p]) for s in scores) / sum(len(s[p]) for s in scores) for p in sorted(problems)]
+    return {p: sum(sum(s[p]) for s in scores) / sum(len(s[p]) for s in scores) for p in sorted(problems)}
+
+
+def mean_ci(vals: list[float]) -> tuple[float, float]:
+    """Mean and 95% CI half-width (1.96 standard errors)."""
     n = len(vals)
     mean = sum(vals) / n
     var = sum((x - mean) ** 2 for x in vals) / max(n - 1, 1)
     return mean, 1.96 * math.sqrt(var / n)
+
+
+def pooled(scores: list[dict]) -> tuple[float, float]:
+    """Mean and 95% CI half-width over problems of each problem's mean over all runs' samples."""
+    return mean_ci(list(per_problem_means(scores).values()))
 
 
 def qat_losses(run_dir: Path, variant: str) -> tuple[float | None, float | None, int | None]:
@@ -78,13 +89,15 @@ def build(run_dirs: list[Path], correctness: dict) -> dict:
         variant = "bf16" if column[0] == 16 else f"w{column[0]}-{rows[0]['method']}"
         # one entry per distinct run (runs sharing a teacher all score BF16: the same model, once per seed)
         scores = [per_problem(dirs[r["run"]], variant, task, correctness) for r in rows]
+        problems = None
         if all(s is not None for s in scores):
-            mean, ci = pooled(scores)
+            problems = per_problem_means(scores)
+            mean, ci = mean_ci(list(problems.values()))
         else:
             mean = sum(r["pass@1"] for r in rows) / len(rows)
             ci = math.sqrt(sum(r["ci95"] ** 2 for r in rows)) / len(rows)
         ces = [r["ce"] for r in rows if r.get("ce") is not None]
-        entry = {"mean": mean, "ci": ci, "seeds": len(rows), "task": task,
+        entry = {"mean": mean, "ci": ci, "seeds": len(rows), "task": task, "problems": problems,
                  "unfinished": any(r.get("unfinished_eval") for r in rows),
                  "ce": sum(ces) / len(ces) if len(ces) == len(rows) else None}
         if rows[0]["method"] == "qat":
@@ -108,12 +121,21 @@ def cell(e: dict | None) -> str:
 
 
 def compare_rows(a: dict | None, b: dict | None) -> str:
-    """'a - b = d (CI c): a better' style reading; separated when |d| exceeds the combined CI."""
+    """'a vs b: d (±c) → verdict'; separated when |d| exceeds c. Both rows scored on the same problems
+    (per-problem data of both): c is the 95% CI of the per-problem differences (paired: the problem-to-
+    problem spread both rows share cancels); otherwise the two rows' intervals combined."""
     if not a or not b:
         return "not measured"
-    d, c = a["mean"] - b["mean"], math.sqrt(a["ci"] ** 2 + b["ci"] ** 2)
+    pa, pb = a.get("problems"), b.get("problems")
+    common = sorted(set(pa) & set(pb)) if pa and pb else []
+    if common:
+        d, c = mean_ci([pa[p] - pb[p] for p in common])
+        kind = f"paired over {len(common)} problems"
+    else:
+        d, c = a["mean"] - b["mean"], math.sqrt(a["ci"] ** 2 + b["ci"] ** 2)
+        kind = "combined intervals"
     verdict = "holds" if d > c else ("reversed" if d < -c else "not separated")
-    return f"{a['mean']:.3f} vs {b['mean']:.3f}: {d:+.3f} (±{c:.3f}) → {verdict}"
+    return f"{a['mean']:.3f} vs {b['mean']:.3f}: {d:+.3f} (±{c:.3f}, {kind}) → {verdict}"
 
 
 def scheme(column: tuple[int, str], group_size: int) -> str:
@@ -141,6 +163,7 @@ def findings(table: dict, columns: list[tuple[int, str]], group_size: int = 128)
                      f"{a['lossN']:.4g} vs {b['lossN']:.4g}")
         out.append(line)
         out.append(f"- domain calibration beats generic (GPTQ): {compare_rows(t('GPTQ (domain calib)'), t('GPTQ (generic calib)'))}")
+        out.append(f"- domain GPTQ loses accuracy (BF16 vs GPTQ (domain calib)): {compare_rows(table.get(('BF16', (16, ''))), t('GPTQ (domain calib)'))}")
         out.append(f"- RL adds accuracy after the KD cold start (KD-QAT + RL vs KD-QAT): {compare_rows(t('KD-QAT + RL'), t('KD-QAT'))}")
         out.append(f"- RL from the collapsed PTQ start (RL from RTN vs RTN): {compare_rows(t('RL from RTN'), t('RTN'))}")
     return out

@@ -7,6 +7,9 @@
 # runs that already came back); naming none runs all twenty. Each row is one override of the recipe, so
 # no row is tuned beyond what the recipe shows; seed 1 changes the calibration sample, the QAT/RL data
 # order and the eval's sampling, not the teacher (model.demo.seed).
+# The runs are named after the teacher's training steps (t350-kd0 ...: bg.sh's UNPACK then names
+# runs/organism-gpu-t350-kd0) and the table goes to benchmarks/results/organism-gpu/table-t350;
+# TEACHER_STEPS=N builds the same table on a teacher trained for N steps instead of the recipe's.
 set -eu
 S1="seed=1 calibration.seed=1 eval.seed=1"
 PTQ="qat.enabled=false rl.enabled=false eval.methods=[bf16,rtn,gptq_generic,gptq]"  # the PTQ rows
@@ -19,10 +22,12 @@ A4="quant.bits=[4] quant.preset=w4a4kv4 ptq.rotation=hadamard"
 w23="kd0 kd1 rlptq0 rlptq1 ptq0 ptq1 kdrtn0 kdrtn1 ce0 ce1"  # the order runs start in: longest first
 w4a4kv4="akd0 akd1 arlptq0 arlptq1 aptq0 aptq1 akdrtn0 akdrtn1 ace0 ace1"
 want=${*:-$w23 $w4a4kv4}
-args="--base recipes/organism-gpu.yaml --out benchmarks/results/organism-gpu/table --parallel ${PARALLEL:-8}"
+steps=${TEACHER_STEPS:-$(awk '$1 == "train_steps:" {print $2; exit}' recipes/organism-gpu.yaml)}
+tag="t$steps-"; teacher="model.demo.train_steps=$steps"; out=benchmarks/results/organism-gpu/table-t$steps
+args="--base recipes/organism-gpu.yaml --out $out --parallel ${PARALLEL:-8}"
 # kd0's teacher is everyone's: with kd0 in the list the others wait for it (trained there, or put
 # there by bg.sh's UNPACK before the runs start); without, it must already be on disk
-[[ " $want " == *" kd0 "* ]] || args="$args --teacher-from runs/organism-gpu-kd0"
+[[ " $want " == *" kd0 "* ]] || args="$args --teacher-from runs/organism-gpu-${tag}kd0"
 for v in $want; do
   scheme=""; base=$v
   # W4A4KV4: Hadamard-rotated (as QuaRot runs it) for every method of the column; BF16 is the w23 runs'
@@ -33,7 +38,7 @@ for v in $want; do
     *) echo "unknown variant $v (one of: $w23 $w4a4kv4)" >&2; exit 2 ;;
   esac
   seed=""; [ "${v: -1}" = 1 ] && seed=$S1
-  args="$args --variant $v $scheme $rows $seed"
-  [[ " $want " == *" kd0 "* ]] && [ "$v" != kd0 ] && args="$args --share $v kd0"
+  args="$args --variant $tag$v $teacher $scheme $rows $seed"
+  [[ " $want " == *" kd0 "* ]] && [ "$v" != kd0 ] && args="$args --share $tag$v ${tag}kd0"
 done
 echo "$args"

@@ -31,6 +31,21 @@ def test_a_difference_inside_the_combined_interval_is_not_separated():
     assert t.compare_rows(None, {"mean": 0.9, "ci": 0.0}) == "not measured"
 
 
+def test_rows_scored_on_the_same_problems_are_compared_paired():
+    """Two rows that differ on 5 of 100 problems: side by side their intervals overlap (0.50 vs
+    0.45, each ±0.10), but the per-problem differences separate them."""
+    t = _module()
+    a = {str(i): 1.0 if i < 50 else 0.0 for i in range(100)}
+    b = {**a, **{str(i): 0.0 for i in range(5)}}
+    ra = {"mean": 0.50, "ci": t.mean_ci(list(a.values()))[1], "problems": a}
+    rb = {"mean": 0.45, "ci": t.mean_ci(list(b.values()))[1], "problems": b}
+    assert t.compare_rows({**ra, "problems": None}, rb).endswith("not separated")
+    paired = t.compare_rows(ra, rb)
+    assert "paired over 100 problems" in paired and paired.endswith("holds")
+    sd = math.sqrt(5 * 0.95**2 + 95 * 0.05**2) / math.sqrt(99)
+    assert f"+0.050 (±{1.96 * sd / 10:.3f}" in paired
+
+
 def test_variant_overrides_set_nested_keys_parsed_as_yaml():
     spec = importlib.util.spec_from_file_location("organism_runs", ROOT / "benchmarks" / "organism_runs.py")
     runs = importlib.util.module_from_spec(spec)
