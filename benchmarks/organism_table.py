@@ -59,11 +59,6 @@ def mean_ci(vals: list[float]) -> tuple[float, float]:
     return mean, 1.96 * math.sqrt(var / n)
 
 
-def pooled(scores: list[dict]) -> tuple[float, float]:
-    """Mean and 95% CI half-width over problems of each problem's mean over all runs' samples."""
-    return mean_ci(list(per_problem_means(scores).values()))
-
-
 def qat_losses(run_dir: Path, variant: str) -> tuple[float | None, float | None, int | None]:
     """(loss at step 0, loss at the last logged step, that step) of a QAT variant."""
     f = run_dir / "qat" / variant / "log_history.json"

@@ -23,6 +23,7 @@ w23="kd0 kd1 rlptq0 rlptq1 ptq0 ptq1 kdrtn0 kdrtn1 ce0 ce1"  # the order runs st
 w4a4kv4="akd0 akd1 arlptq0 arlptq1 aptq0 aptq1 akdrtn0 akdrtn1 ace0 ace1"
 want=${*:-$w23 $w4a4kv4}
 steps=${TEACHER_STEPS:-$(awk '$1 == "train_steps:" {print $2; exit}' recipes/organism-gpu.yaml)}
+[ -n "$steps" ] || { echo "recipes/organism-gpu.yaml has no model.demo.train_steps: set TEACHER_STEPS" >&2; exit 2; }
 tag="t$steps-"; teacher="model.demo.train_steps=$steps"; out=benchmarks/results/organism-gpu/table-t$steps
 args="--base recipes/organism-gpu.yaml --out $out --parallel ${PARALLEL:-8}"
 # kd0's teacher is everyone's: with kd0 in the list the others wait for it (trained there, or put

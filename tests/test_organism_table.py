@@ -17,7 +17,7 @@ def test_seeds_pool_per_problem():
     t = _module()
     seed0 = {"a": [1], "b": [0], "c": [1], "d": [1]}
     seed1 = {"a": [1], "b": [1], "c": [0], "d": [1]}
-    mean, ci = t.pooled([seed0, seed1])
+    mean, ci = t.mean_ci(list(t.per_problem_means([seed0, seed1]).values()))
     vals = [1.0, 0.5, 0.5, 1.0]  # each problem's mean over the two seeds
     sd = math.sqrt(sum((v - 0.75) ** 2 for v in vals) / 3)
     assert mean == 0.75 and abs(ci - 1.96 * sd / 2) < 1e-12
@@ -90,3 +90,31 @@ def test_schemes_are_columns_and_an_unfinished_eval_gives_the_variants_it_finish
     assert t.scheme(w4a4, 128) == "W4A4KV4G128 (Hadamard)" and t.scheme((3, ""), 128) == "W3G128"
     assert t.scheme((2, ""), -1) == "W2 per-channel"
     assert t.cell(table[("KD-QAT", w4a4)]).endswith("†") and "†" not in t.cell(table[("RTN", (3, ""))])
+
+
+def test_table_runs_are_named_after_their_teacher_and_share_it():
+    """organism_table_runs.sh: every variant trains on the same teacher length (the recipe's, or
+    TEACHER_STEPS) and, with kd0 listed, waits for kd0's teacher; without kd0 it copies that run's."""
+    import os
+    import subprocess
+
+    base_env = {k: v for k, v in os.environ.items() if k != "TEACHER_STEPS"}
+
+    def args(*variants, **env):
+        out = subprocess.run(["bash", "benchmarks/organism_table_runs.sh", *variants], cwd=ROOT, check=True,
+                             capture_output=True, text=True, env={**base_env, **env}).stdout
+        return out.split()
+
+    a = args("kd0", "ace1", TEACHER_STEPS="300")
+    assert a[a.index("--out") + 1] == "benchmarks/results/organism-gpu/table-t300"
+    variants = [a[i + 1] for i, x in enumerate(a) if x == "--variant"]
+    assert variants == ["t300-kd0", "t300-ace1"]
+    assert a.count("model.demo.train_steps=300") == 2
+    assert a[a.index("--share") + 1 : a.index("--share") + 3] == ["t300-ace1", "t300-kd0"]
+    assert "seed=1" in a and "quant.preset=w4a4kv4" in a
+
+    import yaml
+
+    steps = yaml.safe_load((ROOT / "recipes" / "organism-gpu.yaml").read_text())["model"]["demo"]["train_steps"]
+    b = args("ptq1")
+    assert "--share" not in b and b[b.index("--teacher-from") + 1] == f"runs/organism-gpu-t{steps}-kd0"
