@@ -171,13 +171,14 @@ def main() -> int:
                     help="per-problem correctness files brought back from GPU calls (bg.sh), merged")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
-    runs = [d for d in a.runs if (d / "eval" / "manifest.json").is_file() or any((d / ".eval.partial").glob("*/*/metrics.json"))]
     correctness = {k: v for f in a.correctness for k, v in json.loads(f.read_text()).items()}
-    table = build(runs, correctness)
+    table = build(a.runs, correctness)  # a run with nothing evaluated yet gives no rows
+    if not table:
+        raise SystemExit("organism_table: none of the runs has an evaluated variant yet (rqat run ... --stages eval)")
     columns = sorted({c for _, c in table if c[0] != 16}, key=lambda c: (c[1] != "", -c[0], c[1]))
     from reasoning_qat.pipeline import recipe_from_run
 
-    group_size = recipe_from_run(runs[0]).quant.group_size  # the runs of one table share their group size
+    group_size = recipe_from_run(a.runs[0]).quant.group_size  # the runs of one table share their group size
     labels = [lb for lb in ROW_ORDER if any((lb, c) in table for c in [(16, ""), *columns])]
     labels += sorted({lb for lb, _ in table} - set(labels))
     lines = ["| method | " + " | ".join(scheme(c, group_size) for c in columns) + " | runs (seeds) per cell |",
