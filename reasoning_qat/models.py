@@ -16,21 +16,23 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_tokenizer(path_or_id: str, trust_remote_code: bool = False, revision: str | None = None):
+def load_tokenizer(path_or_id: str, trust_remote_code: bool = False, revision: str | None = None, **kwargs):
+    """kwargs go to `from_pretrained` (e.g. gguf_file)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, revision=revision)
+    tok = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, revision=revision, **kwargs)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
 def load_model(path_or_id: str, dtype: torch.dtype = torch.bfloat16, trust_remote_code: bool = False,
-               revision: str | None = None, device: str | None = None):
+               revision: str | None = None, device: str | None = None, **kwargs):
+    """kwargs go to `from_pretrained` (e.g. gguf_file)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision
+        path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision, **kwargs
     )
     model = model.to(device) if device else model
     # A W4A4KV4 (or rotated) export: its config names the online rotations and activation/KV
@@ -41,10 +43,40 @@ def load_model(path_or_id: str, dtype: torch.dtype = torch.bfloat16, trust_remot
     return model
 
 
-def load_config(path_or_id: str, trust_remote_code: bool = False, revision: str | None = None):
+def end_token_ids(tokenizer, generation_config=None, config=None) -> list[int]:
+    """Every token id that ends a generation, in order: the generation config's `eos_token_id` (an
+    int or a list; Qwen3 lists `<|im_end|>` and `<|endoftext|>`, R1-Distill `<｜end▁of▁sentence｜>`),
+    the model config's, then the tokenizer's end token. Both eval backends and teacher-written data
+    stop on all of them, so `truncated` means the token budget ran out and nothing else."""
+    ids: list[int] = []
+    for source in (generation_config, config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        ids += [value] if isinstance(value, int) else list(value or [])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(ids))
+
+
+def saved_end_token_ids(path_or_id: str, tokenizer, trust_remote_code: bool = False, revision: str | None = None) -> list[int]:
+    """end_token_ids of a saved model (its generation_config.json where it has one, and config.json)."""
+    from transformers import GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(path_or_id, revision=revision)
+    except OSError:  # no generation_config.json: the model config's eos_token_id decides
+        generation = None
+    try:
+        config = load_config(path_or_id, trust_remote_code, revision)
+    except (OSError, ValueError):
+        config = None
+    return end_token_ids(tokenizer, generation, config)
+
+
+def load_config(path_or_id: str, trust_remote_code: bool = False, revision: str | None = None, **kwargs):
+    """kwargs go to `from_pretrained` (e.g. gguf_file)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, revision=revision)
+    return AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, revision=revision, **kwargs)
 
 
 def demo_config(demo, tokenizer, max_positions: int = 256):

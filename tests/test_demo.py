@@ -23,7 +23,7 @@ def test_demo_pipeline_small(tmp_path):
     rec = demo_recipe(tmp_path, name="small", teacher_steps=300, bits="[2, 4]", baselines="[rtn, gptq_generic]",
                       qat_steps=20, save_steps=10, limit=30)
     text = rec.read_text().replace("rl: {enabled: false}", "rl: {enabled: true, min_accuracy: 0.0, data: {source: demo}, "
-                                   "max_steps: 2, num_generations: 4, batch_size: 4, max_completion_length: 40, lr: 1.0e-5, save_steps: 1}")
+                                   "max_steps: 2, num_generations: 4, batch_size: 4, max_completion_length: 48, lr: 1.0e-5, save_steps: 1}")
     rec.write_text(text)
     out = cli("run", str(rec))
     run = tmp_path / "runs" / "small"
@@ -71,7 +71,7 @@ def test_demo_pipeline_small(tmp_path):
 def test_rl_refuses_a_student_that_cannot_solve_anything(tmp_path):
     rec = demo_recipe(tmp_path, name="cold", teacher_steps=5, bits="[2]", baselines="[]", qat_steps=2, limit=10)
     rec.write_text(rec.read_text().replace("rl: {enabled: false}", "rl: {enabled: true, min_accuracy: 0.5, data: {source: demo}, "
-                                           "max_completion_length: 40}"))
+                                           "max_completion_length: 48}"))
     res = cli("run", str(rec), check=False)
     assert res.returncode == 2
     assert "rl: the w2-qat student solves" in res.stderr and "below rl.min_accuracy=0.5" in res.stderr
@@ -86,7 +86,7 @@ def test_grpo_straight_from_a_ptq_checkpoint(tmp_path):
     rec = demo_recipe(tmp_path, name="rlptq", teacher_steps=300, bits="[4]", baselines="[]", qat="false", limit=10)
     rec.write_text(rec.read_text().replace("method: gptq", "method: rtn").replace(
         "rl: {enabled: false}", "rl: {enabled: true, init: ptq, min_accuracy: 0.0, data: {source: demo}, max_steps: 2, "
-        "num_generations: 4, batch_size: 4, max_completion_length: 40, save_steps: 1}"))
+        "num_generations: 4, batch_size: 4, max_completion_length: 48, save_steps: 1}"))
     cli("run", str(rec))
     run = tmp_path / "runs" / "rlptq"
     assert not (run / "qat").exists()

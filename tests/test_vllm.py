@@ -161,7 +161,7 @@ def test_grpo_rollouts_through_trl_colocated_vllm_get_the_quantized_weights(tmp_
     rec = demo_recipe(tmp_path, name="rlv", teacher_steps=300, bits="[4]", baselines="[]", qat_steps=5, limit=10)
     rec.write_text(rec.read_text().replace("  enabled: true\n", "  enabled: true\n  init: bf16\n").replace(
         "rl: {enabled: false}", "rl: {enabled: true, use_vllm: true, min_accuracy: 0.0, data: {source: demo}, max_steps: 2, "
-        "num_generations: 4, batch_size: 4, max_completion_length: 40, lr: 1.0e-5, save_steps: 1}\n"
+        "num_generations: 4, batch_size: 4, max_completion_length: 48, lr: 1.0e-5, save_steps: 1}\n"
         "").replace("eval: {", "eval: {gpu_memory_utilization: 0.2, "))
     subprocess.run([sys.executable, "-m", "reasoning_qat.cli", "run", str(rec), "--stages", "teacher,calibrate,ptq,qat,rl"],
                    check=True, capture_output=True)
@@ -169,3 +169,22 @@ def test_grpo_rollouts_through_trl_colocated_vllm_get_the_quantized_weights(tmp_
     assert m["rollouts"] == "vllm" and m["steps"] == 2
     assert m["quantized_rollout_batches"] >= 2 and m["dequantized_weight_syncs"] >= 2
     assert m["vllm_vs_quantized_max_abs_diff"] == 0.0 < m["vllm_vs_latent_max_abs_diff"]
+
+
+def test_vllm_stops_at_every_end_token(tmp_path, name="qwen3"):
+    """The same model as the transformers backend's test (tests/test_families.py): vLLM stops on
+    Qwen3's second end token (<|endoftext|>) too, and the two backends agree on text, length and
+    truncation. (One family: each CPU engine start costs about a minute.)"""
+    from .families import FAMILIES
+    from .test_families import _always_emits_id0
+
+    path, tok = _always_emits_id0(FAMILIES[name], tmp_path)
+    engine = VLLMBackend(str(path), settings=SETTINGS)
+    try:
+        assert engine.end_ids == tok.convert_tokens_to_ids(list(FAMILIES[name].end_tokens))
+        from reasoning_qat.data.reasoning import generation_prompt
+
+        (c,), = engine.generate([generation_prompt(tok, "What is 3+5?")], 1, 0.0, 1.0, -1, 16)
+    finally:
+        engine.close()
+    assert (c.text, c.num_tokens, c.truncated) == ("", 1, False)

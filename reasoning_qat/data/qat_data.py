@@ -67,9 +67,13 @@ def _as_list(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def _pick(batch, data, with_response: bool):
-    """One output row per kept trace; rows with nothing usable come out with a `status` saying why."""
+def _pick(batch, data, with_response: bool, tokenizer=None):
+    """One output row per kept trace; rows with nothing usable come out with a `status` saying why.
+    Traces are graded as what the model writes after its generation prompt (`tokenizer`'s template):
+    after a prompt that opened `<think>`, a trace with no `</think>` is unfinished thinking, not an answer."""
     from ..evaluation.grader import grade
+    from .reasoning import generation_prompt
+    from .thinking import prompt_opens_thinking
 
     out = {"prompt": [], "response": [], "answer": [], "status": []}
     n = len(batch[data.prompt_field])
@@ -92,7 +96,9 @@ def _pick(batch, data, with_response: bool):
                             flags = _as_list(batch[f][i])
                             ok = [a and bool(b) for a, b in zip(ok, flags + [False] * (len(gens) - len(flags)))]
                 elif answer is not None:
-                    ok = [grade(g, answer).correct for g in gens]
+                    opened = tokenizer is not None and prompt_opens_thinking(
+                        generation_prompt(tokenizer, batch[data.prompt_field][i]))
+                    ok = [grade(g, answer, opened).correct for g in gens]
                 else:
                     ok = [False] * len(gens)
                 traces = [g for g, good in zip(gens, ok) if good][:1]
@@ -108,18 +114,22 @@ def _pick(batch, data, with_response: bool):
     return out
 
 
-def select_traces(ds, data, with_response: bool = True):
-    """Rows {prompt, response, answer, status} from a raw dataset, `max_samples` applied first."""
+def select_traces(ds, data, with_response: bool = True, tokenizer=None, field: str = "qat.data"):
+    """Rows {prompt, response, answer, status} from a raw dataset, `max_samples` applied first.
+    `tokenizer`: the model's, whose chat template decides where a trace's thinking ends when
+    `select: verified` grades it (None: as if the prompt never opened the thinking). `field`: the
+    recipe section named in errors."""
     missing = [f for f in (data.prompt_field, data.response_field if with_response else None,
                            data.verified_field if data.select == "verified" else None,
                            data.complete_field if data.select == "verified" else None)
                if f and f not in ds.column_names]
     if missing:
-        raise UserError(f"qat.data: the dataset has no column {missing[0]!r} (columns: {', '.join(ds.column_names)})")
+        raise UserError(f"{field}: the dataset has no column {missing[0]!r} (columns: {', '.join(ds.column_names)})")
     if data.max_samples:
         ds = ds.select(range(min(len(ds), data.max_samples)))  # an index mapping: nothing is read yet
     return ds.map(_pick, batched=True, batch_size=256, remove_columns=ds.column_names, num_proc=workers(data, len(ds)),
-                  fn_kwargs={"data": data, "with_response": with_response}, desc="selecting traces")
+                  fn_kwargs={"data": data, "with_response": with_response, "tokenizer": tokenizer},
+                  desc="selecting traces")
 
 
 def _tokenize(batch, tokenizer, max_length: int, overlength: str):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .thinking import continuation, prompt_opens_thinking, split_completion, with_open_tag
 
 IGNORE_INDEX = -100
 
@@ -69,21 +70,28 @@ def format_example(tokenizer, prompt: str, response: str) -> tuple[str, str]:
     """(prompt text, completion text) exactly as the model sees its own generation of `response`.
 
     The conversation [user, assistant(response)] is rendered by the tokenizer's own chat template,
-    and the completion is what follows the generation prompt. So a Qwen3 template normalises an
-    R1-style `<think>...</think>` response the way it renders its own turns, and a template whose
-    generation prompt already opens `<think>` does not get the tag twice. The completion ends with
-    the end-of-turn token (the template's trailing newline is not something the model generates).
-    Templates whose full rendering does not extend the generation prompt fall back to
-    prompt + response + end-of-turn.
+    and the completion is what follows the generation prompt, so a template normalises a response
+    the way it renders its own turns (Qwen3's whitespace around the tags). That rendering is kept
+    only when it extends the generation prompt and keeps the response's thinking and answer
+    (data/thinking.py decides both); otherwise (R1-Distill's template drops the thinking from
+    assistant turns; a prompt that opens `<think>` would get the tag twice) the completion is the
+    response continued after the prompt (`thinking.continuation`). A response that starts inside its
+    thinking gets its `<think>` back first, so templates that split only whole blocks (Qwen3.5) see one.
+    The completion ends with the end-of-turn token (the template's trailing newline is not something
+    the model generates).
     """
     p_text = generation_prompt(tokenizer, prompt)
+    opened = prompt_opens_thinking(p_text)
+    response = with_open_tag(response)
     eos = tokenizer.eos_token
     full = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
                                          tokenize=False)
     if full.startswith(p_text) and eos in full[len(p_text):]:
         completion = full[len(p_text):]
-        return p_text, completion[: completion.rindex(eos) + len(eos)]
-    return p_text, response + eos
+        completion = completion[: completion.rindex(eos)]
+        if split_completion(completion, opened).same_as(split_completion(continuation(response, opened), opened)):
+            return p_text, completion + eos
+    return p_text, continuation(response, opened) + eos
 
 
 def tokenize_example(tokenizer, prompt: str, response: str, max_length: int | None = None) -> dict:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..evaluation.grader import grade
 from .reasoning import generation_prompt, read_jsonl
+from .thinking import prompt_opens_thinking
 
 
 def _done_lines(path: Path) -> int:
@@ -47,9 +48,10 @@ def generate_teacher_responses(engine, rows: list[dict], out_path: str | Path, g
             # exactly what an uninterrupted one would.
             outs = engine.generate(prompts, 1, gen.temperature, gen.top_p, gen.top_k, gen.max_new_tokens, seed + i,
                                    keys=range(i, i + len(batch)))
-            for r, (c,) in zip(batch, outs):
+            for r, p, (c,) in zip(batch, prompts, outs):
                 kept = {"all": True, "finished": not c.truncated,
-                        "correct": not c.truncated and grade(c.text, r.get("answer", "")).correct}[gen.keep]
+                        "correct": not c.truncated and grade(c.text, r.get("answer", ""), prompt_opens_thinking(p)).correct
+                        }[gen.keep]
                 f.write(json.dumps({"prompt": r["prompt"], "response": c.text, **({"answer": r["answer"]} if "answer" in r else {}),
                                     "kept": kept, "truncated": c.truncated}) + "\n")
             f.flush()

@@ -73,8 +73,12 @@ def pick_backend(name: str) -> str:
     return name
 
 
-def _eos_id(tok) -> int:
-    return tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else tok.eos_token_id
+def _strip_end_tokens(text: str, tok, end_ids: list[int]) -> str:
+    """The completion's text without the end token that stopped it (an engine may decode it)."""
+    for end in tok.convert_ids_to_tokens(end_ids):
+        if end and text.endswith(end):
+            return text[: -len(end)]
+    return text
 
 
 class TransformersBackend:
@@ -82,13 +86,14 @@ class TransformersBackend:
 
     def __init__(self, model_path: str, batch_size: int = 64, trust_remote_code: bool = False,
                  settings: EngineSettings = EngineSettings(), device: str | None = None):
-        from ..models import best_device, load_model, load_tokenizer
+        from ..models import best_device, end_token_ids, load_model, load_tokenizer
 
         self.device = device or best_device()
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.tokenizer.padding_side = "left"
         self.model = load_model(model_path, settings.torch_dtype(self.device != "cpu"), trust_remote_code,
                                 device=self.device).eval()
+        self.end_ids = end_token_ids(self.tokenizer, self.model.generation_config, self.model.config)
         self.batch_size = batch_size
         self.static_cache = settings.static_cache if settings.static_cache != "auto" else self.device != "cpu"
         if getattr(self.model, "_rqat_runtime", None):  # hooks and a custom attention: keep the eager decode
@@ -101,6 +106,9 @@ class TransformersBackend:
         self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
         self.device = next(model.parameters()).device
         self.tokenizer.padding_side = "left"
+        from ..models import end_token_ids
+
+        self.end_ids = end_token_ids(tokenizer, getattr(model, "generation_config", None), model.config)
         self.static_cache = False  # an in-memory student may hold fake-quant modules: no compiled decode
         return self
 
@@ -130,7 +138,7 @@ class TransformersBackend:
         # `generate` has no per-row generator: samples are reproducible from the seed and the batching.
         torch.manual_seed(seed)
         tok = self.tokenizer
-        eos = _eos_id(tok)
+        ends = torch.tensor(self.end_ids, device=self.device)
         flat = [p for p in prompts for _ in range(k)]
         out: list[Completion] = []
         for i in tqdm(range(0, len(flat), self.batch_size), desc="generate", leave=False):
@@ -144,15 +152,17 @@ class TransformersBackend:
                 if temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
             # use_cache: a checkpoint saved with the cache off (by a trainer) would otherwise recompute
             # the whole prefix at every token
-            gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=eos,
+            gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=self.end_ids,
                                       pad_token_id=tok.pad_token_id, use_cache=True, **sampling,
                                       **self._cache_kwargs(len(batch), enc["input_ids"].shape[1], max_new_tokens))
             new = gen[:real, enc["input_ids"].shape[1]:]
             for row in new:
-                ended = (row == eos).nonzero()
-                n = int(ended[0]) + 1 if len(ended) else int((row != tok.pad_token_id).sum())
-                out.append(Completion(tok.decode(row[:n], skip_special_tokens=False).replace(tok.eos_token, ""),
-                                      n, truncated=not len(ended)))
+                ended = torch.isin(row, ends).nonzero()
+                if len(ended):  # stopped by any end token: the text stops before it, the count includes it
+                    end = int(ended[0])
+                    out.append(Completion(tok.decode(row[:end], skip_special_tokens=False), end + 1, truncated=False))
+                else:
+                    out.append(Completion(tok.decode(row, skip_special_tokens=False), len(row), truncated=True))
         return [out[j * k : (j + 1) * k] for j in range(len(prompts))]
 
     def close(self) -> None:
@@ -188,12 +198,15 @@ class VLLMBackend:
             raise UserError(f"eval.backend: vllm could not start on {model_path} ({type(err).__name__}: {msg}); "
                             "check eval.gpu_memory_utilization / max_model_len, or use backend: transformers") from err
         self.tokenizer = self.llm.get_tokenizer()
+        from ..models import saved_end_token_ids
+
+        self.end_ids = saved_end_token_ids(model_path, self.tokenizer, trust_remote_code)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def generate(self, prompts, k, temperature, top_p, top_k, max_new_tokens, seed: int = 0, keys=None):
         from vllm import SamplingParams
 
-        tok, eos = self.tokenizer, _eos_id(self.tokenizer)
+        tok = self.tokenizer
         keys = list(keys) if keys is not None else list(range(len(prompts)))
         flat, params = [], []
         for key, prompt in zip(keys, prompts):
@@ -207,13 +220,14 @@ class VLLMBackend:
                     n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                     top_k=top_k if top_k > 0 and temperature > 0 else 0, max_tokens=min(max_new_tokens, room),
                     seed=request_seed(seed, key, j) if temperature > 0 else None,
-                    stop_token_ids=[eos], skip_special_tokens=False,
+                    stop_token_ids=self.end_ids, skip_special_tokens=False,
                 ))
         results = self.llm.generate(flat, params, use_tqdm=True)
         comps = []
         for r in results:
             o = r.outputs[0]
-            comps.append(Completion(o.text.replace(tok.eos_token, ""), len(o.token_ids), o.finish_reason == "length"))
+            comps.append(Completion(_strip_end_tokens(o.text, tok, self.end_ids), len(o.token_ids),
+                                    o.finish_reason == "length"))
         return [comps[j * k : (j + 1) * k] for j in range(len(prompts))]
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .grader import final_segment
+from ..data.thinking import answer_text
 from .sandbox import Limits, run_program
 
 
@@ -52,7 +52,7 @@ _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re
 
 def extract_program(response: str, thinking_open: bool = False) -> str | None:
     """The last fenced code block of the final answer (after the thinking); None without one."""
-    answer = final_segment(response, thinking_open)
+    answer = answer_text(response, thinking_open)
     if answer is None:
         return None
     blocks = _FENCE.findall(answer)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ..data.reasoning import generation_prompt, write_jsonl
+from ..data.thinking import prompt_opens_thinking
 from .backends import EngineSettings, make_backend, request_seed
 from .grader import grade, grade_choice
 from .tasks import Task
@@ -100,7 +101,7 @@ def evaluate(model_path: str, task: Task, out_dir: str | Path, *, backend: str =
 
 def _grade(task: Task, problems, prompts, completions, golds) -> tuple[list[list], dict]:
     """Per problem, per sample grades; plus task-kind metrics (the sandbox's isolation for code)."""
-    opened = [pr.rstrip().endswith("<think>") for pr in prompts]  # the template opened the thinking itself
+    opened = [prompt_opens_thinking(pr) for pr in prompts]  # the template opened the thinking itself
     if task.kind == "math":
         return [[grade(c.text, p["answer"], o) for c in comps] for p, comps, o in zip(problems, completions, opened)], {}
     if task.kind == "multiple_choice":

@@ -124,15 +124,38 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def untie_head(model: nn.Module) -> bool:
+    """Give the output head its own copy of a weight it shares with the input embedding (Qwen3-0.6B,
+    1.7B and 4B, SmolLM2 tie them), and say so in the config, so no later `tie_weights()` (every
+    transformers load runs one) copies the embedding back over the head. The embedding keeps its
+    weight. Returns whether the model was tied."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and emb is not None and getattr(head, "weight", None) is emb.weight
+    if tied:
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    text_config = getattr(model.config, "get_text_config", lambda: None)()
+    if text_config is not None:
+        text_config.tie_word_embeddings = False
+    if hasattr(model, "_tied_weights_keys"):
+        model._tied_weights_keys = None
+    return tied
+
+
 def swap_in_fake_quant(
     model: nn.Module, targets: QuantTargets, init: dict[str, QuantizedWeight] | None = None, keep_latent: bool = False
 ) -> dict[str, QuantScheme]:
     """Replace every targeted nn.Linear by a FakeQuantLinear, in place.
 
     `init` maps module names to quantized weights (e.g. a GPTQ result); modules it lacks are
-    initialised by round-to-nearest of their current weight.
+    initialised by round-to-nearest of their current weight. A quantized output head that is tied
+    to the input embedding is untied first (`untie_head`): the embedding stays in full precision,
+    and the head's fake-quant latent is never overwritten by it.
     """
     plan = targets.resolve(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and any(model.get_submodule(n) is head for n in plan):
+        untie_head(model)
     for name, scheme in plan.items():
         linear = model.get_submodule(name)
         qw = (init or {}).get(name)

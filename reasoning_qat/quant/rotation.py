@@ -21,9 +21,9 @@ import functools
 import math
 
 import torch
-from torch import nn
 
 from ..errors import UserError
+from .fake_quant import untie_head
 
 
 @functools.lru_cache(maxsize=8)
@@ -92,16 +92,6 @@ def random_hadamard(n: int, seed: int, dtype=torch.float64) -> torch.Tensor:
 
 def _layers(model):
     return model.get_decoder().layers
-
-
-def untie_head(model) -> None:
-    """Give the output head its own weight (rotation folds the final norm into the head only)."""
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if head.weight is emb.weight:
-        head.weight = nn.Parameter(emb.weight.detach().clone())
-    model.config.tie_word_embeddings = False
-    if hasattr(model, "_tied_weights_keys"):
-        model._tied_weights_keys = None
 
 
 @torch.no_grad()

@@ -51,7 +51,7 @@ def build_qat_data(ctx: StageContext, tok):
         traces = Dataset.from_list([{"prompt": x["prompt"], "response": x["response"], "answer": x.get("answer"),
                                      "status": "kept"} for x in rows])
     else:
-        traces = select_traces(open_source(ctx, data), data)
+        traces = select_traces(open_source(ctx, data), data, tokenizer=tok)
     tokenized, stats = tokenize_traces(traces, tok, data)
     if data.responses == "teacher":
         stats["teacher_responses"] = {"rows": len(rows), "kept_by": data.generation.keep}
@@ -67,7 +67,7 @@ def write_teacher_data(ctx: StageContext) -> list[dict]:
     src = teacher_source(ctx)
     engine = make_backend(g.backend, src.id, g.batch_size, src.trust_remote_code, r.seed, EngineSettings.from_config(r.eval))
     try:
-        return generate_teacher_responses(engine, source_rows(ctx, data, prompts_only=True), ctx.layout.teacher_responses(),
+        return generate_teacher_responses(engine, source_rows(ctx, data, engine.tokenizer, prompts_only=True), ctx.layout.teacher_responses(),
                                           g, r.seed)
     finally:
         engine.close()

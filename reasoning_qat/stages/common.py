@@ -52,13 +52,15 @@ def open_source(ctx, data: DataConfig, field: str = "qat.data.source"):
     return open_dataset(data.source, data.split, data.subset, ctx.layout.demo_data(), field=field)
 
 
-def source_rows(ctx, data: DataConfig, prompts_only: bool = False, field: str = "qat.data.source") -> list[dict]:
-    """The rows `data` names as {prompt, response, answer}: one trace each by `data.select`
-    (response "" when prompts_only). For the small sets that are used as lists (RL prompts, the
-    prompts the teacher answers); the QAT set itself stays a dataset (calibrate.build_qat_data)."""
+def source_rows(ctx, data: DataConfig, tokenizer, prompts_only: bool = False, field: str = "qat.data.source") -> list[dict]:
+    """The rows `data` names as {prompt, response, answer}: one trace each by `data.select`, graded
+    in `tokenizer`'s chat format (response "" when prompts_only). For the small sets that are used as
+    lists (RL prompts, the prompts the teacher answers); the QAT set itself stays a dataset
+    (calibrate.build_qat_data)."""
     from ..data.qat_data import select_traces
 
-    rows = select_traces(open_source(ctx, data, field), data, with_response=not prompts_only)
+    rows = select_traces(open_source(ctx, data, field), data, with_response=not prompts_only, tokenizer=tokenizer,
+                         field=field.removesuffix(".source"))
     return [{k: v for k, v in r.items() if v is not None and k != "status"} for r in rows if r["status"] == "kept"]
 
 

