@@ -93,10 +93,18 @@ class ActQuantConfig(_Section):
 
 
 class KVQuantConfig(_Section):
-    """Fake quantization of keys and values per head (groups along head_dim; -1: the whole head)."""
+    """Fake quantization of keys and values per head (groups along head_dim; -1: the whole head).
+    The preflight checks that group_size divides the model's head_dim."""
 
     bits: Literal[4, 8] = 4
     group_size: int = Field(-1, ge=-1)
+
+    @field_validator("group_size")
+    @classmethod
+    def _positive_or_whole_head(cls, v):
+        if v == 0:
+            raise ValueError("0 is not a group size (allowed: a divisor of head_dim, or -1 for the whole head)")
+        return v
     symmetric: bool = False
     clip_ratio: float = Field(1.0, gt=0, le=1)
 
@@ -412,6 +420,34 @@ def parse_recipe(data: object, source: str = "recipe") -> Recipe:
         raise RecipeError(_format_error(err, source)) from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, stricter for configs: a key given twice in one mapping is an error
+    (PyYAML keeps the last one silently), and dates stay strings (the fields that take dates parse and
+    check them, so `2025-02-30` is a one-line error naming its field, not a ValueError inside PyYAML)."""
+
+
+def _mapping_without_duplicates(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice in one section",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+def load_yaml(text: str):
+    """Parse a config's YAML text safely (no Python objects), refusing duplicate keys; dates stay strings."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
@@ -421,7 +457,7 @@ def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     except UnicodeDecodeError as err:
         raise RecipeError(f"{path}: not a UTF-8 text file (byte {err.start}); a recipe is a YAML text file") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

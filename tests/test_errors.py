@@ -63,6 +63,45 @@ def test_a_local_directory_without_a_model_config_is_refused(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_model_path_with_spaces_is_not_taken_for_a_hub_id(tmp_path):
+    one_line_error(cli("run", str(_with_model_id(tmp_path, "my local teacher"))),
+                   "model.id: no such local model directory 'my local teacher'")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("old,new,needle", [
+    # a KV-cache group that does not divide the demo teacher's head_dim (32), or no group at all
+    ("quant: {bits: [2], group_size: 32}", "quant: {bits: [2], group_size: 32, kv_cache: {group_size: 24}}",
+     "quant.kv_cache.group_size: 24 does not divide the model's head_dim 32"),
+    ("quant: {bits: [2], group_size: 32}", "quant: {bits: [2], group_size: 32, kv_cache: {group_size: 0}}",
+     "quant.kv_cache.group_size: 0 is not a group size"),
+    # a LiveCodeBench window that ends before it starts, and a date that is not one
+    ("eval: {", "eval: {task_options: {livecodebench: {release_start: 2025-02-01, release_end: 2025-01-01}}, ",
+     "eval.task_options.livecodebench: release_end 2025-01-01 is not after release_start 2025-02-01"),
+    ("eval: {", "eval: {task_options: {livecodebench: {release_start: 2025-02-30}}, ",
+     "eval.task_options.livecodebench.release_start: Input should be a valid date"),
+    # a section given twice: PyYAML would keep the last one silently
+    ("rl: {enabled: false}", "rl: {enabled: false}\nquant: {bits: [3]}",
+     "not valid YAML at line 22: key 'quant' is given twice in one section"),
+])
+def test_values_a_later_stage_cannot_use_are_refused_before_the_run(tmp_path, old, new, needle):
+    rec = _broken(tmp_path, old, new)
+    assert new in rec.read_text()
+    if "livecodebench" in new:
+        rec.write_text(rec.read_text().replace("tasks: [demo_arith]", "tasks: [demo_arith, livecodebench]"))
+    if "kv_cache" in new:
+        rec.write_text(rec.read_text().replace("formats: [dequantized, compressed-tensors]", "formats: [dequantized]"))
+    one_line_error(cli("run", str(rec)), needle)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_root_under_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("")
+    rec = demo_recipe(tmp_path, name="bad")
+    one_line_error(cli("run", str(rec), "--run-root", str(tmp_path / "afile" / "runs")),
+                   f"run_root: '{tmp_path / 'afile' / 'runs'}' lies under '{tmp_path / 'afile'}', which is a file")
+
+
 def test_binary_recipe_names_the_file(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from reasoning_qat.data.reasoning import read_jsonl
-from reasoning_qat.evaluation.grader import grade
+from reasoning_qat.evaluation.grader import grade, grade_choice
 from reasoning_qat.evaluation.runner import pass_at_1
 from reasoning_qat.evaluation.tasks import Task, load_task
 
@@ -31,6 +31,45 @@ from .conftest import MATH500
 ])
 def test_grade_math_answers(response, gold, ok):
     assert grade(response, gold).correct is ok
+
+
+@pytest.mark.parametrize("response,gold,ok", [
+    # percentages: a decimal as well as an integer (5.4 for 5.4\%), both ways
+    ("\\boxed{5.4}", "5.4\\%", True), ("\\boxed{25}", "25\\%", True), ("\\boxed{5.4\\%}", "5.4", True),
+    ("\\boxed{5.5}", "5.4\\%", False),
+    # LaTeX spacing commands as digit-group separators
+    ("\\boxed{1\\,000}", "1000", True), ("\\boxed{1\\ 000}", "1000", True), ("\\boxed{12\\;345\\;678}", "12345678", True),
+    ("\\boxed{10{,}000}", "10000", True), ("\\boxed{1~000}", "1000", True), ("\\boxed{1\\,001}", "1000", False),
+    # Unicode where the gold writes LaTeX
+    ("\\boxed{90°}", "90^\\circ", True), ("\\boxed{−3}", "-3", True), ("\\boxed{2π}", "2\\pi", True),
+    # ordinal superscripts
+    ("\\boxed{12^{\\text{th}}}", "12", True), ("\\boxed{21^\\text{st}}", "21", True), ("\\boxed{3^{rd}}", "3", True),
+    ("\\boxed{4^{\\mathrm{th}}}", "5", False), ("\\boxed{2^{10}}", "1024", True),
+    # exact values compare exactly (math-verify rounds to 6 decimals and chops tiny differences)
+    ("\\boxed{\\frac{1}{2^{98}}}", "\\frac{1}{2^{99}}", False), ("\\boxed{\\frac{1}{2^{99}}}", "\\frac{1}{2^{99}}", True),
+    ("\\boxed{1234567}", "1234568", False), ("\\boxed{\\frac{1000001}{1000000}}", "1", False),
+    # a decimal the model wrote: to the gold's own precision
+    ("\\boxed{0.1234568}", "0.1234567", False), ("\\boxed{0.12345670}", "0.1234567", True), ("\\boxed{2.50}", "2.5", True),
+    ("\\boxed{0.333333}", "\\frac{1}{3}", True), ("\\boxed{0.3}", "\\frac{1}{3}", False),
+])
+def test_grade_forms_a_careful_human_accepts(response, gold, ok):
+    assert grade(response, gold).correct is ok
+
+
+@pytest.mark.parametrize("response,gold,ok", [
+    ("\\boxed{\\text{(B) } 2.5 \\text{ A}}", "B", True),  # A is the unit (amperes), not a second choice
+    ("\\boxed{(C) 3 V}", "C", True),
+    ("\\boxed{(A) and (C)}", "A", False),
+    ("\\boxed{B}", "B", True),
+])
+def test_grade_choice_reads_a_unit_after_the_option_as_a_unit(response, gold, ok):
+    assert grade_choice(response, gold, 4).correct is ok
+
+
+@pytest.mark.skipif(not MATH500.is_file(), reason="../shared/data/math500.jsonl not present")
+def test_every_math500_gold_grades_correct_against_its_own_boxed_form():
+    golds = [r["answer"] for r in read_jsonl(MATH500)]
+    assert sum(grade(f"The answer is \\boxed{{{g}}}.", g).correct for g in golds) == 500
 
 
 def test_thinking_opened_by_the_prompt_must_close():

@@ -108,3 +108,41 @@ def test_participation_ratio_counts_the_input_directions_used():
     skewed = HessianAccumulator(d, "cpu")
     skewed.add(torch.randn(2048, k) * torch.tensor([10.0, 1, 1, 1, 1]) @ basis.T)
     assert participation_ratio(skewed.H) < 1.2  # one direction dominates the energy
+
+
+def test_dead_input_columns_keep_their_rtn_value():
+    """Inputs that are exactly zero in every calibration sample leave their columns to RTN on the
+    group's grid (the reference GPTQ zeroes them); an all-zero Hessian is RTN exactly."""
+    scheme = QuantScheme(3, group_size=16)
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(24, 64, generator=g)
+    X = correlated_inputs(64)
+    X[:, 8:12] = 0  # four dead inputs
+    acc = HessianAccumulator(64, "cpu")
+    acc.add(X)
+    qw = gptq_quantize(W, acc.H, scheme)
+    w_hat = qw.dequantize()
+    s, z = qw.scale[:, 0:1], qw.zero[:, 0:1]  # columns 8-11 are in group 0
+    rtn_on_grid = (torch.clamp(torch.round(W[:, 8:12] / s) + z, 0, scheme.maxq) - z) * s
+    assert torch.equal(w_hat[:, 8:12], rtn_on_grid) and w_hat[:, 8:12].abs().sum() > 0
+    everything_dead = gptq_quantize(W, torch.zeros(64, 64), scheme)
+    assert torch.equal(everything_dead.dequantize(), QuantizedWeight.rtn(W, scheme).dequantize())
+
+
+def test_gptq_driver_counts_dead_columns_and_names_a_layer_with_nan_inputs(tiny_model):
+    from reasoning_qat.errors import UserError
+    from reasoning_qat.quant import QuantTargets
+    from reasoning_qat.quant.ptq import gptq_quantize_model
+
+    plan = QuantTargets(QuantScheme(4, group_size=32)).resolve(tiny_model)
+    calib = torch.randint(0, 100, (4, 32))
+    with torch.no_grad():
+        tiny_model.model.layers[0].input_layernorm.weight[:5] = 0  # q/k/v of layer 0 never see inputs 0-4
+    dead = {}
+    gptq_quantize_model(tiny_model, plan, calib, dead_columns=dead, progress=False)
+    assert dead["model.layers.0.self_attn.q_proj"] == dead["model.layers.0.self_attn.v_proj"] == 5
+    assert dead["model.layers.0.mlp.down_proj"] == 0
+    with torch.no_grad():
+        tiny_model.model.layers[1].post_attention_layernorm.weight[0] = float("inf")
+    with pytest.raises(UserError, match=r"^ptq: the calibration inputs of model\.layers\.1\.mlp\.gate_proj hold inf or nan"):
+        gptq_quantize_model(tiny_model, plan, calib, progress=False)

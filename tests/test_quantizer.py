@@ -29,7 +29,7 @@ def numpy_rtn(w: np.ndarray, bits: int, gs: int, sym: bool) -> np.ndarray:
                 hi = max(abs(lo), hi)
                 lo = -hi
             scale = np.float32(np.float16((hi - lo) / maxq))
-            zero = (maxq + 1) / 2 if sym else min(max(np.round(-lo / scale), 1), maxq)
+            zero = (maxq + 1) / 2 if sym else min(max(np.round(-lo / scale), 0), maxq)
             q = np.clip(np.round(x / scale) + zero, 0, maxq)
             out[r, g0 : g0 + gs] = (q - zero) * scale
     return out
@@ -170,3 +170,18 @@ def test_frozen_fake_quant_generates_the_same_and_drops_its_cache(tiny_model):
     assert torch.equal(a, ref) and torch.equal(b, ref) and cached is not None
     assert all(m._cache is None and not m.frozen for m in fake_quant_modules(tiny_model).values())
     assert not torch.allclose(c, ref)  # outside the block the new scale applies again
+
+
+@pytest.mark.parametrize("observer", ["minmax", "mse"])
+def test_asymmetric_zero_point_uses_the_whole_code_range(observer):
+    """A group of non-negative weights at 2 bits needs zero point 0: [0, .3, .6, .9] is exactly the
+    grid {0, 1, 2, 3} x 0.3. (With zeros clamped to >= 1, as GPTQ v1's storage needed, 0.9 became 0.6.)"""
+    w = torch.tensor([[0.0, 0.3, 0.6, 0.9]])
+    scheme = QuantScheme(2, group_size=-1, observer=observer)
+    qw = QuantizedWeight.rtn(w, scheme)
+    assert qw.zero.item() == 0
+    assert torch.allclose(qw.dequantize(), w, atol=1e-3)
+    # QAT's forward (the learned zero starts there and may stay at 0) computes the same
+    out = fake_quantize(w, qw.scale, qw.zero, qw.g_idx, scheme.maxq)
+    assert torch.equal(out, qw.dequantize())
+    assert torch.equal(fake_quantize(w, qw.scale, torch.tensor([[-0.4]]), qw.g_idx, scheme.maxq), out)  # rounds to 0

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..data.reasoning import load_rows
 from ..errors import UserError
@@ -69,6 +69,13 @@ class Task(BaseModel):
     enable_thinking: bool = True
     samples: int = Field(1, ge=1)
     sampling: Sampling = Field(default_factory=Sampling)
+
+    @model_validator(mode="after")
+    def _window(self):
+        if self.release_start and self.release_end and self.release_end <= self.release_start:
+            raise ValueError(f"release_end {self.release_end} is not after release_start {self.release_start}: "
+                             "the window holds no problem")
+        return self
 
     def load(self, demo_dir: Path | None = None, limit: int | None = None, data: str | dict | None = None) -> list[dict]:
         """The task's problems. `data`: a local .jsonl or dataset directory replacing `source`, or a
@@ -183,9 +190,10 @@ def expand_tasks(names: list[str]) -> list[str]:
     return out
 
 
-def load_task(name_or_path: str, overrides: dict | None = None) -> Task:
+def load_task(name_or_path: str, overrides: dict | None = None, overrides_field: str = "eval.task_options") -> Task:
     """A task by name (eval/tasks/NAME.yaml) or path; `overrides` replace fields (the recipe's
-    eval.task_options.NAME, e.g. AIME years or a LiveCodeBench release window)."""
+    eval.task_options.NAME, e.g. AIME years or a LiveCodeBench release window). Raises RecipeError
+    naming `overrides_field`.NAME.FIELD when an override is bad, the task file otherwise."""
     path = _task_file(name_or_path)
     spec = yaml.safe_load(path.read_text()) or {}
     if isinstance(spec, dict) and "suite" in spec:
@@ -194,4 +202,9 @@ def load_task(name_or_path: str, overrides: dict | None = None) -> Task:
         return Task.model_validate({**spec, **(overrides or {})})
     except ValidationError as err:
         e = err.errors()[0]
-        raise RecipeError(f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+        loc = ".".join(map(str, e["loc"]))
+        msg = e["msg"].removeprefix("Value error, ")
+        if overrides and (not e["loc"] or e["loc"][0] in overrides):  # the user's value, not the task file's
+            raise RecipeError(f"{overrides_field}.{spec.get('name', name_or_path)}{'.' + loc if loc else ''}: {msg}"
+                              + (f" (got {e['input']!r})" if e["loc"] and not isinstance(e.get("input"), dict) else "")) from None
+        raise RecipeError(f"{path}: {loc}: {msg}") from None

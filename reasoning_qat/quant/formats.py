@@ -233,6 +233,9 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
 def gptq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """qweight [in*b/32, out], qzeros [groups, out*b/32], scales [groups, out] fp16, g_idx [in]."""
     bits = qw.scheme.bits
+    if bool((qw.zero < 1).any()):  # GPTQ v1 stores zero - 1 as an unsigned b-bit code
+        raise UserError("export.formats: gptq cannot store a zero point of 0 (it writes zero - 1); GPTQ v1 is for "
+                        "symmetric schemes (quant.symmetric: true)")
     return {
         "qweight": pack_bits(qw.codes, bits).t().contiguous(),  # packed along the input dimension
         "qzeros": pack_bits((qw.zero.t().round().to(torch.int64) - 1).contiguous(), bits),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
 from .fake_quant import QuantizedWeight
 from .quantizer import find_params, quantize_codes
 from .scheme import QuantScheme
@@ -40,6 +41,11 @@ def participation_ratio(H: torch.Tensor) -> float:
     return float(torch.trace(H) ** 2 / (H * H).sum().clamp_min(1e-300))
 
 
+def dead_inputs(H: torch.Tensor) -> int:
+    """Input columns that were exactly zero in every calibration sample (zero diagonal of H)."""
+    return int((torch.diag(H) == 0).sum())
+
+
 def weighted_error(weight: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
     """Relative output error ||(W - W_hat) X||^2 / ||W X||^2 on the calibration inputs, from H."""
     d = (weight.float() - w_hat.float())
@@ -68,14 +74,22 @@ def gptq_quantize(
         # from columns that already carry every earlier column's error update.
         block_size = max(block_size // gs, 1) * gs
 
+    # Inputs that were exactly zero in every calibration sample ("dead": ReLU-type layers, rarely
+    # routed experts, a norm weight of 0) leave their weight columns unconstrained by the data. The
+    # reference GPTQ zeroes those columns; here they keep their value and are rounded to their group's
+    # grid like RTN (H's dead rows and columns are zero, so no error flows into or out of them): inputs
+    # the calibration never saw still get the weights the model had. An all-zero H gives exactly RTN.
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
 
     H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, device=W.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    try:
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise UserError(f"ptq: GPTQ's Hessian is not positive definite even after damping by {damp} of its mean "
+                        "diagonal; raise ptq.damp (e.g. 0.1)") from None
 
     codes = torch.zeros_like(W, dtype=torch.uint8)
     n_groups = in_f // gs

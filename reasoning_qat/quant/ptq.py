@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from .fake_quant import QuantizedWeight
-from .gptq import HessianAccumulator, gptq_quantize, participation_ratio, weighted_error
+from .gptq import HessianAccumulator, dead_inputs, gptq_quantize, participation_ratio, weighted_error
 from .scheme import QuantScheme
 
 SEQUENTIAL_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
@@ -114,16 +114,24 @@ def gptq_quantize_model(
     batch_size: int = 8,
     progress: bool = True,
     input_ranks: dict[str, float] | None = None,
+    dead_columns: dict[str, int] | None = None,
 ) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
     """Quantize the planned Linear layers with GPTQ; the model's weights are replaced by the
     dequantized result as it goes (so later layers see quantized inputs). Returns codes and the
     relative output error of each layer on its calibration inputs; `input_ranks`, when given, is
-    filled with each layer's input participation ratio (effective number of input directions)."""
+    filled with each layer's input participation ratio (effective number of input directions), and
+    `dead_columns` with the number of its input columns the calibration never activated (they keep
+    their RTN value). Raises UserError when a layer's calibration inputs hold inf or nan."""
     model.eval()
     layers = decoder_layers(model)
+    by_layer = linears_by_layer(model, layers, plan)
+    outside = set(plan) - {n for names in by_layer for n in names}
+    if outside:  # before any calibration work: GPTQ runs decoder layer by layer
+        raise UserError(f"ptq: GPTQ quantizes the decoder layers only; {len(outside)} targeted layer(s) are outside them, e.g. "
+                        f"{min(outside)}; add them to quant.ignore, or use ptq.method: rtn")
     states = capture_layer_inputs(model, layers, calib, device, batch_size)
     qws, errors = {}, {}
-    for layer, local in tqdm(zip(layers, linears_by_layer(model, layers, plan)), total=len(layers), desc="gptq layers",
+    for layer, local in tqdm(zip(layers, by_layer), total=len(layers), desc="gptq layers",
                              disable=not progress, leave=False):
         for group in _sequential_groups(local, true_sequential):
             accs = {n: HessianAccumulator(model.get_submodule(n).in_features, device) for n in group}
@@ -135,6 +143,11 @@ def gptq_quantize_model(
                 h.remove()
             for n in group:
                 lin = model.get_submodule(n)
+                if not bool(torch.isfinite(accs[n].H).all()):
+                    raise UserError(f"ptq: the calibration inputs of {n} hold inf or nan (the model overflows on them in "
+                                    f"{lin.weight.dtype}?); check the teacher in float32 and the calibration data")
+                if dead_columns is not None:
+                    dead_columns[n] = dead_inputs(accs[n].H)
                 qw = gptq_quantize(lin.weight.data, accs[n].H, plan[n], block_size, damp, act_order)
                 w_hat = qw.dequantize()
                 errors[n] = weighted_error(lin.weight.data, w_hat, accs[n].H)
@@ -145,8 +158,4 @@ def gptq_quantize_model(
                 del accs[n]
         with _tf32():
             states = [(layer_out(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
-    missing = set(plan) - set(qws)
-    if missing:
-        raise UserError(f"ptq: {len(missing)} targeted layers are outside the decoder layers, e.g. {sorted(missing)[0]}; "
-                         "add them to quant.ignore")
     return qws, errors

@@ -12,8 +12,9 @@ import torch
 
 from .scheme import QuantScheme
 
-# GPTQ v1 checkpoints store zero - 1, so a zero point of 0 cannot be written: zeros start at 1.
-ZERO_MIN = 1
+# Zero points use the full code range [0, 2^b - 1]. (GPTQ v1 stores zero - 1 and cannot write 0, but
+# it is only written for symmetric schemes, whose zero is 2^(b-1); formats.gptq_tensors checks.)
+ZERO_MIN = 0
 MIN_SCALE = 2.0**-24  # smallest positive float16
 
 

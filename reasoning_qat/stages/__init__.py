@@ -50,8 +50,11 @@ def _with_parts(task, data: dict) -> list:
 
 def looks_like_path(ref: str) -> bool:
     """A reference meant as a local path rather than a hub id ('org/name'): absolute, relative with
-    ./ ../ ~, a data-file suffix, or more than one '/'."""
-    return ref.startswith(("/", "./", "../", "~")) or ref.endswith((".jsonl", ".json", ".txt", ".yaml")) or ref.count("/") > 1
+    ./ ../ ~, a data-file suffix, more than one '/', or anything a hub id cannot be (spaces, say)."""
+    import re
+
+    return (ref.startswith(("/", "./", "../", "~")) or ref.endswith((".jsonl", ".json", ".txt", ".yaml", ".gguf"))
+            or ref.count("/") > 1 or not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", ref))
 
 
 def _check_local(field: str, ref: str | None, kinds: str = "file or directory") -> None:
@@ -61,6 +64,19 @@ def _check_local(field: str, ref: str | None, kinds: str = "file or directory") 
 
     if ref and ref not in ("demo", "builtin") and looks_like_path(ref) and not Path(ref).expanduser().exists():
         raise RecipeError(f"{field}: no such {kinds} {ref!r} (a hub id looks like 'org/name')")
+
+
+def _check_run_root(run_root: str) -> None:
+    from pathlib import Path
+
+    from ..recipe import RecipeError
+
+    for parent in (Path(run_root), *Path(run_root).parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise RecipeError(f"run_root: {run_root!r} lies under {str(parent)!r}, which is a file, not a directory; "
+                                  "choose another run_root (or --run-root)")
+            return
 
 
 def preflight(recipe) -> None:
@@ -80,6 +96,7 @@ def preflight(recipe) -> None:
 
     m = recipe.model
     _check_local("model.id", m.id, "local model directory")
+    _check_run_root(recipe.run_root)
     for field, data in (("qat.data.source", recipe.qat.data), ("rl.data.source", recipe.rl.data)):
         if data.source == "demo" and m.demo is None and (field.startswith("qat") or recipe.rl.enabled):
             raise RecipeError(f"{field}: 'demo' needs the demo teacher (model.demo); give a .jsonl file or a hub dataset id")
@@ -106,6 +123,11 @@ def preflight(recipe) -> None:
         from ..data.tokenizer import build_char_tokenizer
 
         config = demo_config(m.demo, build_char_tokenizer())
+    elif m.id.endswith(".gguf"):  # the teacher stage converts it; its metadata holds the config
+        try:
+            config = load_config(str(Path(m.id).parent), m.trust_remote_code, gguf_file=Path(m.id).name)
+        except (OSError, ValueError) as err:
+            raise RecipeError(f"model.id: {m.id!r} is not a GGUF file transformers can read ({err})") from None
     else:
         try:
             config = load_config(m.id, trust_remote_code=m.trust_remote_code, revision=m.revision)
@@ -115,16 +137,27 @@ def preflight(recipe) -> None:
             return
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+    from ..quant.ptq import decoder_layers, linears_by_layer
+
+    gptq = {"gptq", "gptq_generic"} & {recipe.ptq.method, *recipe.ptq.baselines}
     for bits in recipe.quant.bits:
         try:
-            targets_from_recipe(recipe.quant, bits).resolve(model)
+            plan = targets_from_recipe(recipe.quant, bits).resolve(model)
         except ValueError as err:
             raise RecipeError(str(err)) from None
+        inside = {n for names in linears_by_layer(model, decoder_layers(model), plan) for n in names}
+        if gptq and (outside := sorted(set(plan) - inside)):
+            raise RecipeError(f"quant.ignore: GPTQ ({', '.join(sorted(gptq))}) quantizes decoder layers only, and "
+                              f"{outside[0]} is outside them; add it to quant.ignore, or use RTN for it (ptq.method: rtn)")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = recipe.quant.kv_cache
+    if kv is not None and kv.group_size != -1 and head_dim % kv.group_size:
+        raise RecipeError(f"quant.kv_cache.group_size: {kv.group_size} does not divide the model's head_dim {head_dim}; "
+                          f"use a divisor of {head_dim} or -1 (the whole head)")
     if recipe.ptq.rotation == "hadamard":  # every width a Hadamard acts on must be one we build
         from ..errors import UserError
         from ..quant.rotation import hadamard_factors
 
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         for field, n in (("hidden_size", config.hidden_size), ("intermediate_size", config.intermediate_size),
                          ("head_dim", head_dim)):
             try:

@@ -37,6 +37,7 @@ def run(ctx: StageContext) -> dict:
             plan = targets.resolve(model)
             spec = runtime_spec(r, plan)
             ranks: dict[str, float] = {}  # GPTQ's input participation ratio per layer
+            dead: dict[str, int] = {}  # input columns the calibration never activated (kept at RTN)
             if method == "rtn":
                 qws, errors = rtn_quantize_model(model, plan)
             else:
@@ -44,7 +45,7 @@ def run(ctx: StageContext) -> dict:
                 apply_runtime(model, spec)  # GPTQ calibrates on what the quantized model will compute
                 qws, errors = gptq_quantize_model(
                     model, plan, ids, damp=r.ptq.damp, block_size=r.ptq.block_size, act_order=r.ptq.act_order,
-                    true_sequential=r.ptq.true_sequential, device=device, input_ranks=ranks,
+                    true_sequential=r.ptq.true_sequential, device=device, input_ranks=ranks, dead_columns=dead,
                 )
                 # how much of each layer's input width the calibration data uses, on average
                 fraction = sum(ranks[n] / model.get_submodule(n).in_features for n in ranks) / max(len(ranks), 1)
@@ -59,8 +60,10 @@ def run(ctx: StageContext) -> dict:
                        "kv_cache": r.quant.kv_cache.bits if r.quant.kv_cache else None}
             if ranks:
                 summary["mean_input_rank_fraction"] = fraction
+                summary["dead_input_columns"] = sum(dead.values())
             (out / "ptq_errors.json").write_text(json.dumps(
-                {"summary": summary, "layers": errors, **({"input_participation_ratio": ranks} if ranks else {})}, indent=1))
+                {"summary": summary, "layers": errors,
+                 **({"input_participation_ratio": ranks, "dead_input_columns": dead} if ranks else {})}, indent=1))
             mark_done(out)
             metrics[name] = summary
             del model
