@@ -254,8 +254,9 @@ def analyze_target(target: str, *, bits: int | None = None, group_size: int | No
         out_dir = Path(out) if out else layout.analysis(Variant(bits, r.ptq.method if method == "ptq" else "rtn"))
         label = {"model": r.model.id or "demo", "run": str(run)}
     else:
-        if not run.exists() and (target.startswith(("/", ".", "~")) or target.count("/") != 1):  # hub ids: org/name
-            raise RecipeError(f"analyze: {target!r} is neither a run directory, a model directory nor a hub id")
+        from .models import resolve_model
+
+        resolve_model(target, "analyze", trust_remote_code)  # a model directory or a hub id, or one line
         if method == "ptq":
             raise RecipeError("--method ptq needs a run directory; for a model use --method rtn")
         method = "rtn"

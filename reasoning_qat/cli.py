@@ -78,10 +78,18 @@ def cmd_eval(a) -> int:
     from .evaluation.runner import evaluate
     from .evaluation.tasks import load_task
 
-    if not Path(a.model).exists() and "/" not in a.model:
-        raise RecipeError(f"model: {a.model!r} is neither a local directory nor a hub id")
-    out = Path(a.out or Path("eval") / "results" / Path(a.model).name)
+    from .models import resolve_model
+
+    resolve_model(a.model, "model", a.trust_remote_code)  # one line, before any engine starts
     task = load_task(a.task)
+    if task.source == "demo" and not (a.demo_data or a.data):
+        raise RecipeError(f"--task {task.name} evaluates a demo run's test split: give --demo-data RUN/teacher/data "
+                          "(or --data FILE.jsonl)")
+    temperature = task.sampling.temperature if a.temperature is None else a.temperature
+    if a.samples and a.samples > 1 and temperature == 0:
+        raise RecipeError(f"--samples {a.samples}: {task.name} decodes greedily (temperature 0), so every sample would be "
+                          "the same; add --temperature (e.g. 0.6) or drop --samples")
+    out = Path(a.out) if a.out else default_eval_dir(a.model)
     settings = EngineSettings(tensor_parallel_size=a.tensor_parallel_size, gpu_memory_utilization=a.gpu_memory_utilization,
                               dtype=a.dtype, enforce_eager=a.enforce_eager, max_model_len=a.max_model_len)
     m = evaluate(a.model, task, out / task.name, backend=a.backend, samples=a.samples, limit=a.limit,
@@ -89,13 +97,29 @@ def cmd_eval(a) -> int:
                  max_new_tokens=a.max_new_tokens, temperature=a.temperature, settings=settings, data=a.data,
                  trust_remote_code=a.trust_remote_code, seed=a.seed)
     print(json.dumps(m, indent=1))
+    print(f"results: {out / task.name}")
     return 0
+
+
+def default_eval_dir(model: str) -> Path:
+    """eval/results/<name>: a hub id's org--name, a local model's last path component plus a short
+    hash of its absolute path, so two exports that are both called `dequantized` do not overwrite
+    each other's results."""
+    import hashlib
+
+    path = Path(model).expanduser()
+    if not path.exists():
+        return Path("eval") / "results" / model.replace("/", "--")
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+    return Path("eval") / "results" / f"{path.resolve().name}-{digest}"
 
 
 def cmd_compare(a) -> int:
     from .compare import write_report
 
-    out = Path(a.out) if a.out else Path(a.runs[0]) / "compare"
+    # not <run>/compare: that is the run's own compare stage, which `rqat run` writes and checks
+    names = "+".join(Path(r).resolve().name for r in a.runs)
+    out = Path(a.out) if a.out else Path(a.runs[0]).resolve().parent / f"compare-{names}"
     _, md = write_report(a.runs, out, not a.no_plot)
     print(md)
     print(f"\nwritten: {out / 'compare.md'}, {out / 'compare.json'}" + ("" if a.no_plot else f", {out / 'compare.png'}"))
@@ -158,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--demo-data", help="for task source 'demo': the directory with test.jsonl")
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--out", help="output directory (default: eval/results/<model name>)")
+    e.add_argument("--out", help="output directory (default: eval/results/<model name>-<hash of its path>)")
     e.set_defaults(fn=cmd_eval)
 
     an = sub.add_parser("analyze", help="per-layer quantization diagnostics and a mixed-precision suggestion")
@@ -180,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="table and plot across runs")
     c.add_argument("runs", nargs="+", help="run directories")
-    c.add_argument("--out", help="output directory (default: <first run>/compare)")
+    c.add_argument("--out", help="output directory (default: compare-<run names> beside the first run; a run's own "
+                                 "compare/ stage is left to `rqat run`)")
     c.add_argument("--no-plot", action="store_true")
     c.set_defaults(fn=cmd_compare)
     return p

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -70,6 +71,50 @@ def saved_end_token_ids(path_or_id: str, tokenizer, trust_remote_code: bool = Fa
     except (OSError, ValueError):
         config = None
     return end_token_ids(tokenizer, generation, config)
+
+
+def looks_like_path(ref: str) -> bool:
+    """A reference meant as a local path rather than a hub id ('org/name'): absolute, relative with
+    ./ ../ ~, a data-file suffix, more than one '/', or anything a hub id cannot be (spaces, say)."""
+    return (ref.startswith(("/", "./", "../", "~")) or ref.endswith((".jsonl", ".json", ".txt", ".yaml", ".gguf"))
+            or ref.count("/") > 1 or not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", ref))
+
+
+def resolve_model(ref: str, field: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The config of the model `ref` names, or one line (UserError naming `field`) saying why it
+    cannot be had: a local path that does not exist or holds no config.json, or a hub id that is not
+    in the local cache while the hub is off (HF_HUB_OFFLINE) or cannot be reached. Offline first: a
+    cached hub model costs no network round trip. A `.gguf` file's config comes from its metadata."""
+    from huggingface_hub import constants
+
+    path = Path(ref).expanduser()
+    if ref.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"{field}: no such GGUF file {ref!r}")
+        try:
+            return load_config(str(path.parent), trust_remote_code, gguf_file=path.name)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{field}: {ref!r} is not a GGUF file transformers can read ({err})") from None
+    if path.exists() or looks_like_path(ref):
+        if not path.is_dir():
+            raise UserError(f"{field}: no such local model directory {ref!r} (a hub id looks like 'org/name')")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{field}: {ref!r} holds no readable model config (config.json); give a model directory "
+                            "saved by save_pretrained, or a hub id")
+        return load_config(str(path), trust_remote_code)
+    try:
+        return load_config(ref, trust_remote_code, revision, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"{field}: {ref!r} is a hub id that is not in the local cache, and the hub is off "
+                        "(HF_HUB_OFFLINE=1); give a local model directory, or download it once with network access")
+    try:
+        return load_config(ref, trust_remote_code, revision)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{field}: cannot load {ref!r} from the hub ({first[:200]}); give a local model directory, "
+                        "or check the id and the network") from None
 
 
 def load_config(path_or_id: str, trust_remote_code: bool = False, revision: str | None = None, **kwargs):

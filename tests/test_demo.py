@@ -64,6 +64,10 @@ def test_demo_pipeline_small(tmp_path):
     # rqat compare and rqat status work on the run directory.
     cmp = cli("compare", str(run), "--out", str(tmp_path / "cmp"))
     assert "| small | demo_arith | 16 | BF16 |" in cmp.stdout and (tmp_path / "cmp" / "compare.png").is_file()
+    # without --out it writes beside the run, leaving the run's own compare stage to `rqat run`
+    stage = (run / "compare" / "manifest.json").read_bytes()
+    cli("compare", str(run), "--no-plot")
+    assert (run.parent / "compare-small" / "compare.md").is_file() and (run / "compare" / "manifest.json").read_bytes() == stage
     assert "done" in cli("status", str(run)).stdout
 
 

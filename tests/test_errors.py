@@ -95,6 +95,57 @@ def test_values_a_later_stage_cannot_use_are_refused_before_the_run(tmp_path, ol
     assert not (tmp_path / "runs").exists()
 
 
+def test_an_offline_hub_id_is_refused_in_one_line_before_the_run(tmp_path):
+    """A recipe for a hub model, run with the hub off: one line saying what to do, nothing created
+    (it used to spend a minute on retries, then leave a lock, a recipe and a partial teacher stage)."""
+    import os
+
+    res = cli("run", str(_with_model_id(tmp_path, "Qwen/Qwen3-0.6B")), env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    one_line_error(res, "model.id: 'Qwen/Qwen3-0.6B' is a hub id that is not in the local cache, and the hub is off",
+                   "give a local model directory")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "analyze"])
+@pytest.mark.parametrize("model,needle", [
+    ("./no_such_model", "no such local model directory './no_such_model'"),
+    ("EMPTY", "holds no readable model config (config.json)"),
+    ("my local teacher", "no such local model directory 'my local teacher'"),
+])
+def test_eval_and_analyze_name_a_model_they_cannot_load(tmp_path, command, model, needle):
+    if model == "EMPTY":
+        model = str(tmp_path / "empty")
+        (tmp_path / "empty").mkdir()
+    args = ["--task", "math500", "--out", str(tmp_path / "out")] if command == "eval" else ["--out", str(tmp_path / "out")]
+    one_line_error(cli(command, model, *args), needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_says_what_a_demo_task_and_repeated_greedy_samples_need(saved_tiny, tmp_path):
+    one_line_error(cli("eval", str(saved_tiny), "--task", "demo_arith"),
+                   "--task demo_arith evaluates a demo run's test split: give --demo-data RUN/teacher/data")
+    one_line_error(cli("eval", str(saved_tiny), "--task", "demo_arith", "--demo-data", str(tmp_path), "--samples", "2"),
+                   "--samples 2: demo_arith decodes greedily (temperature 0)")
+
+
+def test_eval_results_of_two_exports_with_the_same_name_go_to_different_folders(tmp_path):
+    from reasoning_qat.cli import default_eval_dir
+
+    for variant in ("w4-gptq", "w4-rtn"):
+        (tmp_path / variant / "dequantized").mkdir(parents=True)
+    a, b = (default_eval_dir(str(tmp_path / v / "dequantized")) for v in ("w4-gptq", "w4-rtn"))
+    assert a != b and a.name.startswith("dequantized-") and b.name.startswith("dequantized-")
+    assert default_eval_dir("Qwen/Qwen3-0.6B").name == "Qwen--Qwen3-0.6B"
+
+
+def test_verified_selection_without_answers_is_refused_before_the_teacher_trains(tmp_path):
+    rec = _with_model_id(tmp_path, tmp_path)  # d.jsonl rows have prompt and response only
+    rec.write_text(rec.read_text().replace("data: {source: " + str(tmp_path / "d.jsonl"),
+                                           "data: {select: verified, source: " + str(tmp_path / "d.jsonl")))
+    one_line_error(cli("run", str(rec)), "qat.data.select: verified grades each trace against 'answer'",
+                   "(fields: prompt, response)")
+
+
 def test_a_run_root_under_a_file_is_refused(tmp_path):
     (tmp_path / "afile").write_text("")
     rec = demo_recipe(tmp_path, name="bad")

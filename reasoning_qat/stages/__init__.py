@@ -48,22 +48,36 @@ def _with_parts(task, data: dict) -> list:
     return [task] + [p for part in task.combine for p in _with_parts(load_task(part), data)]
 
 
-def looks_like_path(ref: str) -> bool:
-    """A reference meant as a local path rather than a hub id ('org/name'): absolute, relative with
-    ./ ../ ~, a data-file suffix, more than one '/', or anything a hub id cannot be (spaces, say)."""
-    import re
-
-    return (ref.startswith(("/", "./", "../", "~")) or ref.endswith((".jsonl", ".json", ".txt", ".yaml", ".gguf"))
-            or ref.count("/") > 1 or not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", ref))
-
-
 def _check_local(field: str, ref: str | None, kinds: str = "file or directory") -> None:
     from pathlib import Path
 
+    from ..models import looks_like_path
     from ..recipe import RecipeError
 
     if ref and ref not in ("demo", "builtin") and looks_like_path(ref) and not Path(ref).expanduser().exists():
         raise RecipeError(f"{field}: no such {kinds} {ref!r} (a hub id looks like 'org/name')")
+
+
+def _check_verifiable(field: str, data) -> None:
+    """`select: verified` without the dataset's own flags grades each trace against answer_field: a
+    local .jsonl whose first row has no such field cannot be graded (found here, not after the teacher)."""
+    import json
+    from pathlib import Path
+
+    from ..recipe import RecipeError
+
+    if data.select != "verified" or data.verified_field or data.complete_field or not data.source.endswith(".jsonl"):
+        return
+    with open(Path(data.source).expanduser()) as f:
+        first = next((line for line in f if line.strip()), "{}")
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        return  # the calibrate stage names the bad line
+    if data.answer_field not in row:
+        raise RecipeError(f"{field}.select: verified grades each trace against {data.answer_field!r}, which "
+                          f"{data.source} does not have (fields: {', '.join(sorted(row))}); set {field}.answer_field, "
+                          f"name the dataset's own verified_field / complete_field, or use select: first")
 
 
 def _check_run_root(run_root: str) -> None:
@@ -90,7 +104,7 @@ def preflight(recipe) -> None:
     from transformers import AutoModelForCausalLM
 
     from ..evaluation.tasks import expand_tasks, load_task
-    from ..models import demo_config, load_config
+    from ..models import demo_config, resolve_model
     from ..quant import targets_from_recipe
     from ..recipe import RecipeError
 
@@ -102,6 +116,7 @@ def preflight(recipe) -> None:
             raise RecipeError(f"{field}: 'demo' needs the demo teacher (model.demo); give a .jsonl file or a hub dataset id")
         if field.startswith("qat") or recipe.rl.enabled:
             _check_local(field, data.source)
+            _check_verifiable(field.removesuffix(".source"), data)
     _check_local("calibration.generic_source", recipe.calibration.generic_source)
     e = recipe.eval
     names = expand_tasks(e.tasks)  # unknown names and bad task files fail here
@@ -123,18 +138,8 @@ def preflight(recipe) -> None:
         from ..data.tokenizer import build_char_tokenizer
 
         config = demo_config(m.demo, build_char_tokenizer())
-    elif m.id.endswith(".gguf"):  # the teacher stage converts it; its metadata holds the config
-        try:
-            config = load_config(str(Path(m.id).parent), m.trust_remote_code, gguf_file=Path(m.id).name)
-        except (OSError, ValueError) as err:
-            raise RecipeError(f"model.id: {m.id!r} is not a GGUF file transformers can read ({err})") from None
-    else:
-        try:
-            config = load_config(m.id, trust_remote_code=m.trust_remote_code, revision=m.revision)
-        except (OSError, ValueError):
-            if looks_like_path(m.id) or Path(m.id).exists():
-                raise RecipeError(f"model.id: {m.id!r} holds no readable model config (config.json)") from None
-            return
+    else:  # offline first; one line when the model cannot be had, before anything is created
+        config = resolve_model(m.id, "model.id", m.trust_remote_code, m.revision)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
     from ..quant.ptq import decoder_layers, linears_by_layer
