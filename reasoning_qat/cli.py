@@ -26,13 +26,14 @@ def _console():
 
 
 def cmd_run(a) -> int:
-    from .pipeline import Pipeline
     from .recipe import load_recipe
-    from .stages import STAGES, preflight
 
-    recipe = load_recipe(a.recipe)
+    recipe = load_recipe(a.recipe)  # before the heavy imports below: a schema error costs no torch import
     if a.run_root:
         recipe = recipe.model_copy(update={"run_root": a.run_root})
+    from .pipeline import Pipeline
+    from .stages import STAGES, preflight
+
     preflight(recipe)  # every file, directory, task and layer width the recipe names: before anything is created
     console = _console()
     pipe = Pipeline(recipe, STAGES, console)

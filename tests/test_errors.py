@@ -146,6 +146,18 @@ def test_verified_selection_without_answers_is_refused_before_the_teacher_trains
                    "(fields: prompt, response)")
 
 
+def test_a_schema_error_is_refused_without_importing_torch(tmp_path):
+    """Refusing a recipe the schema rejects imports neither torch nor transformers (it took ~7 s of
+    CPU when `rqat run` imported them first)."""
+    p = tmp_path / "r.yaml"
+    p.write_text("name: x\nmodel: {id: a}\nquant: {bits: 7}\n")
+    code = ("import sys; from reasoning_qat.cli import main; rc = main(['run', sys.argv[1]]); "
+            "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules); print(rc, heavy)")
+    res = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True)
+    assert res.stdout.strip() == "2 []", res.stdout + res.stderr
+    assert "quant.bits[0]: Input should be 2, 3, 4 or 8 (got 7)" in res.stderr
+
+
 def test_a_run_root_under_a_file_is_refused(tmp_path):
     (tmp_path / "afile").write_text("")
     rec = demo_recipe(tmp_path, name="bad")
