@@ -52,7 +52,7 @@ def cmd_run(a) -> int:
 def cmd_status(a) -> int:
     from rich.table import Table
 
-    from .pipeline import Pipeline, recipe_from_run
+    from .pipeline import Pipeline, lock_holder, recipe_from_run
     from .stages import STAGES
 
     pipe = Pipeline(recipe_from_run(a.run), STAGES, run_dir=Path(a.run))
@@ -69,6 +69,10 @@ def cmd_status(a) -> int:
     for row in rows:
         if row["notes"]:
             console.print(f"{row['stage']}: {row['notes']}")
+    if (pid := lock_holder(Path(a.run))) is not None:
+        running = [r["stage"] for r in rows if r["status"] == "partial"]
+        console.print(f"a run is in progress (rqat run, pid {pid})" + (f": {', '.join(running)} is being written now"
+                                                                       if running else ""))
     return 0
 
 

@@ -54,6 +54,21 @@ def run_lock(run_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def lock_holder(run_dir: Path) -> str | None:
+    """The pid written by the `rqat run` that holds the run's lock now, or None when no run holds it
+    (the kernel releases a killed run's lock, so a stale pid in the file is not reported)."""
+    path = RunLayout(run_dir).lock_file
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "?"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 class StageFailed(UserError):
     """A stage stopped for a reason its message explains in one line (e.g. a launched child failed)."""
 

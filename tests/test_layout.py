@@ -113,3 +113,16 @@ def test_status_never_writes_and_run_recovers_an_interrupted_rename(small_run, t
     assert res.returncode == 0, res.stderr[-2000:]
     assert (crashed / "ptq" / "manifest.json").is_file() and not (crashed / ".ptq.old").exists()
     assert "nothing to do" in res.stdout
+
+
+def test_status_can_tell_a_run_in_progress_from_a_crashed_one(tmp_path):
+    """`rqat status` says a run holds the lock (its partial stage is being written now); a lock file
+    left by a run that ended names no one."""
+    import os
+
+    from reasoning_qat.pipeline import lock_holder, run_lock
+
+    assert lock_holder(tmp_path) is None
+    with run_lock(tmp_path):
+        assert lock_holder(tmp_path) == str(os.getpid())
+    assert (tmp_path / ".lock").is_file() and lock_holder(tmp_path) is None
