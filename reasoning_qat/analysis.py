@@ -254,9 +254,13 @@ def analyze_target(target: str, *, bits: int | None = None, group_size: int | No
         out_dir = Path(out) if out else layout.analysis(Variant(bits, r.ptq.method if method == "ptq" else "rtn"))
         label = {"model": r.model.id or "demo", "run": str(run)}
     else:
+        from .errors import UserError
         from .models import resolve_model
 
-        resolve_model(target, "analyze", trust_remote_code)  # a model directory or a hub id, or one line
+        try:  # a model directory or a hub id, or one line
+            resolve_model(target, "model", trust_remote_code)
+        except UserError as err:
+            raise RecipeError(f"analyze: {target!r} is neither a run directory (no recipe.yaml) nor a usable model: {err}") from None
         if method == "ptq":
             raise RecipeError("--method ptq needs a run directory; for a model use --method rtn")
         method = "rtn"
