@@ -10,12 +10,15 @@
 2. Runs the recipe's stages teacher -> calibrate -> ptq (GPTQ, RTN, GPTQ on generic text) -> qat
    (KD) -> export through `rqat run` (the path users run).
 3. Measures held-out cross-entropy (nats per token) of BF16 (the dequantized GGUF, float32) and every
-   exported variant on both held-out sets, and writes a table to benchmarks/results/smollm2-135m/.
+   exported variant on both held-out sets (MATH-500 problems 400-424 with their solutions, response
+   tokens scored; 8 windows of 512 tokens of the held-out generic text), and writes a table to
+   benchmarks/results/smollm2-135m/.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import subprocess
@@ -30,6 +33,7 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 RECIPE = ROOT / "recipes" / "smollm2-135m.yaml"
 RESULTS = ROOT / "benchmarks" / "results" / "smollm2-135m"
 N_TRAIN = 400
+N_HELD_OUT = 25  # held-out MATH-500 problems scored (of the 100 after N_TRAIN): a CPU-sized measurement
 
 
 def gguf_file() -> Path:
@@ -60,7 +64,7 @@ def prepare(data_dir: Path, math_file: Path) -> None:
 
 
 @torch.no_grad()
-def text_ce(model, tok, text: str, seq_len: int = 512, max_windows: int = 32) -> float:
+def text_ce(model, tok, text: str, seq_len: int = 512, max_windows: int = 8) -> float:
     """Mean next-token cross-entropy over consecutive windows of `text` (nats per token)."""
     ids = tok(text, add_special_tokens=False)["input_ids"]
     windows = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:max_windows]
@@ -73,33 +77,56 @@ def text_ce(model, tok, text: str, seq_len: int = 512, max_windows: int = 32) ->
     return total / count
 
 
-def measure(run: Path, data_dir: Path) -> dict:
+def measure(run: Path, data_dir: Path, from_checkpoints: bool = False) -> dict:
+    """Held-out CE of BF16 and every export; `from_checkpoints`: also of the ptq and finished qat
+    checkpoints themselves (fake-quant forward), for a run whose later stages have not finished."""
     from reasoning_qat.evaluation.likelihood import reference_ce
     from reasoning_qat.models import load_model, load_tokenizer
+    from reasoning_qat.quant.fake_quant import frozen_fake_quant
+    from reasoning_qat.quant.formats import is_quantized_checkpoint, load_quantized_checkpoint
 
     math_rows = [{"prompt": r["problem"], "response": r["solution"]}
-                 for r in map(json.loads, (data_dir / "math_test.jsonl").read_text().splitlines())]
+                 for r in map(json.loads, (data_dir / "math_test.jsonl").read_text().splitlines())][:N_HELD_OUT]
     generic = (data_dir / "generic_test.txt").read_text()
     models = {"bf16": run / "teacher" / "model"}
     models |= {p.parent.name: p for p in sorted((run / "export").glob("*/dequantized"))}
+    if from_checkpoints:  # the rqat checkpoints themselves (the fake-quant function the exports hold)
+        models |= {p.name: p for p in sorted((run / "ptq").glob("w*-*")) if (p / ".done").is_file()}
+        for qat in (run / "qat", run / ".qat.partial"):
+            models |= {p.name: p / "model" for p in sorted(qat.glob("w*-qat")) if (p / ".done").is_file()}
     out = {}
     for name, path in models.items():
         tok = load_tokenizer(str(path))
-        model = load_model(str(path), torch.float32).eval()
-        out[name] = {"math500_heldout_ce": reference_ce(model, tok, math_rows, max_length=512, batch_size=8)["ce"],
-                     "generic_heldout_ce": text_ce(model, tok, generic)}
+        if is_quantized_checkpoint(path):
+            model = load_quantized_checkpoint(path).eval()
+            context = frozen_fake_quant(model)  # quantize each weight once, not at every forward
+        else:
+            model, context = load_model(str(path), torch.float32).eval(), contextlib.nullcontext()
+        with context:
+            out[name] = {"math500_heldout_ce": reference_ce(model, tok, math_rows, max_length=512, batch_size=8)["ce"],
+                         "generic_heldout_ce": text_ce(model, tok, generic)}
+        out[name]["source"] = "rqat checkpoint" if is_quantized_checkpoint(path) else "transformers checkpoint"
         print(name, out[name], flush=True)
         del model
     return out
 
 
-def run(recipe: Path, run_root: str, data_dir: Path) -> dict:
-    """Run the recipe's stages up to export through `rqat run`, then measure held-out CE."""
-    from reasoning_qat.recipe import load_recipe
+STAGES_MEASURED = ("teacher", "calibrate", "ptq", "qat", "export")  # eval (generation on MATH-500) is left out
 
-    subprocess.run([sys.executable, "-m", "reasoning_qat.cli", "run", str(recipe), "--run-root", run_root,
-                    "--stages", "teacher,calibrate,ptq,qat,export"], check=True)
-    return measure(Path(run_root) / load_recipe(recipe).name, data_dir)
+
+def run(recipe: Path, run_root: str, data_dir: Path) -> dict:
+    """Run the recipe's missing or stale stages up to export through `rqat run` (`--stages` re-runs
+    what it names, so only the stages the plan still needs are named), then measure held-out CE."""
+    from reasoning_qat.pipeline import Pipeline
+    from reasoning_qat.recipe import load_recipe
+    from reasoning_qat.stages import STAGES
+
+    r = load_recipe(recipe).model_copy(update={"run_root": run_root})
+    todo = [s for s in Pipeline(r, STAGES).plan() if s in STAGES_MEASURED]
+    if todo:
+        subprocess.run([sys.executable, "-m", "reasoning_qat.cli", "run", str(recipe), "--run-root", run_root,
+                        "--stages", ",".join(todo)], check=True)
+    return measure(Path(run_root) / r.name, data_dir)
 
 
 def table(ce: dict) -> str:
@@ -122,10 +149,17 @@ def main() -> None:
     p.add_argument("--run-root", default="runs")
     p.add_argument("--math", default=str(ROOT.parent / "shared" / "data" / "math500.jsonl"))
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--measure-only", action="store_true",
+                   help="measure what the run holds now (exports, and the ptq / finished qat checkpoints) without running stages")
     a = p.parse_args()
     data_dir = Path(a.run_root) / "smollm2-data"
     prepare(data_dir, Path(a.math))
-    ce = run(RECIPE, a.run_root, data_dir)
+    if a.measure_only:
+        from reasoning_qat.recipe import load_recipe
+
+        ce = measure(Path(a.run_root) / load_recipe(RECIPE).name, data_dir, from_checkpoints=True)
+    else:
+        ce = run(RECIPE, a.run_root, data_dir)
     results = Path(a.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "heldout_ce.json").write_text(json.dumps(ce, indent=1))

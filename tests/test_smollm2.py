@@ -25,7 +25,7 @@ def test_smollm2_gptq_beats_rtn_at_3_bits_and_qat_keeps_it(tmp_path):
     data = tmp_path / "smollm2-data"
     smollm2.prepare(data, MATH500)
     text = (ROOT / "recipes" / "smollm2-135m.yaml").read_text().replace("runs/smollm2-data", str(data))
-    text = text.replace("bits: [2, 3, 4]", "bits: [3]").replace("max_steps: 30", "max_steps: 4")
+    text = text.replace("bits: [2, 3, 4]", "bits: [3]").replace("max_steps: 10", "max_steps: 4")
     text = text.replace("num_samples: 32", "num_samples: 8").replace("seq_len: 512", "seq_len: 256")
     recipe = tmp_path / "smollm2-135m.yaml"
     recipe.write_text(text)
