@@ -72,6 +72,11 @@ def linears_by_layer(model: nn.Module, layers: nn.ModuleList, names) -> list[lis
     return [[n for n in names if n.startswith(prefix[id(layer)] + ".")] for layer in layers]
 
 
+def outside_decoder_layers(plan, by_layer: list[list[str]]) -> list[str]:
+    """The planned layers that no decoder layer holds (lm_head, say), sorted: GPTQ cannot quantize them."""
+    return sorted(set(plan) - {n for names in by_layer for n in names})
+
+
 def layer_out(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -125,10 +130,10 @@ def gptq_quantize_model(
     model.eval()
     layers = decoder_layers(model)
     by_layer = linears_by_layer(model, layers, plan)
-    outside = set(plan) - {n for names in by_layer for n in names}
+    outside = outside_decoder_layers(plan, by_layer)
     if outside:  # before any calibration work: GPTQ runs decoder layer by layer
         raise UserError(f"ptq: GPTQ quantizes the decoder layers only; {len(outside)} targeted layer(s) are outside them, e.g. "
-                        f"{min(outside)}; add them to quant.ignore, or use ptq.method: rtn")
+                        f"{outside[0]}; add them to quant.ignore, or use ptq.method: rtn")
     states = capture_layer_inputs(model, layers, calib, device, batch_size)
     qws, errors = {}, {}
     for layer, local in tqdm(zip(layers, by_layer), total=len(layers), desc="gptq layers",

@@ -98,7 +98,6 @@ def preflight(recipe) -> None:
     nothing: every file, directory and eval task the recipe names, and every targeted layer's width
     against the quant scheme (the model is built on the meta device, no weights). The architecture
     check is skipped when a hub id's config cannot be read yet (offline); the ptq stage checks again."""
-    from pathlib import Path
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -142,7 +141,7 @@ def preflight(recipe) -> None:
         config = resolve_model(m.id, "model.id", m.trust_remote_code, m.revision)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
-    from ..quant.ptq import decoder_layers, linears_by_layer
+    from ..quant.ptq import decoder_layers, linears_by_layer, outside_decoder_layers
 
     gptq = {"gptq", "gptq_generic"} & {recipe.ptq.method, *recipe.ptq.baselines}
     for bits in recipe.quant.bits:
@@ -150,8 +149,7 @@ def preflight(recipe) -> None:
             plan = targets_from_recipe(recipe.quant, bits).resolve(model)
         except ValueError as err:
             raise RecipeError(str(err)) from None
-        inside = {n for names in linears_by_layer(model, decoder_layers(model), plan) for n in names}
-        if gptq and (outside := sorted(set(plan) - inside)):
+        if gptq and (outside := outside_decoder_layers(plan, linears_by_layer(model, decoder_layers(model), plan))):
             raise RecipeError(f"quant.ignore: GPTQ ({', '.join(sorted(gptq))}) quantizes decoder layers only, and "
                               f"{outside[0]} is outside them; add it to quant.ignore, or use RTN for it (ptq.method: rtn)")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
