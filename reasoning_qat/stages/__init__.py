@@ -96,8 +96,8 @@ def _check_run_root(run_root: str) -> None:
 def preflight(recipe) -> None:
     """Everything checkable before any stage runs, so that a bad recipe fails in one line and creates
     nothing: every file, directory and eval task the recipe names, and every targeted layer's width
-    against the quant scheme (the model is built on the meta device, no weights). The architecture
-    check is skipped when a hub id's config cannot be read yet (offline); the ptq stage checks again."""
+    against the quant scheme (the model is built on the meta device, no weights). A model whose
+    config cannot be had (a hub id not cached while the hub is off) is refused here (models.resolve_model)."""
 
     import torch
     from transformers import AutoModelForCausalLM
