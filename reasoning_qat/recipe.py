@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .serving import GPTQ_SERVED, vllm_refuses_packed
 
 
 class RecipeError(UserError):
@@ -348,13 +349,18 @@ class Recipe(_Section):
                              "from the PTQ checkpoint instead)")
         if self.qat.deepspeed is not None and not Path(self.qat.deepspeed).is_file():
             raise ValueError(f"qat.deepspeed: no such DeepSpeed config file {self.qat.deepspeed!r}")
+        bits = set(self.quant.bits) | {o.bits for o in self.quant.overrides if o.bits is not None}
         if "gptq" in self.export.formats:
-            bits = set(self.quant.bits) | {o.bits for o in self.quant.overrides if o.bits is not None}
-            if not self.quant.symmetric or not bits <= {4, 8}:
+            if self.quant.symmetric is not GPTQ_SERVED["symmetric"] or not bits <= set(GPTQ_SERVED["bits"]):
                 raise ValueError(
                     f"export.formats: gptq is served by vLLM only for symmetric 4- or 8-bit weights (this recipe: "
                     f"bits {sorted(bits)}, symmetric {self.quant.symmetric}); use compressed-tensors, which vLLM "
-                    "serves at 2/3/4/8 bits with or without zero points")
+                    "serves at 2/3/4/8 bits symmetric, 4/8 with zero points")
+        if self.eval.export_format == "compressed-tensors" and self.eval.backend != "transformers":
+            for b in sorted(bits):
+                if why := vllm_refuses_packed(b, self.quant.symmetric):
+                    raise ValueError(f"eval.export_format: compressed-tensors under vLLM, but {why}; or evaluate "
+                                     "eval.export_format: dequantized (the same function), or eval.backend: transformers")
         q = self.quant
         if q.activations or q.kv_cache or self.ptq.rotation != "none":
             what = "ptq.rotation" if self.ptq.rotation != "none" else ("quant.activations" if q.activations else "quant.kv_cache")

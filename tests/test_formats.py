@@ -134,15 +134,35 @@ def _act_ordered_tiny(bits, gs=32, sym=False):
 CT_CASES = [(b, gs, sym) for b in (2, 3, 4, 8) for gs in (32, -1) for sym in (False, True)]
 
 
+def independent_ct_dequant(parts: dict, bits: int, out_f: int, in_f: int, group_size: int) -> torch.Tensor:
+    """Rebuild W [out, in] from a pack-quantized layer by the format's definition (compressed-tensors
+    >= 0.18 `unpack_from_int32`; vLLM's WNA16 shapes): codes a little-endian bit stream per row,
+    ceil(in*b/32) words; zero points the same stream down each column; stored unsigned, signed = u - 2^(b-1)."""
+    packed, scale = parts["weight_packed"], parts["weight_scale"].float()
+    assert packed.shape == (out_f, -(-in_f * bits // 32)) and packed.dtype == torch.int32
+    codes = torch.tensor([unpack_words_bitstream(packed[o], bits, in_f) for o in range(out_f)])
+    g_idx = parts["weight_g_idx"].long() if "weight_g_idx" in parts else torch.arange(in_f) // (group_size if group_size > 0 else in_f)
+    if "weight_zero_point" in parts:
+        zp = parts["weight_zero_point"]
+        assert zp.shape == (-(-out_f * bits // 32), scale.shape[1]) and zp.dtype == torch.int32
+        zero = torch.tensor([unpack_words_bitstream(zp[:, g], bits, out_f) for g in range(zp.shape[1])]).t()
+    else:
+        zero = torch.full(scale.shape, 2 ** (bits - 1))
+    return (codes - zero[:, g_idx]).float() * scale[:, g_idx]
+
+
 @pytest.mark.parametrize("bits,gs,sym", CT_CASES + [("act_order", 32, False), ("act_order", 32, True)])
 def test_compressed_tensors_export_decompresses_to_the_fake_quant_weights(tmp_path, bits, gs, sym):
-    """Written and read back by the compressed-tensors library itself (its own decompressor)."""
+    """Read back by an independent decoder of the format's dense layout at every bit width, and by the
+    compressed-tensors library's own decompressor where its pinned release (0.17) packs the same stream
+    (2, 4, 8 bits; at 3 bits 0.17 pads ten codes to a word, which vLLM and the format since 0.18 do not)."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
     from reasoning_qat.quant.formats import export_compressed_tensors
 
     model = _act_ordered_tiny(3, gs, sym) if bits == "act_order" else _quantized_tiny(bits, gs, sym=sym)
+    nbits = 3 if bits == "act_order" else bits
     expected = {n: m.quantized_weight().detach().clone() for n, m in fake_quant_modules(model).items()}
     export_compressed_tensors(model, tmp_path / "ct", dtype=torch.float32)
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
@@ -154,13 +174,35 @@ def test_compressed_tensors_export_decompresses_to_the_fake_quant_weights(tmp_pa
         parts = {k.rsplit(".", 1)[1]: v for k, v in state.items() if k.rsplit(".", 1)[0] == name}
         assert "weight" not in parts and parts["weight_packed"].dtype == torch.int32
         assert ("weight_zero_point" in parts) is (not sym) and ("weight_g_idx" in parts) is (bits == "act_order")
-        assert torch.equal(PackedQuantizationCompressor.decompress(parts, scheme)["weight"], w), name
+        assert torch.equal(independent_ct_dequant(parts, nbits, *w.shape, gs), w), name
+        if nbits != 3:
+            assert torch.equal(PackedQuantizationCompressor.decompress(parts, scheme)["weight"], w), name
     assert torch.equal(state["lm_head.weight"], model.lm_head.weight.detach())
 
 
-@pytest.mark.parametrize("bits,gs,sym", [(2, 32, False), (3, -1, True), (4, 32, False), (8, 32, True)])
+def test_dense_packing_is_the_libraries_at_2_4_8_bits():
+    """At 2, 4 and 8 bits the dense stream is exactly what compressed-tensors' own packer writes."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    for bits in (2, 4, 8):
+        for cols in (64, 40):  # a whole and a padded last word
+            v = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (5, cols), dtype=torch.int8)
+            assert torch.equal(pack_bits(v.long() + 2 ** (bits - 1), bits, pad=True), pack_to_int32(v, bits, packed_dim=1))
+
+
+def _ct_version() -> tuple[int, ...]:
+    import compressed_tensors
+
+    return tuple(int(x) for x in compressed_tensors.__version__.split(".")[:2])
+
+
+@pytest.mark.parametrize("bits,gs,sym", [(2, 32, False), (3, -1, True), (3, 32, True), (4, 32, False), (8, 32, True)])
 def test_transformers_loads_the_compressed_tensors_export(tmp_path, bits, gs, sym):
-    """transformers' compressed-tensors integration loads the export; its logits are the dequantized export's."""
+    """transformers' compressed-tensors integration loads the export; its logits are the dequantized export's.
+    CI runs this on both stacks: compressed-tensors 0.17 (the pin) and the newest release (0.20.1 over the
+    newest transformers). Where a stack cannot read a layout it must fail loudly, never compute other logits:
+    0.17 reads 3-bit as ten codes per word (the dense export fails its shapes); 0.18+ does not pack
+    asymmetric zero points on transformers' meta-device path (size mismatch; README "Formats")."""
     import copy
 
     from reasoning_qat.quant.formats import export_compressed_tensors
@@ -169,7 +211,12 @@ def test_transformers_loads_the_compressed_tensors_export(tmp_path, bits, gs, sy
     export_dequantized(copy.deepcopy(model), tmp_path / "dq", dtype=torch.float32)
     export_compressed_tensors(model, tmp_path / "ct", dtype=torch.float32)
     x = torch.randint(0, 100, (2, 16))
+    readable = (bits != 3) if _ct_version() < (0, 18) else sym
     with torch.no_grad():
-        ct = AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()(x).logits
         dq = AutoModelForCausalLM.from_pretrained(tmp_path / "dq").eval()(x).logits
+        if not readable:
+            with pytest.raises(RuntimeError):
+                AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()(x)
+            return
+        ct = AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()(x).logits
     assert torch.equal(ct, dq)

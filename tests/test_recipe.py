@@ -50,6 +50,11 @@ BAD = [
                                         "(this recipe: bits [4], symmetric False); use compressed-tensors"),
     (with_("export.formats", ["gptq"]) | {"quant": {"bits": [3, 4], "symmetric": True}}, "(this recipe: bits [3, 4], symmetric True)"),
     (with_("export.formats", ["awq"]), "export.formats[0]: Input should be 'dequantized', 'compressed-tensors' or 'gptq'"),
+    ({**GOOD, "quant": {"bits": [3]}, "eval": {"export_format": "compressed-tensors", "backend": "vllm"}},
+     "eval.export_format: compressed-tensors under vLLM, but vLLM 0.26 serves zero points (asymmetric) only at [4, 8] "
+     "bits, not 3; symmetric 3-bit is served (quant.symmetric: true); or evaluate eval.export_format: dequantized"),
+    ({**GOOD, "quant": {"bits": [4], "overrides": [{"pattern": "*.down_proj", "bits": 2}]},
+      "eval": {"export_format": "compressed-tensors"}}, "not 2; symmetric 2-bit is served"),
     (with_("eval.dtype", "fp8"), "eval.dtype: Input should be 'auto', 'bfloat16', 'float16' or 'float32' (got 'fp8')"),
     (with_("eval.gpu_memory_utilization", 1.5), "eval.gpu_memory_utilization: Input should be less than or equal to 1"),
 ]
@@ -63,6 +68,14 @@ def test_bad_recipe_messages(data, expected):
     assert "\n" not in msg
     assert msg.startswith("r.yaml: ")
     assert expected in msg
+
+
+def test_vllm_served_packed_schemes_pass():
+    """Symmetric 2/3-bit and asymmetric 4/8-bit compressed-tensors are served; the transformers backend
+    reads asymmetric 2/3-bit exports too."""
+    for quant, backend in (({"bits": [2, 3], "symmetric": True}, "vllm"), ({"bits": [4, 8]}, "auto"),
+                           ({"bits": [2, 3]}, "transformers")):
+        parse_recipe({**GOOD, "quant": quant, "eval": {"export_format": "compressed-tensors", "backend": backend}})
 
 
 def test_not_yaml_and_not_mapping(tmp_path):

@@ -188,3 +188,43 @@ def test_vllm_stops_at_every_end_token(tmp_path, name="qwen3"):
     finally:
         engine.close()
     assert (c.text, c.num_tokens, c.truncated) == ("", 1, False)
+
+
+@pytest.mark.parametrize("bits,gs,sym", [(3, 32, True), (3, 32, False), (3, -1, True), (2, 32, False), (4, 32, True)])
+def test_export_tensors_have_the_shapes_vllm_allocates(tmp_path, monkeypatch, bits, gs, sym):
+    """vLLM's WNA16 scheme allocates each packed tensor before loading the checkpoint into it (shape
+    asserted at load: the 3-bit failure on the GPU was `param_data.shape == loaded_weight.shape`). Its
+    own `create_weights` here, layer by layer, against what the export wrote. The kernel choice needs a
+    GPU and the parameters ask for the tensor-parallel group, so those calls are replaced; the shapes are
+    the scheme's own arithmetic."""
+    from safetensors.torch import load_file
+    from vllm.model_executor import parameter as vllm_parameter
+    from vllm.model_executor.layers.quantization.compressed_tensors.schemes import compressed_tensors_wNa16 as wna16
+
+    from reasoning_qat.quant.fake_quant import fake_quant_modules
+    from reasoning_qat.quant.formats import export_compressed_tensors
+
+    from .test_formats import _quantized_tiny
+
+    class NoKernel:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    monkeypatch.setattr(wna16, "choose_mp_linear_kernel", lambda config: NoKernel)
+    monkeypatch.setattr(vllm_parameter, "get_tensor_model_parallel_rank", lambda: 0)  # one process, no TP group
+    monkeypatch.setattr(vllm_parameter, "get_tensor_model_parallel_world_size", lambda: 1)
+    model = _quantized_tiny(bits, gs, sym=sym)
+    shapes = {n: tuple(m.weight.shape) for n, m in fake_quant_modules(model).items()}
+    assert len(shapes) == 14
+    export_compressed_tensors(model, tmp_path / "ct", dtype=torch.float32)
+    method, schemes = _vllm_schemes(tmp_path / "ct")
+    state = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    scheme = schemes["model.layers.0.self_attn.o_proj"]
+    for name, (out_f, in_f) in shapes.items():
+        layer = torch.nn.Module()
+        scheme.create_weights(layer, out_f, in_f, [out_f], in_f, torch.float32, weight_loader=None)
+        for param in ("weight_packed", "weight_scale", "weight_zero_point"):
+            if hasattr(layer, param):
+                assert tuple(state[f"{name}.{param}"].shape) == tuple(getattr(layer, param).shape), (name, param)
+            else:
+                assert f"{name}.{param}" not in state, (name, param)

@@ -8,13 +8,14 @@
 2. Dequantized export: a plain transformers checkpoint holding w_hat = (q - zero) * scale, which any
    engine runs (used for evaluating every bit width; vLLM serves GPTQ only at 4/8 bits).
 3. compressed-tensors `pack-quantized` export (llm-compressor's format): what vLLM's WNA16 path
-   serves at 2/3/4/8 bits, symmetric or with zero points. Packing and the config are written by
-   the compressed-tensors library itself; this module only maps our (codes, scale, zero) onto its
-   signed convention: q_ct = q - 2^(b-1), zero_ct = zero - 2^(b-1), w = (q_ct - zero_ct) * scale.
+   serves (WNA16: 2/3/4/8 bits; zero points only at 4/8 bits in vLLM 0.26 and 0.32). The config and
+   scales are written by the compressed-tensors library itself; codes and zero points are packed
+   here in the format's dense layout (`_dense_packed`: the pinned 0.17 library pads 3-bit codes).
+   Signed convention: q_ct = q - 2^(b-1), zero_ct = zero - 2^(b-1), w = (q_ct - zero_ct) * scale.
 4. GPTQ v1 export: `qweight`/`qzeros`/`scales`/`g_idx` with `quantization_config` in config.json.
    Codes are packed as a little-endian bit stream into int32 words (qweight along the input
    dimension, qzeros along the output dimension); zeros are stored minus one; scales are float16.
-   vLLM serves it only for symmetric 4/8-bit weights (`GPTQ_SERVED`), so recipes refuse it otherwise.
+   vLLM serves it only for symmetric 4/8-bit weights (`serving.GPTQ_SERVED`), so recipes refuse it otherwise.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ QUANT_META = "quant_meta.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = "rqat-fakequant-v1"
 _PARTS = ("codes", "scale", "zero", "g_idx")
-GPTQ_SERVED = {"bits": (4, 8), "symmetric": True}  # vLLM's gptq path: symmetric 4- and 8-bit only
 EXPORT_FORMATS = ("dequantized", "compressed-tensors", "gptq")
 
 
@@ -195,11 +195,14 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
             state.pop(f"{name}.weight")
             packed = PackedQuantizationCompressor.compress(parts, ct_scheme)
             packed["weight_scale"] = packed["weight_scale"].to(dtype)
+            packed.update(_dense_packed(qw))
             state.update({f"{name}.{k}": v for k, v in packed.items()})
     quantized = set(qws)
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
     save_file(_dedup_shared(state), str(out_dir / WEIGHTS), metadata={"format": "pt"})
     _for_inference(model)
+    if not getattr(model.config, "architectures", None):  # save_pretrained sets it; config.save_pretrained does not,
+        model.config.architectures = [type(model).__name__]  # and vLLM then resolves a pooling model, not generation
     model.config.save_pretrained(out_dir)
     qcfg = QuantizationConfig(config_groups=config_groups, format="pack-quantized", quantization_status="compressed",
                               ignore=ignore)
@@ -208,16 +211,47 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
         tokenizer.save_pretrained(out_dir)
 
 
+def _dense_packed(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The format's dense layout, written here rather than by the pinned compressed-tensors 0.17.
+
+    compressed-tensors 0.17 packs `32 // bits` codes per int32 word: the same stream as the dense
+    layout at 2, 4 and 8 bits, but at 3 bits ten codes per word with 2 bits unused. The format moved
+    to the dense stream (compressed-tensors 0.18's `pack_to_int32`: ceil(n * bits / 32) words), and
+    vLLM allocates that size (`CompressedTensorsWNA16.create_weights`: ceil(in * bits / 32) packed
+    columns, packed zero points ceil(out * bits / 32) rows), so a 0.17-packed 3-bit checkpoint fails
+    to load there. Codes are stored unsigned (q_ct + 2^(b-1) = our q), as the library stores them.
+
+    Returns weight_packed int32 [out, ceil(in*b/32)] and, for asymmetric schemes, weight_zero_point
+    int32 [ceil(out*b/32), groups] (packed along the output dimension, as the library packs it)."""
+    bits = qw.scheme.bits
+    out = {"weight_packed": pack_bits(qw.codes, bits, pad=True)}
+    if not qw.scheme.symmetric:
+        zero = qw.zero.round().to(torch.int64)
+        out["weight_zero_point"] = pack_bits(zero.t(), bits, pad=True).t().contiguous()
+    return out
+
+
 # ---- GPTQ v1 packing ---------------------------------------------------------------------------
 
 
-def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integers along the last axis into int32 words as a little-endian bit stream."""
+def pack_bits(values: torch.Tensor, bits: int, pad: bool = False) -> torch.Tensor:
+    """Pack unsigned integers along the last axis into int32 words as a little-endian bit stream:
+    value j occupies bits [j*bits, (j+1)*bits) of the stream, split across two words where it
+    crosses a word boundary (3 bits: 32 values in 3 words, value 10 split 2/1 bits). This is
+    AutoGPTQ's layout and compressed-tensors' dense `pack-quantized` layout (>= 0.18).
+
+    values: integer tensor [..., n] in [0, 2^bits). Returns int32 [..., ceil(n * bits / 32)].
+    pad: pad with zeros to whole words (compressed-tensors); without it, raises ValueError when
+    n * bits is not a multiple of 32 (GPTQ v1 needs whole words)."""
     n = values.shape[-1]
-    if (n * bits) % 32:
+    if (n * bits) % 32 and not pad:
         raise ValueError(f"cannot pack {n} values of {bits} bits into whole 32-bit words")
     per_period = 32 // math.gcd(32, bits)  # values per run of whole words (3 bits: 32 values, 3 words)
     words_per_period = per_period * bits // 32
+    if n % per_period:
+        values = torch.nn.functional.pad(values, (0, per_period - n % per_period))
+        packed = pack_bits(values, bits)
+        return packed[..., : math.ceil(n * bits / 32)].contiguous()
     v = values.to(torch.int64).reshape(*values.shape[:-1], n // per_period, per_period)
     words = torch.zeros(*v.shape[:-1], words_per_period, dtype=torch.int64, device=values.device)
     for j in range(per_period):

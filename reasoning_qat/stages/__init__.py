@@ -167,3 +167,21 @@ def preflight(recipe) -> None:
                 hadamard_factors(n)
             except UserError as err:
                 raise RecipeError(f"ptq.rotation: the model's {field} is {n}; {err}") from None
+    _serving_notes(recipe)
+
+
+def _serving_notes(recipe) -> None:
+    """One line for each export an engine will not run as written (not an error: the export is valid)."""
+    from ..serving import vllm_refuses_packed
+
+    if "compressed-tensors" not in recipe.export.formats:
+        return
+    q = recipe.quant
+    bits = sorted(set(q.bits) | {o.bits for o in q.overrides if o.bits is not None})
+    for b in bits:
+        if why := vllm_refuses_packed(b, q.symmetric):
+            print(f"note: export.formats: the {b}-bit compressed-tensors export is written, but {why}")
+    if 3 in bits:
+        print("note: export.formats: 3-bit compressed-tensors is written in the format's dense layout (what vLLM and "
+              "compressed-tensors >= 0.18 read); transformers with compressed-tensors 0.17 cannot run it: use the "
+              "dequantized export there")

@@ -2,8 +2,9 @@
 
 Quantized variants are evaluated from their compressed-tensors export under vLLM on a GPU (the
 packed checkpoint users serve, through vLLM's low-bit kernels), and from their dequantized export
-elsewhere (the same function; no CPU kernel runs packed weights). `eval.export_format` overrides
-the choice. Finished (variant, task) pairs are kept across a crash.
+elsewhere (the same function; no CPU kernel runs packed weights), and from the dequantized export
+where vLLM cannot serve the scheme packed (`serving.vllm_refuses_packed`: zero points at 2/3 bits).
+`eval.export_format` overrides the choice. Finished (variant, task) pairs are kept across a crash.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..evaluation.runner import evaluate
 from ..evaluation.tasks import expand_tasks, load_task
 from ..pipeline import StageContext
 from ..run_layout import BF16
+from ..serving import vllm_refuses_packed
 from .common import teacher_path
 
 
@@ -28,9 +30,15 @@ def run(ctx: StageContext) -> dict:
     if fmt == "auto":
         packed = "compressed-tensors" in r.export.formats and torch.cuda.is_available() and pick_backend(e.backend) == "vllm"
         fmt = "compressed-tensors" if packed else "dequantized"
+    override_bits = {o.bits for o in r.quant.overrides if o.bits is not None}
     for v in ctx.layout.exported_variants():
-        if ctx.layout.export(v, fmt).is_dir():
-            models[v] = str(ctx.layout.export(v, fmt))
+        v_fmt = fmt
+        refused = [why for b in sorted({v.bits} | override_bits) if (why := vllm_refuses_packed(b, r.quant.symmetric))]
+        if fmt == "compressed-tensors" and e.export_format == "auto" and refused:
+            v_fmt = "dequantized"  # what vLLM cannot serve packed is evaluated as the same function, dequantized
+            print(f"  {v}: the dequantized export is evaluated ({refused[0]})")
+        if ctx.layout.export(v, v_fmt).is_dir():
+            models[v] = str(ctx.layout.export(v, v_fmt))
     if e.methods is not None:
         models = {v: p for v, p in models.items() if v.method in e.methods}
     metrics: dict = {}

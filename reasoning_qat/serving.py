@@ -1,0 +1,28 @@
+"""What each engine version serves, as measured; imports nothing heavy (the recipe checks use it).
+
+vLLM's compressed-tensors path (`CompressedTensorsWNA16`) on a GPU, vLLM 0.26 (torch 2.11 + CUDA 13.0,
+the lent H200's image), measured on the project's exports (benchmarks/results/vllm-gpu/):
+- symmetric 4/8 bits: Machete; symmetric 2/3 bits: Humming (JIT on first load);
+- zero points (asymmetric) only at 4/8 bits: 2/3 bits are refused at load
+  (`ValueError: Asymmetric quantization not supported for num_bits = 3. Supported: [4, 8]`).
+vLLM 0.32/0.33's scheme code accepts zero points at 2-8 bits (Humming takes `has_zero_point`), but
+those releases need torch 2.13/2.14 and were not run on a GPU here.
+vLLM's `gptq` path: symmetric 4/8-bit only.
+"""
+
+from __future__ import annotations
+
+VLLM_GPU_VERSION = "0.26"
+VLLM_PACKED_BITS = (2, 3, 4, 8)          # compressed-tensors WNA16, symmetric
+VLLM_ZERO_POINT_BITS = (4, 8)            # compressed-tensors WNA16 with zero points
+GPTQ_SERVED = {"bits": (4, 8), "symmetric": True}
+
+
+def vllm_refuses_packed(bits: int, symmetric: bool) -> str | None:
+    """Why vLLM (the GPU release above) cannot serve a compressed-tensors export of this scheme, or None."""
+    if bits not in VLLM_PACKED_BITS:
+        return f"vLLM {VLLM_GPU_VERSION} serves packed compressed-tensors weights at {list(VLLM_PACKED_BITS)} bits"
+    if not symmetric and bits not in VLLM_ZERO_POINT_BITS:
+        return (f"vLLM {VLLM_GPU_VERSION} serves zero points (asymmetric) only at {list(VLLM_ZERO_POINT_BITS)} bits, "
+                f"not {bits}; symmetric {bits}-bit is served (quant.symmetric: true)")
+    return None
