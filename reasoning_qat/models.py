@@ -5,16 +5,21 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import UserError
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    return DTYPES[name]
+def resolve_dtype(name: str):
+    """torch dtype of a recipe's dtype name (one of DTYPE_NAMES)."""
+    import torch  # here, not at module level: the preflight's path checks (looks_like_path) import nothing heavy
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
 def load_tokenizer(path_or_id: str, trust_remote_code: bool = False, revision: str | None = None, **kwargs):
@@ -27,11 +32,13 @@ def load_tokenizer(path_or_id: str, trust_remote_code: bool = False, revision: s
     return tok
 
 
-def load_model(path_or_id: str, dtype: torch.dtype = torch.bfloat16, trust_remote_code: bool = False,
+def load_model(path_or_id: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
                revision: str | None = None, device: str | None = None, **kwargs):
-    """kwargs go to `from_pretrained` (e.g. gguf_file)."""
+    """kwargs go to `from_pretrained` (e.g. gguf_file). dtype: a torch dtype; None means bfloat16."""
+    import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = torch.bfloat16 if dtype is None else dtype
     model = AutoModelForCausalLM.from_pretrained(
         path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision, **kwargs
     )
@@ -152,6 +159,8 @@ def demo_config(demo, tokenizer, max_positions: int = 256):
 
 def best_device() -> str:
     """The one place that picks the device: this process's GPU (LOCAL_RANK under a launcher), else CPU."""
+    import torch
+
     if not torch.cuda.is_available():
         return "cpu"
     return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"

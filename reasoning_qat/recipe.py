@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -414,6 +415,8 @@ def _format_error(err: ValidationError, source: str) -> str:
         if "input" in first and kind not in ("model_type",) and not isinstance(first["input"], dict):
             msg += f" (got {first['input']!r})"
     more = f" [+{err.error_count() - 1} more]" if err.error_count() > 1 else ""
+    if loc == "(top level)" and re.match(r"[a-z_]+(\.[a-z_]+)*: ", msg):  # a cross-check names its own field
+        return f"{source}: {msg}{more}"
     return f"{source}: {loc}: {msg}{more}"
 
 

@@ -199,7 +199,9 @@ def test_export_tensors_have_the_shapes_vllm_allocates(tmp_path, monkeypatch, bi
     the scheme's own arithmetic."""
     from safetensors.torch import load_file
     from vllm.model_executor import parameter as vllm_parameter
-    from vllm.model_executor.layers.quantization.compressed_tensors.schemes import compressed_tensors_wNa16 as wna16
+    from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
+        compressed_tensors_wNa16 as wna16,
+    )
 
     from reasoning_qat.quant.fake_quant import fake_quant_modules
     from reasoning_qat.quant.formats import export_compressed_tensors
@@ -217,7 +219,7 @@ def test_export_tensors_have_the_shapes_vllm_allocates(tmp_path, monkeypatch, bi
     shapes = {n: tuple(m.weight.shape) for n, m in fake_quant_modules(model).items()}
     assert len(shapes) == 14
     export_compressed_tensors(model, tmp_path / "ct", dtype=torch.float32)
-    method, schemes = _vllm_schemes(tmp_path / "ct")
+    _, schemes = _vllm_schemes(tmp_path / "ct")
     state = load_file(str(tmp_path / "ct" / "model.safetensors"))
     scheme = schemes["model.layers.0.self_attn.o_proj"]
     for name, (out_f, in_f) in shapes.items():

@@ -16,10 +16,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..data.reasoning import load_rows
 from ..errors import UserError
 from ..recipe import RecipeError
-from .grader import LETTERS
 
 
 class Sampling(BaseModel):
@@ -92,6 +90,10 @@ class Task(BaseModel):
         fix = (f"for offline use give a local copy: eval.data: {{{self.name}: FILE.jsonl}} in the recipe, "
                f"or rqat eval --data FILE.jsonl")
         filtered = bool(self.where or self.release_start or self.release_end)
+        from ..data.reasoning import (
+            load_rows,  # torch: imported when a task loads its rows, not to validate it
+        )
+
         rows = load_rows(own or self.source, self.split, demo_dir, subset=None if own else self.subset,
                          field=f"task {self.name}: source", offline_hint=fix, limit=None if filtered else limit,
                          data_files=None if own else self.data_files)
@@ -135,6 +137,8 @@ class Task(BaseModel):
         text = problem["problem"] if isinstance(problem, dict) else problem
         fields = {"problem": text.strip() if self.kind != "math" else text}
         if self.kind == "multiple_choice":
+            from .grader import LETTERS  # math-verify: loaded to grade, not to validate a task file
+
             fields["choices"] = "\n".join(f"{LETTERS[i]}) {c}" for i, c in enumerate(choices or []))
         if self.kind == "code":
             starter = problem.get("starter", "") if isinstance(problem, dict) else ""
@@ -147,6 +151,8 @@ class Task(BaseModel):
         options = [problem["answer"], *problem["distractors"]]
         order = list(range(len(options)))
         random.Random(seed).shuffle(order)
+        from .grader import LETTERS
+
         return [options[i] for i in order], LETTERS[order.index(0)]
 
 

@@ -8,9 +8,10 @@
 2. Dequantized export: a plain transformers checkpoint holding w_hat = (q - zero) * scale, which any
    engine runs (used for evaluating every bit width; vLLM serves GPTQ only at 4/8 bits).
 3. compressed-tensors `pack-quantized` export (llm-compressor's format): what vLLM's WNA16 path
-   serves (WNA16: 2/3/4/8 bits; zero points only at 4/8 bits in vLLM 0.26 and 0.32). The config and
-   scales are written by the compressed-tensors library itself; codes and zero points are packed
-   here in the format's dense layout (`_dense_packed`: the pinned 0.17 library pads 3-bit codes).
+   serves (WNA16: 2/3/4/8 bits; zero points only at 4/8 bits in vLLM 0.26: serving.py). The
+   config is written by the compressed-tensors library; the tensors (its `compression_param_names`)
+   come from our codes directly, packed in the format's dense layout (`_dense_packed`: the pinned
+   0.17 library pads 3-bit codes).
    Signed convention: q_ct = q - 2^(b-1), zero_ct = zero - 2^(b-1), w = (q_ct - zero_ct) * scale.
 4. GPTQ v1 export: `qweight`/`qzeros`/`scales`/`g_idx` with `quantization_config` in config.json.
    Codes are packed as a little-endian bit stream into int32 words (qweight along the input
@@ -110,7 +111,7 @@ def load_quantized_checkpoint(path: str | Path, dtype=torch.float32, device="cpu
     path = Path(path)
     qws, rest, meta = read_quantized_weights(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    with torch.device(device):
+    with torch.device(device), _no_init_weights():  # every weight is loaded below: random init is wasted time
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for name, qw in qws.items():
         linear = model.get_submodule(name)
@@ -127,6 +128,21 @@ def load_quantized_checkpoint(path: str | Path, dtype=torch.float32, device="cpu
 
     apply_runtime(model)  # rotations / activation and KV quantizers the config names (W4A4KV4)
     return model
+
+
+def _no_init_weights():
+    """transformers' own switch that skips weight initialisation (5.x: transformers.initialization; 4.x:
+    modeling_utils); a no-op where neither exists."""
+    import contextlib
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def _is_tied(model, key: str) -> bool:
@@ -185,17 +201,17 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
         targets = ["Linear"] if len(groups) == 1 else [f"re:^{n.replace('.', '[.]')}$" for n in names]
         ct_scheme = QuantizationScheme(targets=targets, weights=_ct_args(scheme, act_order), format="pack-quantized")
         config_groups[f"group_{i}"] = ct_scheme
-        offset = 2 ** (scheme.bits - 1)
         for name in names:
             qw = qws[name]
-            parts = {"weight": qw.dequantize(), "weight_scale": qw.scale.clone(),
-                     "weight_zero_point": (qw.zero - offset).to(torch.int8)}
-            if act_order:
-                parts["weight_g_idx"] = qw.g_idx.to(torch.int32)
             state.pop(f"{name}.weight")
-            packed = PackedQuantizationCompressor.compress(parts, ct_scheme)
-            packed["weight_scale"] = packed["weight_scale"].to(dtype)
-            packed.update(_dense_packed(qw))
+            # The tensors the library's `PackedQuantizationCompressor.compress` writes (its parameter names,
+            # `compression_param_names`), from our integer codes directly: the library would dequantize
+            # and re-quantize every weight to get the same codes, then pack 3-bit codes its own way.
+            packed = {"weight_scale": qw.scale.to(dtype), "weight_shape": torch.tensor(qw.codes.shape),
+                      **_dense_packed(qw)}
+            if act_order:
+                packed["weight_g_idx"] = qw.g_idx.to(torch.int32)
+            assert set(packed) == set(PackedQuantizationCompressor.compression_param_names(ct_scheme)), packed.keys()
             state.update({f"{name}.{k}": v for k, v in packed.items()})
     quantized = set(qws)
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from .. import compare
+import importlib
+
 from ..pipeline import Stage
-from . import calibrate, evaluate, export, ptq, qat, rl, teacher
+
+
+def _run_of(module: str):
+    """The stage's `run`, imported when the stage runs: listing the stages (`rqat status`, `--dry-run`,
+    the recipe checks) then imports no torch, transformers or TRL."""
+
+    def run(ctx):
+        return importlib.import_module(module, __name__).run(ctx)
+
+    run.__qualname__ = f"{module.lstrip('.')}.run"
+    return run
 
 
 def _teacher_keys(recipe) -> tuple[str, ...]:
@@ -22,18 +33,18 @@ def _rl_keys(recipe) -> tuple[str, ...]:
 
 
 STAGES = [
-    Stage("teacher", teacher.run, (), _teacher_keys, help="the BF16 model (trains the demo teacher)"),
-    Stage("calibrate", calibrate.run, ("teacher",), ("calibration", "qat.data", "ptq.baselines"),
+    Stage("teacher", _run_of(".teacher"), (), _teacher_keys, help="the BF16 model (trains the demo teacher)"),
+    Stage("calibrate", _run_of(".calibrate"), ("teacher",), ("calibration", "qat.data", "ptq.baselines"),
           help="domain-matched calibration set"),
-    Stage("ptq", ptq.run, ("teacher", "calibrate"), ("quant", "ptq"), help="RTN / GPTQ checkpoints"),
-    Stage("qat", qat.run, ("teacher", "calibrate", "ptq"), ("quant", "qat", "seed", "ptq.method"),
+    Stage("ptq", _run_of(".ptq"), ("teacher", "calibrate"), ("quant", "ptq"), help="RTN / GPTQ checkpoints"),
+    Stage("qat", _run_of(".qat"), ("teacher", "calibrate", "ptq"), ("quant", "qat", "seed", "ptq.method"),
           enabled=lambda r: r.qat.enabled, help="KD quantization-aware training"),
-    Stage("rl", rl.run, _rl_deps, _rl_keys, enabled=lambda r: r.rl.enabled,
+    Stage("rl", _run_of(".rl"), _rl_deps, _rl_keys, enabled=lambda r: r.rl.enabled,
           help="GRPO on the quantized student"),
-    Stage("export", export.run, ("ptq", "qat", "rl"), ("export", "model.dtype", "ptq.act_order"),
+    Stage("export", _run_of(".export"), ("ptq", "qat", "rl"), ("export", "model.dtype", "ptq.act_order"),
           help="dequantized and GPTQ checkpoints"),
-    Stage("eval", evaluate.run, ("teacher", "export"), ("eval",), help="pass@1 on the eval tasks"),
-    Stage("compare", compare.run, ("eval",), ("compare",), help="one table and plot of every variant"),
+    Stage("eval", _run_of(".evaluate"), ("teacher", "export"), ("eval",), help="pass@1 on the eval tasks"),
+    Stage("compare", _run_of("..compare"), ("eval",), ("compare",), help="one table and plot of every variant"),
 ]
 
 STAGE_NAMES = [s.name for s in STAGES]
@@ -99,12 +110,7 @@ def preflight(recipe) -> None:
     against the quant scheme (the model is built on the meta device, no weights). A model whose
     config cannot be had (a hub id not cached while the hub is off) is refused here (models.resolve_model)."""
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from ..evaluation.tasks import expand_tasks, load_task
-    from ..models import demo_config, resolve_model
-    from ..quant import targets_from_recipe
     from ..recipe import RecipeError
 
     m = recipe.model
@@ -133,6 +139,14 @@ def preflight(recipe) -> None:
                 raise RecipeError(f"eval.tasks: {task.name} evaluates the demo's test split, which needs model.demo")
     if unknown := sorted(set(e.data) - evaluated):
         raise RecipeError(f"eval.data: {unknown[0]!r} is not one of the tasks evaluated ({sorted(evaluated)})")
+    # Only what depends on the model's shapes needs torch and transformers: everything above is refused
+    # without importing them (`test_errors.py::test_bad_recipes_are_refused_before_any_heavy_import`).
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..models import demo_config, resolve_model
+    from ..quant import targets_from_recipe
+
     if m.demo is not None:
         from ..data.tokenizer import build_char_tokenizer
 

@@ -1,9 +1,9 @@
 """export stage: real checkpoints that inference engines load, for every quantized variant.
 
 `<variant>/dequantized`: a plain transformers checkpoint of the quantized function (any engine,
-any bit width). `<variant>/compressed-tensors`: packed `pack-quantized` weights, written through the
-compressed-tensors library (vLLM's WNA16 kernels at 2/3/4/8 bits on GPUs; transformers loads it
-too). `<variant>/gptq`: GPTQ v1, only for symmetric 4/8-bit recipes (the only GPTQ vLLM serves).
+any bit width). `<variant>/compressed-tensors`: packed `pack-quantized` weights in the format's dense
+layout (vLLM's WNA16 kernels on GPUs: see serving.py; transformers loads it too, 3-bit with
+compressed-tensors >= 0.18). `<variant>/gptq`: GPTQ v1, only for symmetric 4/8-bit recipes (the only GPTQ vLLM serves).
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ def _launch(ctx: StageContext) -> None:
         elif q.num_processes > 1:
             cmd += ["--multi_gpu"]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(q.num_processes)]
+        # --standalone: a free port on localhost (two runs on one machine do not fight over 29500)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(q.num_processes)]
     cmd += ["-m", "reasoning_qat.stages.qat", "--run-dir", str(ctx.run_dir), "--out", str(ctx.out)]
     cmd += [f"--input={k}={v}" for k, v in ctx.inputs.items()]
     done = subprocess.run(cmd)
