@@ -34,12 +34,14 @@ def cmd_run(a) -> int:
     from .pipeline import Pipeline
     from .stages import STAGES, preflight
 
-    preflight(recipe)  # every file, directory, task and layer width the recipe names: before anything is created
+    notes = preflight(recipe)  # every file, directory, task and layer width the recipe names: before anything is created
     console = _console()
     pipe = Pipeline(recipe, STAGES, console)
     only = [s.strip() for s in a.stages.split(",") if s.strip()] if a.stages else None
     plan = pipe.plan(only, a.force)
     console.print(f"run [bold]{recipe.name}[/] in {recipe.run_dir}: " + (", ".join(plan) if plan else "nothing to do (all stages done)"))
+    for note in notes if "export" in plan else []:
+        console.print(f"note: {note}", markup=False)
     if a.dry_run:
         return 0
     ran = pipe.run(only, a.force)

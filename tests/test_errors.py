@@ -320,3 +320,16 @@ def test_status_imports_no_torch(tmp_path):
     res = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True)
     assert res.stdout.strip().splitlines()[-1] == "0 []", res.stdout + res.stderr
     assert "teacher" in res.stdout and "missing" in res.stdout
+
+
+def test_dry_run_says_what_vllm_will_not_serve_under_the_plan(tmp_path):
+    """The demo's asymmetric 2-bit compressed-tensors export is valid (transformers loads it) but vLLM 0.26
+    refuses zero points at 2 bits: one note under the plan, nothing created."""
+    rec = demo_recipe(tmp_path, name="dry")
+    res = cli("run", str(rec), "--dry-run")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].startswith("run dry in ") and "export" in lines[0]
+    assert lines[1] == ("note: export.formats: the 2-bit compressed-tensors export is written, but vLLM 0.26 serves "
+                        "zero points (asymmetric) only at [4, 8] bits, not 2; symmetric 2-bit is served (quant.symmetric: true)")
+    assert not (tmp_path / "runs").exists()

@@ -104,11 +104,12 @@ def _check_run_root(run_root: str) -> None:
             return
 
 
-def preflight(recipe) -> None:
+def preflight(recipe) -> list[str]:
     """Everything checkable before any stage runs, so that a bad recipe fails in one line and creates
     nothing: every file, directory and eval task the recipe names, and every targeted layer's width
     against the quant scheme (the model is built on the meta device, no weights). A model whose
-    config cannot be had (a hub id not cached while the hub is off) is refused here (models.resolve_model)."""
+    config cannot be had (a hub id not cached while the hub is off) is refused here (models.resolve_model).
+    Returns notes on what an engine will not serve as exported (`serving_notes`). Raises RecipeError."""
 
     from ..evaluation.tasks import expand_tasks, load_task
     from ..recipe import RecipeError
@@ -181,21 +182,22 @@ def preflight(recipe) -> None:
                 hadamard_factors(n)
             except UserError as err:
                 raise RecipeError(f"ptq.rotation: the model's {field} is {n}; {err}") from None
-    _serving_notes(recipe)
+    return serving_notes(recipe)
 
 
-def _serving_notes(recipe) -> None:
-    """One line for each export an engine will not run as written (not an error: the export is valid)."""
+def serving_notes(recipe) -> list[str]:
+    """One line for each export an engine will not run as written (not an error: the export is valid);
+    `rqat run` prints them under its plan when the plan exports."""
     from ..serving import vllm_refuses_packed
 
     if "compressed-tensors" not in recipe.export.formats:
-        return
+        return []
     q = recipe.quant
     bits = sorted(set(q.bits) | {o.bits for o in q.overrides if o.bits is not None})
-    for b in bits:
-        if why := vllm_refuses_packed(b, q.symmetric):
-            print(f"note: export.formats: the {b}-bit compressed-tensors export is written, but {why}")
+    notes = [f"export.formats: the {b}-bit compressed-tensors export is written, but {why}"
+             for b in bits if (why := vllm_refuses_packed(b, q.symmetric))]
     if 3 in bits:
-        print("note: export.formats: 3-bit compressed-tensors is written in the format's dense layout (what vLLM and "
-              "compressed-tensors >= 0.18 read); transformers with compressed-tensors 0.17 cannot run it: use the "
-              "dequantized export there")
+        notes.append("export.formats: 3-bit compressed-tensors is written in the format's dense layout (what vLLM and "
+                     "compressed-tensors >= 0.18 read); transformers with compressed-tensors 0.17 cannot run it: use "
+                     "the dequantized export there")
+    return notes
