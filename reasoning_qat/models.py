@@ -12,11 +12,8 @@ from .errors import UserError
 if TYPE_CHECKING:
     import torch
 
-DTYPE_NAMES = ("bfloat16", "float16", "float32")
-
-
 def resolve_dtype(name: str):
-    """torch dtype of a recipe's dtype name (one of DTYPE_NAMES)."""
+    """torch dtype of a recipe's dtype name (bfloat16, float16, float32)."""
     import torch  # here, not at module level: the preflight's path checks (looks_like_path) import nothing heavy
 
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]

@@ -147,6 +147,11 @@ class QuantConfig(_Section):
             raise ValueError("give at least one bit width (allowed: 2, 3, 4, 8)")
         return sorted(set(v))
 
+    @property
+    def override_bits(self) -> set[int]:
+        """The bit widths `overrides` set for some layers (beside each variant's own `bits`)."""
+        return {o.bits for o in self.overrides if o.bits is not None}
+
 
 class TeacherGenerationConfig(_Section):
     """How the teacher writes the QAT responses when `data.responses: teacher` (Qwen3 thinking defaults)."""
@@ -350,7 +355,7 @@ class Recipe(_Section):
                              "from the PTQ checkpoint instead)")
         if self.qat.deepspeed is not None and not Path(self.qat.deepspeed).is_file():
             raise ValueError(f"qat.deepspeed: no such DeepSpeed config file {self.qat.deepspeed!r}")
-        bits = set(self.quant.bits) | {o.bits for o in self.quant.overrides if o.bits is not None}
+        bits = set(self.quant.bits) | self.quant.override_bits
         if "gptq" in self.export.formats:
             if self.quant.symmetric is not GPTQ_SERVED["symmetric"] or not bits <= set(GPTQ_SERVED["bits"]):
                 raise ValueError(

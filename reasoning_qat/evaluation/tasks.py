@@ -90,9 +90,8 @@ class Task(BaseModel):
         fix = (f"for offline use give a local copy: eval.data: {{{self.name}: FILE.jsonl}} in the recipe, "
                f"or rqat eval --data FILE.jsonl")
         filtered = bool(self.where or self.release_start or self.release_end)
-        from ..data.reasoning import (
-            load_rows,  # torch: imported when a task loads its rows, not to validate it
-        )
+        # torch: imported when a task loads its rows, not when a task file is validated
+        from ..data.reasoning import load_rows
 
         rows = load_rows(own or self.source, self.split, demo_dir, subset=None if own else self.subset,
                          field=f"task {self.name}: source", offline_hint=fix, limit=None if filtered else limit,

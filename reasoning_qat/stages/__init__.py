@@ -141,7 +141,7 @@ def preflight(recipe) -> list[str]:
     if unknown := sorted(set(e.data) - evaluated):
         raise RecipeError(f"eval.data: {unknown[0]!r} is not one of the tasks evaluated ({sorted(evaluated)})")
     # Only what depends on the model's shapes needs torch and transformers: everything above is refused
-    # without importing them (`test_errors.py::test_bad_recipes_are_refused_before_any_heavy_import`).
+    # without importing them (`test_errors.py::test_every_recipe_a_later_stage_rejects_is_refused_before_anything_is_created`).
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -193,7 +193,7 @@ def serving_notes(recipe) -> list[str]:
     if "compressed-tensors" not in recipe.export.formats:
         return []
     q = recipe.quant
-    bits = sorted(set(q.bits) | {o.bits for o in q.overrides if o.bits is not None})
+    bits = sorted(set(q.bits) | q.override_bits)
     notes = [f"export.formats: the {b}-bit compressed-tensors export is written, but {why}"
              for b in bits if (why := vllm_refuses_packed(b, q.symmetric))]
     if 3 in bits:

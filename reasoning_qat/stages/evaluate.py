@@ -30,10 +30,9 @@ def run(ctx: StageContext) -> dict:
     if fmt == "auto":
         packed = "compressed-tensors" in r.export.formats and torch.cuda.is_available() and pick_backend(e.backend) == "vllm"
         fmt = "compressed-tensors" if packed else "dequantized"
-    override_bits = {o.bits for o in r.quant.overrides if o.bits is not None}
     for v in ctx.layout.exported_variants():
         v_fmt = fmt
-        refused = [why for b in sorted({v.bits} | override_bits) if (why := vllm_refuses_packed(b, r.quant.symmetric))]
+        refused = [why for b in sorted({v.bits} | r.quant.override_bits) if (why := vllm_refuses_packed(b, r.quant.symmetric))]
         if fmt == "compressed-tensors" and e.export_format == "auto" and refused:
             v_fmt = "dequantized"  # what vLLM cannot serve packed is evaluated as the same function, dequantized
             print(f"  {v}: the dequantized export is evaluated ({refused[0]})")
