@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -84,35 +85,65 @@ def looks_like_path(ref: str) -> bool:
             or ref.count("/") > 1 or not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", ref))
 
 
-def resolve_model(ref: str, field: str, trust_remote_code: bool = False, revision: str | None = None):
-    """The config of the model `ref` names, or one line (UserError naming `field`) saying why it
-    cannot be had: a local path that does not exist or holds no config.json, or a hub id that is not
-    in the local cache while the hub is off (HF_HUB_OFFLINE) or cannot be reached. Offline first: a
-    cached hub model costs no network round trip. A `.gguf` file's config comes from its metadata."""
-    from huggingface_hub import constants
+def _config_file(ref: str, field: str, revision: str | None = None) -> Path | None:
+    """The config.json of the model `ref` names, found without torch or transformers: a local model
+    directory's, or a hub id's in the local cache. None where transformers must be asked (a GGUF file's
+    metadata, a hub id not cached while the hub is on). Raises UserError for what cannot be had."""
+    from huggingface_hub import constants, try_to_load_from_cache
 
     path = Path(ref).expanduser()
     if ref.endswith(".gguf"):
         if not path.is_file():
             raise UserError(f"{field}: no such GGUF file {ref!r}")
-        try:
-            return load_config(str(path.parent), trust_remote_code, gguf_file=path.name)
-        except (OSError, ValueError) as err:
-            raise UserError(f"{field}: {ref!r} is not a GGUF file transformers can read ({err})") from None
+        return None
     if path.exists() or looks_like_path(ref):
         if not path.is_dir():
             raise UserError(f"{field}: no such local model directory {ref!r} (a hub id looks like 'org/name')")
         if not (path / "config.json").is_file():
             raise UserError(f"{field}: {ref!r} holds no readable model config (config.json); give a model directory "
                             "saved by save_pretrained, or a hub id")
-        return load_config(str(path), trust_remote_code)
-    try:
-        return load_config(ref, trust_remote_code, revision, local_files_only=True)
-    except (OSError, ValueError):
-        pass
+        return path / "config.json"
+    cached = try_to_load_from_cache(ref, "config.json", revision=revision)
+    if isinstance(cached, str):
+        return Path(cached)
     if constants.HF_HUB_OFFLINE:
         raise UserError(f"{field}: {ref!r} is a hub id that is not in the local cache, and the hub is off "
                         "(HF_HUB_OFFLINE=1); give a local model directory, or download it once with network access")
+    return None
+
+
+def read_config_dict(ref: str, field: str, revision: str | None = None) -> dict | None:
+    """config.json of the model `ref` names as a dict, read without torch or transformers (see
+    _config_file); None where only transformers can say. Raises UserError (naming `field`) for a model
+    that cannot be had or a config.json that is not a JSON object."""
+    file = _config_file(ref, field, revision)
+    if file is None:
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{field}: {str(file)!r} is not a readable JSON model config ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{field}: {str(file)!r} is not a JSON object")
+    return data
+
+
+def resolve_model(ref: str, field: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The transformers config of the model `ref` names, or one line (UserError naming `field`) saying
+    why it cannot be had: a local path that does not exist or holds no config.json, or a hub id that is
+    not in the local cache while the hub is off (HF_HUB_OFFLINE) or cannot be reached. Offline first: a
+    cached hub model costs no network round trip. A `.gguf` file's config comes from its metadata."""
+    path = Path(ref).expanduser()
+    file = _config_file(ref, field, revision)
+    if ref.endswith(".gguf"):
+        try:
+            return load_config(str(path.parent), trust_remote_code, gguf_file=path.name)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{field}: {ref!r} is not a GGUF file transformers can read ({err})") from None
+    if file is not None and (path.exists() or looks_like_path(ref)):
+        return load_config(str(path), trust_remote_code)
+    if file is not None:
+        return load_config(ref, trust_remote_code, revision, local_files_only=True)
     try:
         return load_config(ref, trust_remote_code, revision)
     except (OSError, ValueError) as err:
@@ -128,25 +159,29 @@ def load_config(path_or_id: str, trust_remote_code: bool = False, revision: str 
     return AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, revision=revision, **kwargs)
 
 
-def demo_config(demo, tokenizer, max_positions: int = 256):
-    """Qwen3 config of the demo teacher. head_dim is set on its own, as in Qwen3 (it need not be
-    hidden_size / num_heads); end-of-turn and padding ids come from the tokenizer, so engines that
-    read them from config.json (vLLM) stop where transformers does."""
-    from transformers import Qwen3Config
-
+def demo_config_dict(demo) -> dict:
+    """The demo teacher's shapes as config.json fields (Qwen3), without the tokenizer's ids and vocabulary
+    (the preflight's model-shape checks need no more). head_dim is set on its own, as in Qwen3 (it need
+    not be hidden_size / num_heads)."""
     if demo.num_heads % demo.num_kv_heads:
         raise UserError(f"model.demo.num_kv_heads: {demo.num_kv_heads} does not divide num_heads {demo.num_heads}")
+    return {"model_type": "qwen3", "hidden_size": demo.hidden_size, "intermediate_size": demo.intermediate_size,
+            "num_hidden_layers": demo.num_layers, "num_attention_heads": demo.num_heads,
+            "num_key_value_heads": demo.num_kv_heads, "head_dim": demo.head_dim}
+
+
+def demo_config(demo, tokenizer, max_positions: int = 256):
+    """Qwen3 config of the demo teacher (demo_config_dict's shapes); end-of-turn and padding ids come from
+    the tokenizer, so engines that read them from config.json (vLLM) stop where transformers does."""
+    from transformers import Qwen3Config
+
+    shapes = {k: v for k, v in demo_config_dict(demo).items() if k != "model_type"}
     return Qwen3Config(
+        **shapes,
         vocab_size=len(tokenizer),
         eos_token_id=tokenizer.convert_tokens_to_ids(tokenizer.eos_token),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
-        hidden_size=demo.hidden_size,
-        intermediate_size=demo.intermediate_size,
-        num_hidden_layers=demo.num_layers,
-        num_attention_heads=demo.num_heads,
-        num_key_value_heads=demo.num_kv_heads,
-        head_dim=demo.head_dim,
         # engines cap the context at this (vLLM's max_model_len): room for the longest prompt + response
         max_position_embeddings=max_positions if demo.task == "arith" else max(max_positions, 2 * demo.max_length),
         tie_word_embeddings=False,

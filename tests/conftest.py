@@ -1,5 +1,14 @@
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+
+# Under pytest-xdist each worker (and every pipeline it launches) gets its share of the cores: torch's
+# default of one OpenMP thread per core in each of two workers oversubscribes a 2-core machine, and a
+# demo teacher that trains in 53 s alone then takes 5 min beside another (1 min with one thread each).
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
 
 import pytest
 import torch
@@ -9,6 +18,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 MATH500 = ROOT.parent / "shared" / "data" / "math500.jsonl"
+
+
+# The files that take longest, started first: pytest-xdist (--dist loadfile) hands out files in collection
+# order, and the longest one started last sets the suite's wall time.
+LONGEST_FIRST = ("test_vllm.py", "test_qat_data.py", "test_qat_options.py", "test_demo.py", "test_pipeline.py",
+                 "test_rotation.py", "test_analysis.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file is kept
 
 
 def tiny_qwen3(vocab_size=102, hidden=64, inter=128, layers=2, tie=False, seed=0):
@@ -75,7 +95,46 @@ eval: {{tasks: [demo_arith], backend: transformers, batch_size: 256, limit: {lim
 
 
 def demo_recipe(tmp_path, name="t", teacher_steps=60, bits="[2]", baselines="[rtn]", qat="true", qat_steps=10,
-                save_steps=5, limit=40) -> Path:
-    return write_recipe(tmp_path / f"{name}.yaml", DEMO_SMALL.format(
+                save_steps=5, limit=40, shared_teacher=False) -> Path:
+    """A demo recipe; shared_teacher: its run starts with the teacher stage done (see `share_teacher`)."""
+    rec = write_recipe(tmp_path / f"{name}.yaml", DEMO_SMALL.format(
         name=name, root=tmp_path / "runs", teacher_steps=teacher_steps, bits=bits, baselines=baselines, qat=qat,
         qat_steps=qat_steps, save_steps=save_steps, limit=limit))
+    return share_teacher(rec) if shared_teacher else rec
+
+
+TEACHERS = None  # the session's teacher cache (set by the `_teacher_cache` fixture)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _teacher_cache(tmp_path_factory):
+    """One folder per test session, shared by the xdist workers (their base temps are siblings)."""
+    global TEACHERS
+    base = tmp_path_factory.getbasetemp()
+    TEACHERS = (base.parent if base.name.startswith("popen-gw") else base) / "teachers"
+    TEACHERS.mkdir(exist_ok=True)
+
+
+def share_teacher(rec: Path) -> Path:
+    """Put into rec's run the teacher stage its recipe names, as the pipeline itself writes it: trained by
+    `rqat run --stages teacher` the first time the session needs it, then copied (the stage's manifest
+    carries the recipe hash, so the run takes it as done). Tests that share a teacher pay for it once;
+    what they test starts after the teacher. Returns rec."""
+    from filelock import FileLock
+
+    from reasoning_qat.pipeline import Pipeline
+    from reasoning_qat.recipe import load_recipe
+    from reasoning_qat.stages import STAGES
+
+    pipe = Pipeline(load_recipe(rec), STAGES)
+    cached = TEACHERS / pipe.recipe_hash("teacher")
+    with FileLock(f"{cached}.lock"):
+        if not cached.exists():
+            subprocess.run([sys.executable, "-m", "reasoning_qat.cli", "run", str(rec), "--stages", "teacher"],
+                           check=True, capture_output=True)
+            shutil.copytree(pipe.stage_dir("teacher"), f"{cached}.partial")
+            os.rename(f"{cached}.partial", cached)
+        elif not pipe.stage_dir("teacher").exists():
+            shutil.copytree(cached, pipe.stage_dir("teacher"))
+    assert pipe.status("teacher") == "done"
+    return rec

@@ -21,7 +21,7 @@ def cli(*args, check=True):
 @pytest.mark.slow
 def test_demo_pipeline_small(tmp_path):
     rec = demo_recipe(tmp_path, name="small", teacher_steps=300, bits="[2, 4]", baselines="[rtn, gptq_generic]",
-                      qat_steps=20, save_steps=10, limit=30)
+                      qat_steps=20, save_steps=10, limit=30, shared_teacher=True)
     text = rec.read_text().replace("rl: {enabled: false}", "rl: {enabled: true, min_accuracy: 0.0, data: {source: demo}, "
                                    "max_steps: 2, num_generations: 4, batch_size: 4, max_completion_length: 48, lr: 1.0e-5, save_steps: 1}")
     rec.write_text(text)
@@ -87,7 +87,8 @@ def test_rl_refuses_a_student_that_cannot_solve_anything(tmp_path):
 def test_grpo_straight_from_a_ptq_checkpoint(tmp_path):
     """rl.init: ptq (the control row: RL without the KD cold start) runs with QAT off, starts from
     the ptq stage's checkpoint of ptq.method, and its variant goes through export, eval and compare."""
-    rec = demo_recipe(tmp_path, name="rlptq", teacher_steps=300, bits="[4]", baselines="[]", qat="false", limit=10)
+    rec = demo_recipe(tmp_path, name="rlptq", teacher_steps=300, bits="[4]", baselines="[]", qat="false", limit=10,
+                      shared_teacher=True)
     rec.write_text(rec.read_text().replace("method: gptq", "method: rtn").replace(
         "rl: {enabled: false}", "rl: {enabled: true, init: ptq, min_accuracy: 0.0, data: {source: demo}, max_steps: 2, "
         "num_generations: 4, batch_size: 4, max_completion_length: 48, save_steps: 1}"))

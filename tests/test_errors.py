@@ -218,7 +218,8 @@ def test_a_bug_is_not_turned_into_a_one_line_error(monkeypatch):
 
 
 # A value the schema or a later stage rejects, per recipe key of the demo recipe: (dotted key, bad value, the
-# field the one-line error must name, whether refusing it needs the model's shapes). Keys are distinct.
+# field the one-line error must name, whether refusing it needs the model's shapes: read from config.json's
+# fields, torch-free, for the dense decoder families). Keys are distinct.
 MUTATIONS = [
     ("quant.bits", [5], "quant.bits", False),
     ("quant.group_size", 100, "quant.group_size", False),
@@ -236,6 +237,8 @@ MUTATIONS = [
     ("run_root", "{tmp}/afile/runs", "run_root", False),
     ("quant.kv_cache", {"group_size": 24}, "quant.kv_cache.group_size", True),
     ("quant.ignore", ["no_such_layer"], "quant.ignore", True),
+    ("quant.overrides", [{"pattern": "*.down_proj", "group_size": 96}], "quant.overrides", True),
+    ("model.demo.intermediate_size", 80, "quant.group_size", True),
 ]
 
 HARNESS = r"""
@@ -268,8 +271,8 @@ def _mutated(base: dict, changes) -> dict:
 def test_every_recipe_a_later_stage_rejects_is_refused_before_anything_is_created(tmp_path):
     """Property: recipes drawn at random (seeded) from the demo recipe with one to three bad values each are
     all refused with exit 2, in one line that names one of the bad fields, with nothing created under
-    run_root; those whose refusal needs no model shapes are refused before torch, transformers, TRL, vLLM
-    or math-verify is imported (the first ~0.5 s of a run instead of ~7 s)."""
+    run_root; all before torch, transformers, TRL, vLLM or math-verify is imported (the first ~0.5 s of a
+    run instead of ~7 s), those that need the model's widths included (read from its config's fields)."""
     import json
     import random
 
@@ -286,7 +289,6 @@ def test_every_recipe_a_later_stage_rejects_is_refused_before_anything_is_create
     cases = [[m] for m in MUTATIONS]  # every mutation alone, then random combinations
     cases += [rng.sample(light, rng.randint(2, 3)) for _ in range(12)]
     cases += [rng.sample(light, rng.randint(1, 2)) + [rng.choice([m for m in MUTATIONS if m[3]])] for _ in range(4)]
-    cases.sort(key=lambda c: any(m[3] for m in c))  # no-model cases first: their imports are observed alone
     paths = []
     for i, changes in enumerate(cases):
         changes = [(k, v.format(tmp=tmp_path) if isinstance(v, str) else v, f, heavy) for k, v, f, heavy in changes]
@@ -303,8 +305,7 @@ def test_every_recipe_a_later_stage_rejects_is_refused_before_anything_is_create
         assert "\n" not in line and "Traceback" not in line, (fields, line)
         assert any(line.startswith(f"error: {f}") or f"r{paths.index((p, changes))}.yaml: {f}" in line
                    for f in fields), (fields, line)
-        if not any(heavy for *_, heavy in changes):
-            assert r["heavy"] == [], (fields, r["heavy"])
+        assert r["heavy"] == [], (fields, r["heavy"])
     assert not (tmp_path / "runs").exists()  # no run directory, no lock, no recipe snapshot
 
 

@@ -127,7 +127,7 @@ def test_kd_qat_from_gptq_never_ends_worse_at_any_bit_width(tmp_path):
         return [h["loss"] for h in json.loads((run / "qat" / f"w{bits}-qat" / "log_history.json").read_text()) if "loss" in h]
 
     rec = demo_recipe(tmp_path, name="inv", teacher_steps=300, bits="[2, 3, 4, 8]", baselines="[]", qat_steps=40,
-                      save_steps=100, limit=100)
+                      save_steps=100, limit=100, shared_teacher=True)
     rec.write_text(rec.read_text().replace("eval: {", "eval: {methods: [gptq, qat], "))  # the BF16 row is not read
     cli("run", str(rec))
     run = tmp_path / "runs" / "inv"

@@ -34,8 +34,11 @@ SETTINGS = EngineSettings(gpu_memory_utilization=0.3)
 def vllm_run(tmp_path_factory):
     """A trained demo teacher, its 4-bit GPTQ and RTN exports, and the eval stage run through vLLM."""
     tmp = tmp_path_factory.mktemp("vllm")
-    rec = demo_recipe(tmp, name="v", teacher_steps=300, bits="[4]", baselines="[rtn]", qat="false", limit=40)
-    rec.write_text(rec.read_text().replace("backend: transformers", "backend: vllm, gpu_memory_utilization: 0.3"))
+    rec = demo_recipe(tmp, name="v", teacher_steps=300, bits="[4]", baselines="[rtn]", qat="false", limit=40,
+                      shared_teacher=True)
+    # the tests read the BF16 and GPTQ rows (and the RTN export): one CPU engine start fewer
+    rec.write_text(rec.read_text().replace("backend: transformers", "backend: vllm, gpu_memory_utilization: 0.3, "
+                                                                    "methods: [bf16, gptq]"))
     subprocess.run([sys.executable, "-m", "reasoning_qat.cli", "run", str(rec)], check=True, capture_output=True)
     return tmp / "runs" / "v"
 
@@ -158,7 +161,8 @@ def test_grpo_rollouts_through_trl_colocated_vllm_get_the_quantized_weights(tmp_
     """TRL's colocated vLLM on the CPU build: every rollout batch comes from the engine, whose weights
     are synced from the student's quantized function, not its latent weights. QAT starts from the
     BF16 latents (qat.init: bf16), so the two differ."""
-    rec = demo_recipe(tmp_path, name="rlv", teacher_steps=300, bits="[4]", baselines="[]", qat_steps=5, limit=10)
+    rec = demo_recipe(tmp_path, name="rlv", teacher_steps=300, bits="[4]", baselines="[]", qat_steps=5, limit=10,
+                      shared_teacher=True)
     rec.write_text(rec.read_text().replace("  enabled: true\n", "  enabled: true\n  init: bf16\n").replace(
         "rl: {enabled: false}", "rl: {enabled: true, use_vllm: true, min_accuracy: 0.0, data: {source: demo}, max_steps: 2, "
         "num_generations: 4, batch_size: 4, max_completion_length: 48, lr: 1.0e-5, save_steps: 1}\n"

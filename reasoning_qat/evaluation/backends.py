@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 import torch
 from tqdm.auto import tqdm
 
+from ..architecture import head_dim
 from ..errors import UserError
 
 
@@ -123,8 +124,7 @@ class TransformersBackend:
 
         c = self.model.config
         length = -(-(prompt_len + max_new_tokens) // self.CACHE_BUCKET) * self.CACHE_BUCKET
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        size = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * self.model.dtype.itemsize * batch * length
+        size = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim(c) * self.model.dtype.itemsize * batch * length
         if self.model.device.type == "cuda" and size > torch.cuda.mem_get_info(self.model.device)[0] / 3:
             return {}
         kwargs = {"cache_implementation": "static"}

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..architecture import LinearShape
 from ..errors import UserError
 from .fake_quant import QuantizedWeight
 from .gptq import HessianAccumulator, dead_inputs, gptq_quantize, participation_ratio, weighted_error
@@ -70,6 +71,20 @@ def linears_by_layer(model: nn.Module, layers: nn.ModuleList, names) -> list[lis
     """For each decoder layer, the given module names that live inside it (model order kept)."""
     prefix = {id(module): name for name, module in model.named_modules()}
     return [[n for n in names if n.startswith(prefix[id(layer)] + ".")] for layer in layers]
+
+
+def linear_shapes_of(model: nn.Module) -> list[LinearShape]:
+    """Every nn.Linear of a model (built on the meta device, say) as the shapes
+    `architecture.linear_shapes` reads from config.json: name, widths, decoder layer index or None."""
+    layers = decoder_layers(model)
+    prefix = {id(module): name for name, module in model.named_modules()}
+    layer_of = {prefix[id(layer)]: i for i, layer in enumerate(layers)}
+
+    def layer(name: str) -> int | None:
+        return next((i for p, i in layer_of.items() if name.startswith(p + ".")), None)
+
+    return [LinearShape(name, m.in_features, m.out_features, layer(name), type(m).__name__)
+            for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
 def outside_decoder_layers(plan, by_layer: list[list[str]]) -> list[str]:

@@ -22,8 +22,9 @@ import math
 
 import torch
 
-from ..errors import UserError
+from .. import architecture
 from .fake_quant import untie_head
+from .hadamard import hadamard_factors
 
 
 @functools.lru_cache(maxsize=8)
@@ -38,17 +39,6 @@ def _paley12() -> torch.Tensor:
     h = torch.eye(q + 1, dtype=torch.float64) + s
     assert torch.equal(h @ h.T, 12 * torch.eye(12, dtype=torch.float64))
     return h
-
-
-def hadamard_factors(n: int) -> tuple[int, int]:
-    """(dense factor 1 or 12, power of two) with n = factor * power; a one-line error for sizes no
-    Hadamard is built for here (also the recipe preflight's check)."""
-    for factor in (1, 12):
-        m = n // factor
-        if n % factor == 0 and m >= 1 and m & (m - 1) == 0:
-            return factor, m
-    raise UserError(f"rotation: a Hadamard transform of size {n} is not built here (sizes 2^k and 12*2^k are); "
-                    "use ptq.rotation: none for this model")
 
 
 def hadamard_matrix(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -117,7 +107,7 @@ def rotate(model, seed: int = 0) -> None:
     untie_head(model)
     fold_norms(model)
     cfg = model.config
-    d, head_dim = cfg.hidden_size, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    d, head_dim = cfg.hidden_size, architecture.head_dim(cfg)
     device = model.get_input_embeddings().weight.device
     q = random_hadamard(d, seed).to(device)  # drawn on the CPU: the same rotation on any device
     h_head = hadamard_matrix(head_dim, torch.float64, device)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import asdict, dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:  # torch-free at import: the recipe preflight resolves plans from config.json shapes
+    from torch import nn
+
+    from ..architecture import LinearShape
 
 
 @dataclass(frozen=True)
@@ -38,10 +42,11 @@ class QuantScheme:
     def effective_group_size(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
 
-    def check_layer(self, name: str, in_features: int) -> None:
+    def check_layer(self, name: str, in_features: int, field: str = "quant.group_size") -> None:
+        """Raises UserError (naming `field`) when the group size does not divide the layer's input width."""
         if self.group_size != -1 and in_features % self.group_size:
             raise UserError(
-                f"quant.group_size: {self.group_size} does not divide the input width {in_features} of "
+                f"{field}: {self.group_size} does not divide the input width {in_features} of "
                 f"{name}; use a divisor of {in_features} or -1 (per-channel), or add an override"
             )
 
@@ -58,13 +63,13 @@ class QuantTargets:
     ignore: tuple[str, ...] = ("lm_head",)
     overrides: tuple[tuple[str, dict], ...] = ()
 
-    def _matches(self, name: str, module: nn.Module, patterns) -> bool:
-        return any(p == type(module).__name__ or fnmatch.fnmatchcase(name, p) for p in patterns)
+    def _matches(self, name: str, type_name: str, patterns) -> bool:
+        return any(p == type_name or fnmatch.fnmatchcase(name, p) for p in patterns)
 
-    def scheme_for(self, name: str, module: nn.Module) -> QuantScheme | None:
-        if not isinstance(module, nn.Linear) or not self._matches(name, module, self.targets):
-            return None
-        if self._matches(name, module, self.ignore):
+    def scheme_for(self, name: str, type_name: str = "Linear") -> QuantScheme | None:
+        """The scheme of the Linear layer `name` (type_name: its class name, which targets may list),
+        or None when it is not targeted or ignored."""
+        if not self._matches(name, type_name, self.targets) or self._matches(name, type_name, self.ignore):
             return None
         scheme = self.default
         for pattern, changes in reversed(self.overrides):
@@ -74,13 +79,25 @@ class QuantTargets:
         return scheme
 
     def resolve(self, model: nn.Module) -> dict[str, QuantScheme]:
-        """Name -> scheme for every quantized Linear; fails before any work on a bad layer width."""
+        """Name -> scheme for every quantized nn.Linear of `model`; fails before any work on a bad layer width."""
+        from torch import nn
+
+        from ..architecture import LinearShape
+
+        return self.resolve_shapes([LinearShape(name, m.in_features, m.out_features, None, type(m).__name__)
+                                    for name, m in model.named_modules() if isinstance(m, nn.Linear)])
+
+    def resolve_shapes(self, linears: list[LinearShape]) -> dict[str, QuantScheme]:
+        """`resolve` from the Linear layers' shapes alone, e.g. those `architecture.linear_shapes` reads from
+        config.json. Raises UserError on an input width the scheme's group size does not divide, or when
+        no layer is targeted."""
         plan = {}
-        for name, module in model.named_modules():
-            scheme = self.scheme_for(name, module)
+        for linear in linears:
+            scheme = self.scheme_for(linear.name, linear.type_name)
             if scheme is not None:
-                scheme.check_layer(name, module.in_features)
-                plan[name] = scheme
+                overridden = scheme.group_size != self.default.group_size
+                scheme.check_layer(linear.name, linear.in_features, "quant.overrides" if overridden else "quant.group_size")
+                plan[linear.name] = scheme
         if not plan:
             raise UserError(f"quant.targets: no Linear layer matched {list(self.targets)} (less ignore {list(self.ignore)})")
         return plan

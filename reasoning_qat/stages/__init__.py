@@ -140,49 +140,77 @@ def preflight(recipe) -> list[str]:
                 raise RecipeError(f"eval.tasks: {task.name} evaluates the demo's test split, which needs model.demo")
     if unknown := sorted(set(e.data) - evaluated):
         raise RecipeError(f"eval.data: {unknown[0]!r} is not one of the tasks evaluated ({sorted(evaluated)})")
-    # Only what depends on the model's shapes needs torch and transformers: everything above is refused
-    # without importing them (`test_errors.py::test_every_recipe_a_later_stage_rejects_is_refused_before_anything_is_created`).
+    _check_model_shapes(recipe)
+    return serving_notes(recipe)
+
+
+def _model_shapes(recipe):
+    """(config, Linear shapes) of the recipe's model. For the dense decoder families these come from
+    config.json alone (`architecture.linear_shapes`): no torch, no transformers. Other families are built
+    on the meta device (no weights). A model that cannot be had is refused here (models.resolve_model)."""
+    from ..architecture import linear_shapes
+    from ..models import demo_config_dict, read_config_dict
+    from ..recipe import RecipeError
+
+    m = recipe.model
+    config = demo_config_dict(m.demo) if m.demo is not None else read_config_dict(m.id, "model.id", m.revision)
+    try:
+        shapes = linear_shapes(config) if config is not None and not m.trust_remote_code else None
+    except ValueError as err:
+        raise RecipeError(f"model.id: {err}") from None
+    if shapes is not None:
+        return config, shapes
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..models import demo_config, resolve_model
-    from ..quant import targets_from_recipe
+    from ..models import resolve_model
+    from ..quant.ptq import linear_shapes_of
 
-    if m.demo is not None:
-        from ..data.tokenizer import build_char_tokenizer
+    config = resolve_model(m.id, "model.id", m.trust_remote_code, m.revision)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+    except (ValueError, TypeError, KeyError, AssertionError) as err:  # a config its own model class refuses
+        raise RecipeError(f"model.id: transformers cannot build {type(config).__name__} from {m.id!r} "
+                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    return config, linear_shapes_of(model)
 
-        config = demo_config(m.demo, build_char_tokenizer())
-    else:  # offline first; one line when the model cannot be had, before anything is created
-        config = resolve_model(m.id, "model.id", m.trust_remote_code, m.revision)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
-    from ..quant.ptq import decoder_layers, linears_by_layer, outside_decoder_layers
 
+def _check_model_shapes(recipe) -> None:
+    """The checks that depend on the model's widths: every targeted layer's input width against its group
+    size, GPTQ's reach (decoder layers only), the KV-cache group against head_dim, rotated widths against
+    the Hadamard sizes built here. Torch-free for the dense decoder families
+    (`test_errors.py::test_every_recipe_a_later_stage_rejects_is_refused_before_anything_is_created`)."""
+    from ..architecture import head_dim
+    from ..errors import UserError
+    from ..quant.hadamard import hadamard_factors
+    from ..quant.scheme import targets_from_recipe
+    from ..recipe import RecipeError
+
+    config, shapes = _model_shapes(recipe)
+    decoder = {s.name for s in shapes if s.layer is not None}
     gptq = {"gptq", "gptq_generic"} & {recipe.ptq.method, *recipe.ptq.baselines}
     for bits in recipe.quant.bits:
         try:
-            plan = targets_from_recipe(recipe.quant, bits).resolve(model)
+            plan = targets_from_recipe(recipe.quant, bits).resolve_shapes(shapes)
         except ValueError as err:
             raise RecipeError(str(err)) from None
-        if gptq and (outside := outside_decoder_layers(plan, linears_by_layer(model, decoder_layers(model), plan))):
+        if gptq and (outside := sorted(set(plan) - decoder)):
             raise RecipeError(f"quant.ignore: GPTQ ({', '.join(sorted(gptq))}) quantizes decoder layers only, and "
                               f"{outside[0]} is outside them; add it to quant.ignore, or use RTN for it (ptq.method: rtn)")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    d = head_dim(config)
     kv = recipe.quant.kv_cache
-    if kv is not None and kv.group_size != -1 and head_dim % kv.group_size:
-        raise RecipeError(f"quant.kv_cache.group_size: {kv.group_size} does not divide the model's head_dim {head_dim}; "
-                          f"use a divisor of {head_dim} or -1 (the whole head)")
+    if kv is not None and kv.group_size != -1 and d % kv.group_size:
+        raise RecipeError(f"quant.kv_cache.group_size: {kv.group_size} does not divide the model's head_dim {d}; "
+                          f"use a divisor of {d} or -1 (the whole head)")
     if recipe.ptq.rotation == "hadamard":  # every width a Hadamard acts on must be one we build
-        from ..errors import UserError
-        from ..quant.rotation import hadamard_factors
-
-        for field, n in (("hidden_size", config.hidden_size), ("intermediate_size", config.intermediate_size),
-                         ("head_dim", head_dim)):
+        get = config.get if isinstance(config, dict) else lambda key: getattr(config, key)
+        for field, n in (("hidden_size", get("hidden_size")), ("intermediate_size", get("intermediate_size")),
+                         ("head_dim", d)):
             try:
                 hadamard_factors(n)
             except UserError as err:
                 raise RecipeError(f"ptq.rotation: the model's {field} is {n}; {err}") from None
-    return serving_notes(recipe)
 
 
 def serving_notes(recipe) -> list[str]:

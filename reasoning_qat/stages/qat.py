@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..architecture import head_dim
 from ..data.qat_data import load_tokenized
 from ..data.reasoning import PadCollator
 from ..kd import KDTrainer
@@ -140,9 +141,8 @@ def activation_bytes(config, tokens: int, compiled: bool = False) -> int:
     compiled decoder layers keep ~0.6 of that (fused elementwise ops save fewer intermediates:
     31 GiB)."""
     c = config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     per_token_layer = 28 * c.hidden_size + 8 * c.intermediate_size + \
-        11 * (c.num_attention_heads + c.num_key_value_heads) * head_dim
+        11 * (c.num_attention_heads + c.num_key_value_heads) * head_dim(c)
     return int(tokens * c.num_hidden_layers * per_token_layer * (0.6 if compiled else 1.0))
 
 
