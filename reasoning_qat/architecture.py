@@ -42,12 +42,15 @@ def _get(config: Any, key: str, default=None):
 def head_dim(config: Any) -> int:
     """Width of one attention head. Qwen3 sets it on its own (128 unless given; it need not be
     hidden_size / num_attention_heads); the other families derive it when it is absent or null."""
-    default = 128 if _get(config, "model_type") == "qwen3" else config_int(config, "hidden_size") // config_int(
-        config, "num_attention_heads")
-    return int(_get(config, "head_dim", default))
+    if (given := _get(config, "head_dim")) is not None:
+        return int(given)
+    if _get(config, "model_type") == "qwen3":
+        return 128
+    return config_int(config, "hidden_size") // config_int(config, "num_attention_heads")
 
 
 def config_int(config: Any, key: str) -> int:
+    """An integer field of a config.json dict or a transformers config object; ValueError otherwise."""
     value = _get(config, key)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"model config: {key} is {value!r}, not an integer")  # noqa: TRY004 (a bad value, one error type)

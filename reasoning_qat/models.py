@@ -13,6 +13,7 @@ from .errors import UserError
 if TYPE_CHECKING:
     import torch
 
+
 def resolve_dtype(name: str):
     """torch dtype of a recipe's dtype name (bfloat16, float16, float32)."""
     import torch  # here, not at module level: the preflight's path checks (looks_like_path) import nothing heavy
@@ -140,10 +141,9 @@ def resolve_model(ref: str, field: str, trust_remote_code: bool = False, revisio
             return load_config(str(path.parent), trust_remote_code, gguf_file=path.name)
         except (OSError, ValueError) as err:
             raise UserError(f"{field}: {ref!r} is not a GGUF file transformers can read ({err})") from None
-    if file is not None and (path.exists() or looks_like_path(ref)):
-        return load_config(str(path), trust_remote_code)
-    if file is not None:
-        return load_config(ref, trust_remote_code, revision, local_files_only=True)
+    if file is not None:  # a local model directory's config.json, or a cached hub id's
+        return load_config(str(path), trust_remote_code) if path.is_dir() else \
+            load_config(ref, trust_remote_code, revision, local_files_only=True)
     try:
         return load_config(ref, trust_remote_code, revision)
     except (OSError, ValueError) as err:

@@ -76,15 +76,11 @@ def linears_by_layer(model: nn.Module, layers: nn.ModuleList, names) -> list[lis
 def linear_shapes_of(model: nn.Module) -> list[LinearShape]:
     """Every nn.Linear of a model (built on the meta device, say) as the shapes
     `architecture.linear_shapes` reads from config.json: name, widths, decoder layer index or None."""
-    layers = decoder_layers(model)
-    prefix = {id(module): name for name, module in model.named_modules()}
-    layer_of = {prefix[id(layer)]: i for i, layer in enumerate(layers)}
-
-    def layer(name: str) -> int | None:
-        return next((i for p, i in layer_of.items() if name.startswith(p + ".")), None)
-
-    return [LinearShape(name, m.in_features, m.out_features, layer(name), type(m).__name__)
-            for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    by_layer = linears_by_layer(model, decoder_layers(model), linears)
+    layer_of = {name: i for i, names in enumerate(by_layer) for name in names}
+    return [LinearShape(name, m.in_features, m.out_features, layer_of.get(name), type(m).__name__)
+            for name, m in linears.items()]
 
 
 def outside_decoder_layers(plan, by_layer: list[list[str]]) -> list[str]:

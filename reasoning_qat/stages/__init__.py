@@ -181,7 +181,7 @@ def _check_model_shapes(recipe) -> None:
     size, GPTQ's reach (decoder layers only), the KV-cache group against head_dim, rotated widths against
     the Hadamard sizes built here. Torch-free for the dense decoder families
     (`test_errors.py::test_every_recipe_a_later_stage_rejects_is_refused_before_anything_is_created`)."""
-    from ..architecture import head_dim
+    from ..architecture import config_int, head_dim
     from ..errors import UserError
     from ..quant.hadamard import hadamard_factors
     from ..quant.scheme import targets_from_recipe
@@ -204,9 +204,8 @@ def _check_model_shapes(recipe) -> None:
         raise RecipeError(f"quant.kv_cache.group_size: {kv.group_size} does not divide the model's head_dim {d}; "
                           f"use a divisor of {d} or -1 (the whole head)")
     if recipe.ptq.rotation == "hadamard":  # every width a Hadamard acts on must be one we build
-        get = config.get if isinstance(config, dict) else lambda key: getattr(config, key)
-        for field, n in (("hidden_size", get("hidden_size")), ("intermediate_size", get("intermediate_size")),
-                         ("head_dim", d)):
+        for field, n in (("hidden_size", config_int(config, "hidden_size")),
+                         ("intermediate_size", config_int(config, "intermediate_size")), ("head_dim", d)):
             try:
                 hadamard_factors(n)
             except UserError as err:
