@@ -30,34 +30,35 @@ class _Section(BaseModel):
 class DemoTeacher(_Section):
     """A tiny Qwen3-architecture teacher trained locally on synthetic step-by-step arithmetic."""
 
-    hidden_size: int = Field(128, ge=16)
-    intermediate_size: int = Field(384, ge=16)
-    num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(4, ge=1)
-    num_kv_heads: int = Field(2, ge=1)
-    head_dim: int = Field(32, ge=8)  # vLLM's CPU attention needs 32, 64, 80, 96, 112, 128, ...
-    train_steps: int = Field(1200, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    # arith: (a+b)*c in two steps (810 problems); chain: 4-6 dependent +/- steps on 3-4 digit numbers
-    # worked column by column with carries (data/arithmetic.py), `num_problems` of them
-    task: Literal["arith", "chain"] = "arith"
-    num_problems: int = Field(20000, ge=100)
-    min_steps: int = Field(4, ge=1)  # chain: steps per problem, drawn uniformly in [min_steps, max_steps]
-    max_steps: int = Field(6, ge=1)
-    trace: Literal["columns", "compact"] = "columns"  # chain: column work written out, or step results only
-    max_length: int = Field(256, ge=32)  # training sequence length (chain: ~450 at 6 steps, ~650 at 8)
-    # the teacher's own seed (init, data, order): runs that differ only in `seed` share one teacher
-    # (and can take a copy of it) when this is set; None: the run's seed
-    seed: int | None = None
-    # the teacher's training dynamics (schedule and weight averaging change how well it survives PTQ)
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    decay_ratio: float = Field(0.2, gt=0, le=1)  # wsd: fraction of steps spent decaying
-    averaging: Literal["none", "ema", "lawa"] = "none"  # applied to the saved teacher
-    ema_decay: float = Field(0.999, gt=0, lt=1)
-    lawa_k: int = Field(5, ge=2)
-    lawa_interval: int = Field(50, ge=1)
+    hidden_size: int = Field(128, ge=16, description="width of the residual stream")
+    intermediate_size: int = Field(384, ge=16, description="MLP width")
+    num_layers: int = Field(2, ge=1, description="decoder layers")
+    num_heads: int = Field(4, ge=1, description="query heads")
+    num_kv_heads: int = Field(2, ge=1, description="key/value heads (grouped-query attention)")
+    head_dim: int = Field(32, ge=8, description="width of one head; vLLM's CPU attention needs 32, 64, 80, 96, 112, 128, ...")
+    train_steps: int = Field(1200, ge=1, description="optimizer steps of the teacher's training")
+    batch_size: int = Field(32, ge=1, description="sequences per teacher training step")
+    lr: float = Field(3e-3, gt=0, description="the teacher's peak learning rate")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of the problems held out for eval (split by problem)")
+    task: Literal["arith", "chain"] = Field("arith", description=(
+        "`arith`: (a+b)*c in two steps (810 problems); `chain`: `min_steps`-`max_steps` dependent +/- steps on 3-4 "
+        "digit numbers worked column by column with carries (data/arithmetic.py), `num_problems` of them"))
+    num_problems: int = Field(20000, ge=100, description="chain: problems generated (train and test)")
+    min_steps: int = Field(4, ge=1, description="chain: fewest steps per problem (drawn uniformly up to max_steps)")
+    max_steps: int = Field(6, ge=1, description="chain: most steps per problem")
+    trace: Literal["columns", "compact"] = Field(
+        "columns", description="chain: `columns` writes the column work out, `compact` only each step's result")
+    max_length: int = Field(256, ge=32, description="training sequence length in tokens (chain: ~450 at 6 steps, ~650 at 8)")
+    seed: int | None = Field(None, description=(
+        "the teacher's own seed (init, data, order): runs that differ only in `seed` then share one teacher and may "
+        "copy it; none: the run's seed"))
+    schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine", description="the teacher's LR schedule (schedules change how well a model survives PTQ)")
+    decay_ratio: float = Field(0.2, gt=0, le=1, description="wsd: fraction of the steps spent decaying")
+    averaging: Literal["none", "ema", "lawa"] = Field("none", description="weight averaging applied to the saved teacher")
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="ema: decay per step")
+    lawa_k: int = Field(5, ge=2, description="lawa: snapshots averaged (latest-weight averaging)")
+    lawa_interval: int = Field(50, ge=1, description="lawa: steps between snapshots")
 
     @model_validator(mode="after")
     def _step_range(self):
@@ -67,11 +68,11 @@ class DemoTeacher(_Section):
 
 
 class ModelConfig(_Section):
-    id: str | None = None  # hub id or local directory
-    demo: DemoTeacher | None = None  # build the embedded demo teacher instead of loading one
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    trust_remote_code: bool = False
-    revision: str | None = None
+    id: str | None = Field(None, description="hub id or local directory of the BF16 model (exactly one of `id` / `demo`)")
+    demo: DemoTeacher | None = Field(None, description="build and train the embedded demo teacher instead of loading one")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype of the teacher and of the exports")
+    trust_remote_code: bool = Field(False, description="run the model repository's own code (only the recipe turns it on)")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) of `id`")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -81,25 +82,25 @@ class ModelConfig(_Section):
 
 
 class QuantOverride(_Section):
-    pattern: str  # fnmatch glob on module names, e.g. "*.mlp.down_proj"
-    bits: Literal[2, 3, 4, 8] | None = None
-    group_size: Literal[-1, 32, 64, 128] | None = None
+    pattern: str = Field(description='fnmatch glob on module names, e.g. "*.mlp.down_proj"')
+    bits: Literal[2, 3, 4, 8] | None = Field(None, description="bit width of the matched layers (none: the variant's)")
+    group_size: Literal[-1, 32, 64, 128] | None = Field(None, description="group size of the matched layers (none: quant.group_size)")
 
 
 class ActQuantConfig(_Section):
     """Per-token dynamic fake quantization of the inputs of the quantized Linears."""
 
-    bits: Literal[4, 8] = 4
-    symmetric: bool = False
-    clip_ratio: float = Field(1.0, gt=0, le=1)
+    bits: Literal[4, 8] = Field(4, description="activation bit width")
+    symmetric: bool = Field(False, description="no zero point (asymmetric: one zero point per token)")
+    clip_ratio: float = Field(1.0, gt=0, le=1, description="each token's range is clipped to this share before quantizing")
 
 
 class KVQuantConfig(_Section):
     """Fake quantization of keys and values per head (groups along head_dim; -1: the whole head).
     The preflight checks that group_size divides the model's head_dim."""
 
-    bits: Literal[4, 8] = 4
-    group_size: int = Field(-1, ge=-1)
+    bits: Literal[4, 8] = Field(4, description="key/value bit width")
+    group_size: int = Field(-1, ge=-1, description="group along head_dim (a divisor of it), or -1 for the whole head")
 
     @field_validator("group_size")
     @classmethod
@@ -107,26 +108,31 @@ class KVQuantConfig(_Section):
         if v == 0:
             raise ValueError("0 is not a group size (allowed: a divisor of head_dim, or -1 for the whole head)")
         return v
-    symmetric: bool = False
-    clip_ratio: float = Field(1.0, gt=0, le=1)
+    symmetric: bool = Field(False, description="no zero point")
+    clip_ratio: float = Field(1.0, gt=0, le=1, description="each group's range is clipped to this share before quantizing")
 
 
 PRESETS = {"w4a4kv4": {"activations": {"bits": 4}, "kv_cache": {"bits": 4}}, "w4a8": {"activations": {"bits": 8}}}
 
 
 class QuantConfig(_Section):
-    # a named scheme filling activations/kv_cache (keys given beside it win): w4a4kv4, w4a8
-    preset: Literal["w4a4kv4", "w4a8"] | None = None
-    activations: ActQuantConfig | None = None  # None: BF16 activations (weight-only)
-    kv_cache: KVQuantConfig | None = None  # None: BF16 KV cache
-    bits: list[Literal[2, 3, 4, 8]] = Field(default_factory=lambda: [4])
-    group_size: Literal[-1, 32, 64, 128] = 128  # -1: one scale per output channel
-    symmetric: bool = False
-    observer: Literal["minmax", "mse", "percentile"] = "minmax"
-    percentile: float = Field(0.999, gt=0.5, le=1.0)
-    targets: list[str] = Field(default_factory=lambda: ["Linear"])
-    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
-    overrides: list[QuantOverride] = Field(default_factory=list)
+    preset: Literal["w4a4kv4", "w4a8"] | None = Field(None, description=(
+        "a named scheme filling `activations` / `kv_cache` (w4a4kv4: 4-bit activations and KV cache; w4a8: 8-bit "
+        "activations); keys given beside it win"))
+    activations: ActQuantConfig | None = Field(None, description="none: BF16 activations (weight-only)")
+    kv_cache: KVQuantConfig | None = Field(None, description="none: BF16 KV cache")
+    bits: list[Literal[2, 3, 4, 8]] = Field(default_factory=lambda: [4], description=(
+        "weight bit widths; each gets its own ptq/qat/rl/export variants"))
+    group_size: Literal[-1, 32, 64, 128] = Field(128, description="input columns sharing one scale; -1: one per output channel")
+    symmetric: bool = Field(False, description=(
+        "symmetric grid, zero point 2^(b-1) (what vLLM serves at 2/3 bits and GPTQ kernels need); false: a zero point per group"))
+    observer: Literal["minmax", "mse", "percentile"] = Field("minmax", description=(
+        "how RTN picks each group's range: `minmax`, `mse` (clipping grid search) or `percentile`"))
+    percentile: float = Field(0.999, gt=0.5, le=1.0, description="percentile observer: the quantile kept")
+    targets: list[str] = Field(default_factory=lambda: ["Linear"], description="class names or module-name globs quantized")
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"], description="class names or module-name globs left BF16")
+    overrides: list[QuantOverride] = Field(default_factory=list, description=(
+        "mixed precision: `{pattern, bits, group_size}` per layer glob (the last match wins)"))
 
     @model_validator(mode="before")
     @classmethod
@@ -156,13 +162,14 @@ class QuantConfig(_Section):
 class TeacherGenerationConfig(_Section):
     """How the teacher writes the QAT responses when `data.responses: teacher` (Qwen3 thinking defaults)."""
 
-    max_new_tokens: int = Field(4096, ge=1)
-    temperature: float = Field(0.6, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    top_k: int = Field(20, ge=0)
-    batch_size: int = Field(64, ge=1)
-    backend: Literal["auto", "vllm", "transformers"] = "auto"
-    keep: Literal["all", "correct", "finished"] = "all"  # correct: graded against the row's `answer`
+    max_new_tokens: int = Field(4096, ge=1, description="longest response, in tokens")
+    temperature: float = Field(0.6, ge=0, description="sampling temperature (0: greedy)")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling mass")
+    top_k: int = Field(20, ge=0, description="top-k sampling (0: off)")
+    batch_size: int = Field(64, ge=1, description="prompts per generation batch (transformers backend)")
+    backend: Literal["auto", "vllm", "transformers"] = Field("auto", description="`auto`: vLLM where it runs, else transformers")
+    keep: Literal["all", "correct", "finished"] = Field("all", description=(
+        "which responses train: `all`, `finished` (not cut by max_new_tokens) or `correct` (graded against the row's answer)"))
 
 
 class DataConfig(_Section):
@@ -172,114 +179,126 @@ class DataConfig(_Section):
     distillation data in the teacher's own distribution); the calibrate stage generates them once.
     """
 
-    source: str = "demo"
-    subset: str | None = None  # hub dataset configuration name
-    split: str = "train"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    answer_field: str = "answer"  # gold answers: graded rewards, select: verified without dataset fields
-    max_samples: int | None = Field(None, ge=1)  # applied to the source rows before anything is read
-    max_length: int = Field(2048, ge=8)
-    # One trace per row: the first generation, the first verified one (the dataset's own fields when
-    # named, e.g. OpenR1's correctness_math_verify / is_reasoning_complete, else graded against
-    # answer_field), or every generation as its own example.
-    select: Literal["first", "verified", "all"] = "first"
-    verified_field: str | None = None
-    complete_field: str | None = None
-    overlength: Literal["drop", "truncate"] = "drop"  # examples longer than max_length
-    num_proc: int | None = Field(None, ge=1)  # datasets.map workers (None: the cores, for large sets)
-    responses: Literal["dataset", "teacher"] = "dataset"
-    generation: TeacherGenerationConfig = Field(default_factory=TeacherGenerationConfig)
+    source: str = Field("demo", description="`demo` (the demo task), a .jsonl, a `save_to_disk` directory or a hub dataset id")
+    subset: str | None = Field(None, description="hub dataset configuration name")
+    split: str = Field("train", description="dataset split")
+    prompt_field: str = Field("prompt", description="column holding the problem")
+    response_field: str = Field("response", description="column holding the reasoning trace (a list of generations is allowed)")
+    answer_field: str = Field("answer", description="column holding the gold answer (graded rewards; `select: verified`)")
+    max_samples: int | None = Field(None, ge=1, description="first N source rows only (applied before anything is read)")
+    max_length: int = Field(2048, ge=8, description="longest example in tokens, prompt and response")
+    select: Literal["first", "verified", "all"] = Field("first", description=(
+        "one trace per row: the `first` generation, the first `verified` one (the dataset's own flags when named, else "
+        "graded against `answer_field`), or `all` generations as examples of their own"))
+    verified_field: str | None = Field(None, description="select: verified: the dataset's per-generation correctness flags "
+                                                          "(e.g. OpenR1's correctness_math_verify)")
+    complete_field: str | None = Field(None, description="select: verified: the dataset's per-generation completeness flags "
+                                                         "(e.g. OpenR1's is_reasoning_complete)")
+    overlength: Literal["drop", "truncate"] = Field("drop", description="what happens to examples longer than max_length")
+    num_proc: int | None = Field(None, ge=1, description="datasets.map workers (none: the cores, for large sets)")
+    responses: Literal["dataset", "teacher"] = Field("dataset", description=(
+        "`teacher`: keep the prompts, have the BF16 teacher write the responses (generated once, resumably, by the "
+        "calibrate stage)"))
+    generation: TeacherGenerationConfig = Field(default_factory=TeacherGenerationConfig,
+                                                description="how the teacher writes them (`responses: teacher`)")
 
 
 class CalibrationConfig(_Section):
-    domain: Literal["reasoning", "generic"] = "reasoning"
-    num_samples: int = Field(128, ge=1)
-    seq_len: int = Field(2048, ge=8)
-    generic_source: str = "builtin"  # "builtin" (shipped plain text), a .txt/.jsonl path or a hub id
-    generic_subset: str | None = None  # hub configuration, e.g. wikitext-2-raw-v1
-    seed: int = 0
+    domain: Literal["reasoning", "generic"] = Field("reasoning", description=(
+        "`reasoning`: windows of the QAT data in its chat/thinking format (domain-matched); `generic`: plain text"))
+    num_samples: int = Field(128, ge=1, description="calibration sequences")
+    seq_len: int = Field(2048, ge=8, description="tokens per calibration sequence")
+    generic_source: str = Field("builtin", description="generic text: `builtin` (shipped), a .txt/.jsonl path or a hub id")
+    generic_subset: str | None = Field(None, description="hub configuration of generic_source, e.g. wikitext-2-raw-v1")
+    seed: int = Field(0, description="seed of the window draw")
 
 
 class PTQConfig(_Section):
-    method: Literal["gptq", "rtn"] = "gptq"
-    baselines: list[Literal["rtn", "gptq", "gptq_generic"]] = Field(default_factory=lambda: ["rtn"])
-    damp: float = Field(0.01, gt=0, le=1)
-    block_size: int = Field(128, ge=1)
-    act_order: bool = False
-    true_sequential: bool = True
-    # QuaRot-style: norms folded, residual stream and V/O rotated by randomised Hadamards (fused into
-    # the weights), online Hadamards on down_proj's input and on q/k (quant/rotation.py)
-    rotation: Literal["none", "hadamard"] = "none"
-    rotation_seed: int = 0
+    method: Literal["gptq", "rtn"] = Field("gptq", description="the PTQ method, also QAT's initialisation")
+    baselines: list[Literal["rtn", "gptq", "gptq_generic"]] = Field(default_factory=lambda: ["rtn"], description=(
+        "also produced and evaluated; `gptq_generic` is GPTQ calibrated on generic text"))
+    damp: float = Field(0.01, gt=0, le=1, description="GPTQ: dampening added to the Hessian's diagonal, share of its mean")
+    block_size: int = Field(128, ge=1, description="GPTQ: columns quantized per lazy-update block")
+    act_order: bool = Field(False, description="GPTQ: quantize columns in decreasing Hessian-diagonal order")
+    true_sequential: bool = Field(True, description="GPTQ: calibrate each sublayer on the outputs of the already quantized ones")
+    rotation: Literal["none", "hadamard"] = Field("none", description=(
+        "`hadamard`: QuaRot-style rotation before RTN/GPTQ: norms folded, randomised Hadamards on the residual stream and "
+        "V/O fused into the weights, online Hadamards on down_proj's input and on q/k (quant/rotation.py)"))
+    rotation_seed: int = Field(0, description="seed of the randomised Hadamards")
 
 
 class KDConfig(_Section):
-    loss: Literal["forward_kl", "reverse_kl", "jsd", "ce"] = "forward_kl"
-    temperature: float = Field(1.0, gt=0)
-    jsd_beta: float = Field(0.5, gt=0, lt=1)
-    top_k: int | None = Field(None, ge=1)
-    chunk_size: int = Field(1024, ge=1)
-    fused: bool = True  # projection + loss + gradient in one pass per chunk (kd.py); false: checkpointed autograd
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "ce"] = Field("forward_kl", description=(
+        "distillation loss per token: forward KL(teacher || student), reverse KL, generalized JSD, or `ce` on the data "
+        "(no teacher)"))
+    temperature: float = Field(1.0, gt=0, description="softmax temperature of teacher and student logits")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="jsd: mixture weight of the teacher")
+    top_k: int | None = Field(None, ge=1, description="restrict the loss to the teacher's top-k tokens (none: full vocabulary)")
+    chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the vocabulary projection")
+    fused: bool = Field(True, description=(
+        "projection + loss + gradient in one pass per chunk (kd.py); false (or top_k, a head with a bias, a quantized "
+        "head, ZeRO-3): autograd through checkpointed chunks"))
 
 
 class QATConfig(_Section):
-    enabled: bool = True
-    init: Literal["ptq", "rtn", "bf16"] = "ptq"
-    kd: KDConfig = Field(default_factory=KDConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    max_steps: int = Field(1000, ge=1)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    # Three learning rates. The quantized layers train in units of their quantization grid (see
-    # FakeQuantLinear), so latent_lr and scale_lr mean the same at 2 bits as at 8:
-    lr: float = Field(1e-5, gt=0)  # ordinary parameters (embeddings, norms, unquantized layers), absolute
-    latent_lr: float = Field(1e-2, gt=0)  # latent weights of quantized layers: grid steps per update
-    scale_lr: float = Field(1e-2, ge=0)  # quantizer step sizes and zero points, grid steps at the grid's edge; 0 freezes
-    weight_decay: float = Field(0.0, ge=0)
-    optimizer: str = "adamw_torch_fused"  # any transformers `optim` name
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    decay_ratio: float = Field(0.2, gt=0, le=1)  # WSD: fraction of steps spent decaying
-    averaging: Literal["none", "ema", "lawa"] = "none"
-    ema_decay: float = Field(0.999, gt=0, lt=1)
-    lawa_k: int = Field(5, ge=2)
-    lawa_interval: int = Field(50, ge=1)
-    save_steps: int = Field(200, ge=1)
-    logging_steps: int = Field(10, ge=1)
-    report_to: list[str] = Field(default_factory=list)
-    num_processes: int = Field(1, ge=1)
-    deepspeed: str | None = None  # path to a DeepSpeed config, e.g. recipes/accelerate/zero2.json
-    # Recompute activations in the backward pass: costs ~1/3 more compute, so `auto` turns it on only
-    # when the step's estimated activations would not fit in the GPU's free memory (stages/qat.py).
-    gradient_checkpointing: bool | Literal["auto"] = "auto"
-    bf16: bool = True
-    packing: bool = False  # one row per batch, examples concatenated: no padding, no attention across examples
-    # torch.compile each decoder layer of student and teacher (norms, rotary, SiLU, casts and the
-    # fake-quant fused: eager, they were most of a GPU step) and the fake-quant function. auto: on a GPU
-    compile: bool | Literal["auto"] = "auto"
+    enabled: bool = Field(True, description="run the qat stage")
+    init: Literal["ptq", "rtn", "bf16"] = Field("ptq", description="the student's starting latents: ptq.method's, RTN's or BF16")
+    kd: KDConfig = Field(default_factory=KDConfig, description="the distillation loss")
+    data: DataConfig = Field(default_factory=DataConfig, description="the QAT training set")
+    max_steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="sequences per device per step")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
+    # The quantized layers train in units of their quantization grid (see FakeQuantLinear), so
+    # latent_lr and scale_lr mean the same at 2 bits as at 8:
+    lr: float = Field(1e-5, gt=0, description="learning rate of the ordinary parameters (embeddings, norms, unquantized layers)")
+    latent_lr: float = Field(1e-2, gt=0, description="learning rate of the quantized layers' latent weights, in grid steps per update")
+    scale_lr: float = Field(1e-2, ge=0, description=(
+        "learning rate of the step sizes and zero points, in grid steps at the grid's edge; 0 freezes the quantizers"))
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    optimizer: str = Field("adamw_torch_fused", description="any transformers `optim` name")
+    schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="LR schedule (wsd: warmup-stable-decay)")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="fraction of the steps spent warming up")
+    decay_ratio: float = Field(0.2, gt=0, le=1, description="wsd: fraction of the steps spent decaying")
+    averaging: Literal["none", "ema", "lawa"] = Field("none", description="weight averaging applied before saving")
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="ema: decay per step")
+    lawa_k: int = Field(5, ge=2, description="lawa: snapshots averaged")
+    lawa_interval: int = Field(50, ge=1, description="lawa: steps between snapshots")
+    save_steps: int = Field(200, ge=1, description="steps between resumable checkpoints")
+    logging_steps: int = Field(10, ge=1, description="steps between log lines")
+    report_to: list[str] = Field(default_factory=list, description="transformers `report_to` integrations (tensorboard, wandb, ...)")
+    num_processes: int = Field(1, ge=1, description="> 1: the stage re-launches itself data-parallel (accelerate; gloo on CPU)")
+    deepspeed: str | None = Field(None, description="path to a DeepSpeed config, e.g. recipes/accelerate/zero2.json")
+    gradient_checkpointing: bool | Literal["auto"] = Field("auto", description=(
+        "recompute activations in the backward pass (~1/3 more compute); `auto`: only when the step's estimated "
+        "activations would not fit in the GPU's free memory"))
+    bf16: bool = Field(True, description="bf16 mixed precision on a GPU")
+    packing: bool = Field(False, description=(
+        "one row per batch, examples concatenated: no padding, no attention across examples"))
+    compile: bool | Literal["auto"] = Field("auto", description=(
+        "torch.compile each decoder layer of student and teacher, fake-quant included (`auto`: on a GPU)"))
 
 
 class RLConfig(_Section):
-    enabled: bool = False
-    # qat: GRPO on the QAT student (the paper's KD cold start); ptq: straight from the ptq stage's
-    # checkpoint of `ptq.method` (qat may be off), the control that shows RL needs a viable start
-    init: Literal["qat", "ptq"] = "qat"
-    min_accuracy: float = Field(0.05, ge=0, le=1)  # refuse to start below this (no viable cold start)
-    train_scales: bool = False
-    data: DataConfig = Field(default_factory=DataConfig)
-    max_steps: int = Field(100, ge=1)
-    lr: float = Field(1e-6, gt=0)  # ordinary parameters, absolute
-    latent_lr: float = Field(1e-3, gt=0)  # latent weights of quantized layers, grid steps per update
-    num_generations: int = Field(8, ge=2)
-    batch_size: int = Field(8, ge=1)
-    max_completion_length: int = Field(1024, ge=8)
-    temperature: float = Field(1.0, gt=0)
-    beta: float = Field(0.0, ge=0)
-    format_reward: float = Field(0.0, ge=0)
-    save_steps: int = Field(50, ge=1)
-    bf16: bool = True
-    use_vllm: bool = False  # rollouts through TRL's colocated vLLM, fed the dequantized fake-quant weights each step
+    enabled: bool = Field(False, description="run GRPO (the rl stage)")
+    init: Literal["qat", "ptq"] = Field("qat", description=(
+        "`qat`: GRPO on the QAT student (the KD cold start); `ptq`: straight from ptq.method's checkpoint (qat may be "
+        "off), the control that shows RL needs a viable start"))
+    min_accuracy: float = Field(0.05, ge=0, le=1, description="refuse to start when the student solves fewer of the first prompts")
+    train_scales: bool = Field(False, description="also train the step sizes and zero points")
+    data: DataConfig = Field(default_factory=DataConfig, description="the RL prompts (with answers for the reward)")
+    max_steps: int = Field(100, ge=1, description="GRPO steps")
+    lr: float = Field(1e-6, gt=0, description="learning rate of the ordinary parameters")
+    latent_lr: float = Field(1e-3, gt=0, description="learning rate of the quantized latents, in grid steps per update")
+    num_generations: int = Field(8, ge=2, description="completions per prompt (the GRPO group)")
+    batch_size: int = Field(8, ge=1, description="completions per device per step")
+    max_completion_length: int = Field(1024, ge=8, description="longest completion in tokens")
+    temperature: float = Field(1.0, gt=0, description="rollout sampling temperature")
+    beta: float = Field(0.0, ge=0, description="KL penalty to the reference model (0: none, no reference kept)")
+    format_reward: float = Field(0.0, ge=0, description="weight of a reward for a closed <think> block and a boxed answer")
+    save_steps: int = Field(50, ge=1, description="steps between resumable checkpoints")
+    bf16: bool = Field(True, description="bf16 mixed precision on a GPU")
+    use_vllm: bool = Field(False, description=(
+        "rollouts through TRL's colocated vLLM, fed the student's dequantized fake-quant weights each step"))
 
     @field_validator("data")
     @classmethod
@@ -294,59 +313,60 @@ class ExportConfig(_Section):
     gptq: GPTQ v1, which vLLM serves for symmetric 4/8-bit only."""
 
     formats: list[Literal["dequantized", "compressed-tensors", "gptq"]] = Field(
-        default_factory=lambda: ["dequantized", "compressed-tensors"])
+        default_factory=lambda: ["dequantized", "compressed-tensors"], description=(
+            "`dequantized` (plain checkpoint, any engine), `compressed-tensors` (packed; vLLM), `gptq` (GPTQ v1: "
+            "symmetric 4/8-bit only)"))
 
 
 class EvalConfig(_Section):
-    tasks: list[str] = Field(default_factory=lambda: ["math500"])
-    backend: Literal["auto", "vllm", "transformers"] = "auto"
-    samples: int = Field(1, ge=1)  # k samples per problem; pass@1 is averaged over them
-    limit: int | None = Field(None, ge=1)
-    # which variants to evaluate, by method (bf16, rtn, gptq, gptq_generic, qat, qat_rl, ptq_rl); None: all.
-    # Runs that share a teacher and PTQ (an ablation of QAT) need not score those again.
-    methods: list[Literal["bf16", "rtn", "gptq", "gptq_generic", "qat", "qat_rl", "ptq_rl"]] | None = None
-    batch_size: int = Field(64, ge=1)
-    max_new_tokens: int | None = Field(None, ge=1)  # None: the task's own default
-    temperature: float | None = Field(None, ge=0)
-    seed: int = 0
-    data: dict[str, str] = Field(default_factory=dict)  # task name -> local file replacing its hub source
-    # task name -> fields replacing the task file's: e.g. {aime: {combine: [aime24, aime25]}},
-    # {livecodebench: {release_start: 2024-08-01, release_end: 2025-02-01}}, {gpqa_diamond: {samples: 4}}
-    task_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    # which export of each variant is evaluated; auto: compressed-tensors under vLLM on a GPU (what is
-    # served, with vLLM's packed kernels), else the dequantized checkpoint (same function, any engine)
-    export_format: Literal["auto", "dequantized", "compressed-tensors"] = "auto"
-    # vLLM engine settings (also used by teacher-written QAT data)
-    tensor_parallel_size: int = Field(1, ge=1)
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # None: 0.9 on a GPU, 0.3 on CPU
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on a GPU, fp32 on CPU
-    enforce_eager: bool = False
-    max_model_len: int | None = Field(None, ge=16)
-    # transformers backend: a static KV cache with a compiled decode step (auto: on a GPU, when the
-    # cache of one batch fits in a third of the free memory)
-    static_cache: bool | Literal["auto"] = "auto"
-    # demo tasks: also each variant's mean cross-entropy per token of the held-out reference
-    # solutions (teacher forcing), a damage measure that moves before pass@1 does
-    reference_ce: bool = True
+    tasks: list[str] = Field(default_factory=lambda: ["math500"], description=(
+        "names in eval/tasks/ (or suites: `reasoning`) or task .yaml paths"))
+    backend: Literal["auto", "vllm", "transformers"] = Field("auto", description="`auto`: vLLM where it runs, else transformers")
+    samples: int = Field(1, ge=1, description="k samples per problem; pass@1 is averaged over them")
+    limit: int | None = Field(None, ge=1, description="first N problems only")
+    methods: list[Literal["bf16", "rtn", "gptq", "gptq_generic", "qat", "qat_rl", "ptq_rl"]] | None = Field(None, description=(
+        "evaluate only these variants by method (none: all); ablations sharing a teacher and PTQ need not score them again"))
+    batch_size: int = Field(64, ge=1, description="prompts per generation batch (transformers backend)")
+    max_new_tokens: int | None = Field(None, ge=1, description="none: the task's own default")
+    temperature: float | None = Field(None, ge=0, description="none: the task's own sampling")
+    seed: int = Field(0, description="sample j of problem p is drawn with its own seed from (seed, p, j)")
+    data: dict[str, str] = Field(default_factory=dict, description="task name -> local file replacing its hub source")
+    task_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
+        "task name -> fields replacing the task file's, e.g. {aime: {combine: [aime24, aime25]}}"))
+    export_format: Literal["auto", "dequantized", "compressed-tensors"] = Field("auto", description=(
+        "which export is evaluated; `auto`: compressed-tensors under vLLM on a GPU (served weights and kernels), else "
+        "dequantized (the same function, any engine)"))
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs per model (also teacher-written data)")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description=(
+        "vLLM: share of GPU memory (CPU build: of the node's RAM); none: 0.9 on a GPU, 0.3 on CPU"))
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="`auto`: bf16 on a GPU, fp32 on CPU")
+    enforce_eager: bool = Field(False, description="vLLM: no CUDA graphs or compilation")
+    max_model_len: int | None = Field(None, ge=16, description="vLLM: context length (none: the model's)")
+    static_cache: bool | Literal["auto"] = Field("auto", description=(
+        "transformers backend: a static KV cache with a compiled decode step (`auto`: on a GPU, when one batch's cache "
+        "fits in a third of the free memory)"))
+    reference_ce: bool = Field(True, description=(
+        "demo tasks: also each variant's cross-entropy per token of the held-out reference solutions (damage that moves "
+        "before pass@1 does)"))
 
 
 class CompareConfig(_Section):
-    plot: bool = True
+    plot: bool = Field(True, description="draw compare.png beside the table")
 
 
 class Recipe(_Section):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
-    seed: int = 0
-    run_root: str = "runs"
-    model: ModelConfig
-    quant: QuantConfig = Field(default_factory=QuantConfig)
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-    ptq: PTQConfig = Field(default_factory=PTQConfig)
-    qat: QATConfig = Field(default_factory=QATConfig)
-    rl: RLConfig = Field(default_factory=RLConfig)
-    export: ExportConfig = Field(default_factory=ExportConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    compare: CompareConfig = Field(default_factory=CompareConfig)
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="run directory name (`<run_root>/<name>`)")
+    seed: int = Field(0, description="seed of QAT, RL and the run's own randomness")
+    run_root: str = Field("runs", description="directory holding runs")
+    model: ModelConfig = Field(description="the BF16 teacher")
+    quant: QuantConfig = Field(default_factory=QuantConfig, description="the quantization scheme")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="the PTQ calibration set")
+    ptq: PTQConfig = Field(default_factory=PTQConfig, description="post-training quantization")
+    qat: QATConfig = Field(default_factory=QATConfig, description="quantization-aware training by distillation")
+    rl: RLConfig = Field(default_factory=RLConfig, description="GRPO on the quantized student")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="checkpoints engines load")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="pass@1 on the eval tasks")
+    compare: CompareConfig = Field(default_factory=CompareConfig, description="the table and plot")
 
     @model_validator(mode="after")
     def _cross_checks(self):

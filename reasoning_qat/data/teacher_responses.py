@@ -8,6 +8,7 @@ JSONL at once and a re-run continues after the last complete line.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -29,17 +30,20 @@ def _done_lines(path: Path) -> int:
     return complete.count("\n")
 
 
-def generate_teacher_responses(engine, rows: list[dict], out_path: str | Path, gen, seed: int = 0) -> list[dict]:
+def generate_teacher_responses(engine, rows: list[dict], out_path: str | Path, gen, seed: int = 0,
+                               timing: dict | None = None) -> list[dict]:
     """Generate one response per row with `engine` (an evaluation backend) and return the kept rows.
 
     out_path holds one line per input row, in order: {prompt, response, answer?, kept, truncated}.
     gen.keep chooses what trains: `all`, `finished` (not cut by max_new_tokens) or `correct`
-    (graded against the row's answer with the eval grader).
+    (graded against the row's answer with the eval grader). `timing`, when given, receives what this
+    call generated: rows, tokens and seconds (a resumed call counts only the rows it wrote).
     """
     out_path = Path(out_path)
     if gen.keep == "correct" and any("answer" not in r for r in rows):
         raise UserError("qat.data.generation.keep: 'correct' needs an 'answer' field in every row")
     start = _done_lines(out_path)
+    t0, tokens = time.perf_counter(), 0
     with open(out_path, "a") as f, tqdm(total=len(rows), initial=start, desc="teacher responses") as bar:
         for i in range(start, len(rows), gen.batch_size):
             batch = rows[i : i + gen.batch_size]
@@ -48,6 +52,7 @@ def generate_teacher_responses(engine, rows: list[dict], out_path: str | Path, g
             # exactly what an uninterrupted one would.
             outs = engine.generate(prompts, 1, gen.temperature, gen.top_p, gen.top_k, gen.max_new_tokens, seed + i,
                                    keys=range(i, i + len(batch)))
+            tokens += sum(c.num_tokens for (c,) in outs)
             for r, p, (c,) in zip(batch, prompts, outs):
                 kept = {"all": True, "finished": not c.truncated,
                         "correct": not c.truncated and grade(c.text, r.get("answer", ""), prompt_opens_thinking(p)).correct
@@ -56,6 +61,10 @@ def generate_teacher_responses(engine, rows: list[dict], out_path: str | Path, g
                                     "kept": kept, "truncated": c.truncated}) + "\n")
             f.flush()
             bar.update(len(batch))
+    if timing is not None:
+        seconds = time.perf_counter() - t0
+        timing.update(rows_generated=len(rows) - start, generated_tokens=tokens, seconds=round(seconds, 2),
+                      tokens_per_s=round(tokens / seconds, 1) if seconds > 0 and tokens else None)
     return kept_rows(out_path)
 
 

@@ -46,19 +46,20 @@ def build_qat_data(ctx: StageContext, tok):
     from datasets import Dataset
 
     data = ctx.recipe.qat.data
+    timing = {}
     if data.responses == "teacher":
-        rows = write_teacher_data(ctx)
+        rows = write_teacher_data(ctx, timing)
         traces = Dataset.from_list([{"prompt": x["prompt"], "response": x["response"], "answer": x.get("answer"),
                                      "status": "kept"} for x in rows])
     else:
         traces = select_traces(open_source(ctx, data), data, tokenizer=tok)
     tokenized, stats = tokenize_traces(traces, tok, data)
     if data.responses == "teacher":
-        stats["teacher_responses"] = {"rows": len(rows), "kept_by": data.generation.keep}
+        stats["teacher_responses"] = {"rows": len(rows), "kept_by": data.generation.keep, **timing}
     return tokenized, stats
 
 
-def write_teacher_data(ctx: StageContext) -> list[dict]:
+def write_teacher_data(ctx: StageContext, timing: dict | None = None) -> list[dict]:
     from ..data.teacher_responses import generate_teacher_responses
     from ..evaluation.backends import EngineSettings, make_backend
 
@@ -66,8 +67,10 @@ def write_teacher_data(ctx: StageContext) -> list[dict]:
     g = data.generation
     src = teacher_source(ctx)
     engine = make_backend(g.backend, src.id, g.batch_size, src.trust_remote_code, r.seed, EngineSettings.from_config(r.eval))
+    if timing is not None:
+        timing["engine"] = type(engine).__name__
     try:
         return generate_teacher_responses(engine, source_rows(ctx, data, engine.tokenizer, prompts_only=True), ctx.layout.teacher_responses(),
-                                          g, r.seed)
+                                          g, r.seed, timing)
     finally:
         engine.close()

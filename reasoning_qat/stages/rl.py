@@ -227,14 +227,17 @@ def run(ctx: StageContext) -> dict:
         with _syncable_cpu_weights(cfg.use_vllm):  # the colocated engine is built here
             trainer = _trainer_class(cfg.latent_lr)(model=student, reward_funcs=funcs, args=args, train_dataset=data,
                                                     processing_class=tok)
-        trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
+        resumed_at = last_checkpoint(args.output_dir)
+        result = trainer.train(resume_from_checkpoint=resumed_at)
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
         rollouts = {"rollouts": "vllm" if cfg.use_vllm else "transformers", **trainer.counts,
                     **(trainer.vllm_weight_gap() if cfg.use_vllm else {})}
         save_quantized_checkpoint(student, out / "model", tok, {"method": v.method, "bits": bits})
         m = {"init": str(init), "start_accuracy": acc, "steps": trainer.state.global_step,
              "mean_reward_first": sum(rewards[:5]) / max(len(rewards[:5]), 1),
-             "mean_reward_last": sum(rewards[-5:]) / max(len(rewards[-5:]), 1), **rollouts}
+             "mean_reward_last": sum(rewards[-5:]) / max(len(rewards[-5:]), 1), **rollouts,
+             # wall time of the steps this process ran (a resumed run: those after its checkpoint)
+             "train_runtime_s": round(result.metrics["train_runtime"], 2), "resumed": resumed_at is not None}
         finish_training(out, "rl_metrics.json", m, trainer.state.log_history)
         metrics[name] = m
     return metrics
