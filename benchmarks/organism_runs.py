@@ -34,18 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
-    """`a.b.c=value` (value parsed as YAML) set into a nested dict copy."""
-    out = json.loads(json.dumps(recipe))
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"override {item!r}: expected KEY=VALUE (e.g. model.demo.num_layers=4)")
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    return out
+    """`a.b.c=value` (value parsed as YAML) set into a nested dict copy: `rqat run`'s own overrides."""
+    from reasoning_qat.recipe import apply_overrides as recipe_overrides
+
+    return recipe_overrides(recipe, overrides)
 
 
 def teacher_done(run_dir: Path) -> bool:

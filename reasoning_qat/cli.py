@@ -13,6 +13,7 @@ EPILOG = """examples:
   rqat run recipes/demo.yaml                     run every missing or stale stage
   rqat run recipes/demo.yaml --stages qat,eval   re-run only these stages (inputs must exist)
   rqat run recipes/demo.yaml --force             re-run everything from scratch
+  rqat run recipes/demo.yaml quant.bits=[2] qat.max_steps=50   override recipe keys (recorded in the run)
   rqat status runs/demo                          stage table of a run
   rqat eval runs/demo/export/w4-qat/dequantized --task demo_arith --demo-data runs/demo/teacher/data
   rqat compare runs/demo runs/qwen3-0.6b-w4g128  one table and plot across runs
@@ -28,7 +29,7 @@ def _console():
 def cmd_run(a) -> int:
     from .recipe import load_recipe
 
-    recipe = load_recipe(a.recipe)  # before the heavy imports below: a schema error costs no torch import
+    recipe = load_recipe(a.recipe, a.overrides)  # before the heavy imports below: a schema error costs no torch import
     if a.run_root:
         recipe = recipe.model_copy(update={"run_root": a.run_root})
     from .pipeline import Pipeline
@@ -157,8 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run a recipe's missing or stale stages")
+    from .recipe_reference import key_list
+
+    r = sub.add_parser("run", help="run a recipe's missing or stale stages", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="recipe keys an override may set (README: Recipe reference):\n" + key_list())
     r.add_argument("recipe", help="recipe YAML (see recipes/)")
+    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="recipe keys to override, dotted, values in YAML (e.g. quant.bits=[2,3] qat.kd.loss=ce)")
     r.add_argument("--stages", help="comma-separated stages to (re-)run: teacher,calibrate,ptq,qat,rl,export,eval,compare")
     r.add_argument("--force", action="store_true", help="re-run the chosen stages from scratch, discarding partial work")
     r.add_argument("--dry-run", action="store_true", help="print the plan and stop")
