@@ -9,11 +9,11 @@ import torch
 from common import peak_memory, save
 
 from reasoning_qat.kd import chunked_distill_loss, naive_distill_loss
-from reasoning_qat.recipe import KDConfig
+from reasoning_qat.kd import KDSpec
 
 
 def run(tokens, hidden, vocab=151936, chunk=1024):
-    kd = KDConfig(loss="forward_kl", chunk_size=chunk)
+    kd = KDSpec(loss="forward_kl", chunk_size=chunk)
     torch.manual_seed(0)
     head_s = torch.nn.Linear(hidden, vocab, bias=False, device="cuda", dtype=torch.bfloat16)
     head_t = torch.nn.Linear(hidden, vocab, bias=False, device="cuda", dtype=torch.bfloat16)

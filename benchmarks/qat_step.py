@@ -16,7 +16,7 @@ from common import ARCHS, bf16_matmul_tflops, peak_memory, qwen3, save, timed
 from reasoning_qat.kd import chunked_distill_loss, hidden_and_head
 from reasoning_qat.quant import QuantScheme, QuantTargets, swap_in_fake_quant
 from reasoning_qat.quant.fake_quant import use_compiled_fake_quant
-from reasoning_qat.recipe import KDConfig
+from reasoning_qat.kd import KDSpec
 
 
 def step_fn(student, teacher, ids, kd, opt):
@@ -47,7 +47,7 @@ def flops_per_step(arch, tokens):
 
 
 def run(arch, seq_len, bits, peak_tflops):
-    kd = KDConfig(loss="forward_kl", chunk_size=1024)
+    kd = KDSpec(loss="forward_kl", chunk_size=1024)
     teacher = qwen3(arch, torch.bfloat16).eval().requires_grad_(False)
     ids = torch.randint(0, ARCHS[arch]["vocab_size"], (1, seq_len), device="cuda")
     out = {"arch": arch, "seq_len": seq_len}

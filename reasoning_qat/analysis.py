@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .quant.fake_quant import layer_input
 from .quant.gptq import HessianAccumulator, weighted_error
 from .quant.ptq import capture_layer_inputs, decoder_layers, layer_out, linears_by_layer
 
@@ -96,7 +97,8 @@ def error_through_depth(model: nn.Module, qweights: dict[str, torch.Tensor], cal
     for i, (layer, names) in enumerate(tqdm(zip(layers, members), total=len(layers), desc="error through depth",
                                             disable=not progress, leave=False)):
         accs = {n: HessianAccumulator(model.get_submodule(n).in_features, device) for n in names}
-        hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, acc=accs[n]: acc.add(a[0])) for n in names]
+        hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, acc=accs[n]: acc.add(layer_input(m, a[0])))
+                 for n in names]
         y_fp = [layer_out(layer(h, **kw)) for h, kw in fp]
         for h in hooks:
             h.remove()
@@ -226,7 +228,7 @@ def analyze_target(target: str, *, bits: int | None = None, group_size: int | No
     from .data.reasoning import load_rows, select_fields
     from .models import best_device, load_model, load_tokenizer
     from .pipeline import recipe_from_run
-    from .quant import QuantizedWeight, QuantScheme, QuantTargets, targets_from_recipe
+    from .quant import QuantizedWeight, QuantScheme, QuantTargets
     from .quant.formats import read_quantized_weights
     from .recipe import RecipeError
     from .run_layout import ModelSource, RunLayout, Variant
@@ -234,13 +236,16 @@ def analyze_target(target: str, *, bits: int | None = None, group_size: int | No
     device = best_device()
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     run = Path(target)
-    if (run / "recipe.yaml").is_file():
+    if RunLayout(run).recipe_file.is_file():
         r = recipe_from_run(run)
         bits = bits or r.quant.bits[0]
         if bits not in r.quant.bits:
             raise RecipeError(f"--bits: {bits} is not one of the run's quant.bits {r.quant.bits}")
-        quant = r.quant if group_size is None else r.quant.model_copy(update={"group_size": group_size})
-        targets = targets_from_recipe(quant, bits)
+        from .stages.specs import quant_spec
+
+        if group_size is not None:
+            r = r.model_copy(update={"quant": r.quant.model_copy(update={"group_size": group_size})})
+        targets = quant_spec(r, bits).weights
         layout = RunLayout(run)
         if not layout.calibration_file().is_file():
             raise RecipeError(f"{run}: the calibrate stage has not finished; run `rqat run <recipe> --stages calibrate`")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def cmd_run(a) -> int:
         return 0
     ran = pipe.run(only, a.force)
     if "compare" in ran:
-        console.print((pipe.layout.compare() / "compare.md").read_text())
+        console.print(pipe.layout.compare_table().read_text())
         console.print(f"table and plot: {pipe.layout.compare()}")
     return 0
 
@@ -80,15 +81,22 @@ def cmd_status(a) -> int:
 
 
 def cmd_eval(a) -> int:
+
+
+    from .models import resolve_model
+
+    resolve_model(a.model, "model", a.trust_remote_code)  # one line, before any engine starts
+    with flag_names():
+        return _eval(a)
+
+
+def _eval(a) -> int:
     import json
 
     from .evaluation.backends import EngineSettings
     from .evaluation.runner import evaluate
     from .evaluation.tasks import load_task
 
-    from .models import resolve_model
-
-    resolve_model(a.model, "model", a.trust_remote_code)  # one line, before any engine starts
     task = load_task(a.task)
     if task.source == "demo" and not (a.demo_data or a.data):
         raise RecipeError(f"--task {task.name} evaluates a demo run's test split: give --demo-data RUN/teacher/data "
@@ -107,6 +115,20 @@ def cmd_eval(a) -> int:
     print(json.dumps(m, indent=1))
     print(f"results: {out / task.name}")
     return 0
+
+
+FLAGS = {"tasks": "--task", "backend": "--backend", "max_model_len": "--max-model-len"}
+
+
+@contextlib.contextmanager
+def flag_names():
+    """The library's SpecError (`backend: ...`) named as the flag the user typed (`--backend: ...`)."""
+    from .errors import SpecError
+
+    try:
+        yield
+    except SpecError as err:
+        raise UserError(f"{FLAGS.get(err.field, err.field)}: {err.message}") from None
 
 
 def default_eval_dir(model: str) -> Path:

@@ -23,20 +23,15 @@ def collect(run_dirs: list[str | Path], unfinished: bool = False) -> list[dict]:
     stage's partial directory; such rows carry "unfinished_eval": True), instead of an error."""
     rows = []
     for layout in map(RunLayout, run_dirs):
-        ev = layout.manifest("eval")
-        partial = ev is None and unfinished
-        if partial:
-            ev = {"metrics": _finished_variants(layout.partial("eval"))}
-        if ev is None:
+        partial = layout.manifest("eval") is None and unfinished
+        if layout.manifest("eval") is None and not partial:
             raise UserError(f"{layout.root}: no finished eval stage; run `rqat run RECIPE --stages eval` first")
-        sizes = (layout.manifest("export") or {}).get("metrics", {})
-        qat = (layout.manifest("qat") or {}).get("metrics", {})
-        rl = (layout.manifest("rl") or {}).get("metrics", {})
-        calib_domain = (layout.manifest("calibrate") or {}).get("metrics", {}).get("domain", "reasoning")
-        ptq = (layout.manifest("ptq") or {}).get("metrics", {})
+        evaluated = _finished_variants(layout) if partial else layout.stage_metrics("eval")
+        sizes, qat, rl, ptq = (layout.stage_metrics(s) for s in ("export", "qat", "rl", "ptq"))
+        calib_domain = layout.stage_metrics("calibrate").get("domain", "reasoning")
         teacher_model = layout.teacher_model_dir()
         bf16_bytes = directory_size(teacher_model) if teacher_model.is_dir() else None
-        for name, tasks in ev["metrics"].items():
+        for name, tasks in evaluated.items():
             v = Variant.parse(name)
             exported = sizes.get(name, {})
             # the packed checkpoint users serve, where there is one
@@ -58,14 +53,15 @@ def collect(run_dirs: list[str | Path], unfinished: bool = False) -> list[dict]:
     return sorted(rows, key=lambda r: (r["run"], r["task"], -r["bits"], key.get(r["method"], 99)))
 
 
-def _finished_variants(eval_dir: Path) -> dict:
-    """{variant: {task: metrics (+ its ce.json)}} of the evaluations an unfinished eval stage completed."""
+def _finished_variants(layout: RunLayout) -> dict:
+    """{variant: {task: metrics (+ its held-out CE)}} of the evaluations an unfinished eval stage completed."""
     out = {}
-    for f in sorted(eval_dir.glob("*/*/metrics.json")):
-        m = json.loads(f.read_text())
-        ce = f.parent / "ce.json"
-        out.setdefault(f.parent.parent.name, {})[f.parent.name] = {
-            "pass@1": m["pass@1"], "ci95": m["ci95"], **(json.loads(ce.read_text()) if ce.is_file() else {})}
+    partial = RunLayout(layout.root, {"eval": layout.partial("eval")})
+    for v, tasks in partial.evaluated().items():
+        for task, f in tasks.items():
+            m, ce = json.loads(f.read_text()), partial.eval_ce(v, task)
+            out.setdefault(str(v), {})[task] = {
+                "pass@1": m["pass@1"], "ci95": m["ci95"], **(json.loads(ce.read_text()) if ce.is_file() else {})}
     return out
 
 

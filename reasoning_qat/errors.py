@@ -15,3 +15,14 @@ class UserError(ValueError):
 
 class TrainingDiverged(UserError, FloatingPointError):
     """The training loss became NaN/inf: the last good checkpoint is kept, the message says what to lower."""
+
+
+class SpecError(UserError):
+    """A bad value in one of the library's own specs (QuantSpec, KDSpec, TraceSpec, a task). `field` is
+    the spec's key (`group_size`, `generation.keep`); the code that built the spec from what the user
+    wrote (stages/specs.py for a recipe, the CLI for its flags) re-raises it naming that key instead,
+    so a message never names a recipe path the user did not write."""
+
+    def __init__(self, field: str, message: str):
+        self.field, self.message = field, message
+        super().__init__(f"{field}: {message}")

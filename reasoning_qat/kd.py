@@ -14,6 +14,7 @@ Only response tokens (labels != -100) enter the loss.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,35 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Trainer
 
 from .data.reasoning import IGNORE_INDEX
-from .errors import TrainingDiverged
+from .errors import SpecError, TrainingDiverged
 from .training import grouped_optimizer
+
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "ce")
+
+
+@dataclass(frozen=True)
+class KDSpec:
+    """The distillation objective. `loss`: forward KL(teacher || student) (the paper's robust choice for
+    reasoning models), reverse KL, generalised JSD (GKD, Agarwal et al. 2024) with mixture weight `jsd_beta`,
+    or `ce` on the data (no teacher). Logits of both divided by `temperature` (losses scaled by T^2, Hinton
+    et al. 2015); `top_k`: the teacher renormalised over its top-k tokens (forward KL only). The vocabulary
+    projection runs `chunk_size` positions at a time, `fused` (closed-form gradients) where it can.
+    Raises SpecError on a loss or a value outside its range."""
+
+    loss: str = "forward_kl"
+    temperature: float = 1.0
+    jsd_beta: float = 0.5
+    top_k: int | None = None
+    chunk_size: int = 1024
+    fused: bool = True
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise SpecError("loss", f"{self.loss!r} (allowed: {', '.join(LOSSES)})")
+        if self.temperature <= 0 or not 0 < self.jsd_beta < 1 or self.chunk_size < 1:
+            raise SpecError("temperature" if self.temperature <= 0 else "jsd_beta" if not 0 < self.jsd_beta < 1
+                            else "chunk_size", "out of range (temperature > 0, 0 < jsd_beta < 1, chunk_size >= 1)")
+
 
 # ---- per-token losses on [n, vocab] logits; each returns the summed loss over the n tokens ---------
 
@@ -72,11 +100,7 @@ def chunked_distill_loss(h_s, h_t, head_s: nn.Module, head_t: nn.Module | None, 
             return F.cross_entropy(s_logits, tg, reduction="sum")
         with torch.no_grad():
             t_logits = project(head_t, ht)
-        if kd.loss == "forward_kl":
-            return forward_kl(s_logits, t_logits, kd.temperature, kd.top_k)
-        if kd.loss == "reverse_kl":
-            return reverse_kl(s_logits, t_logits, kd.temperature)
-        return jsd(s_logits, t_logits, kd.temperature, kd.jsd_beta)
+        return distill_loss(s_logits, t_logits, kd)
 
     for i in range(0, n, chunk_size):
         ht = h_t[i : i + chunk_size] if h_t is not None else None
@@ -118,6 +142,15 @@ def _loss_and_grad(s_logits, t_logits, targets, loss: str, temperature: float, b
 _compiled_loss_and_grad = None
 
 
+def distill_loss(s_logits, t_logits, kd: KDSpec):
+    """The summed loss of `kd.loss` over [n, vocab] student and teacher logits (autograd path)."""
+    if kd.loss == "forward_kl":
+        return forward_kl(s_logits, t_logits, kd.temperature, kd.top_k)
+    if kd.loss == "reverse_kl":
+        return reverse_kl(s_logits, t_logits, kd.temperature)
+    return jsd(s_logits, t_logits, kd.temperature, kd.jsd_beta)
+
+
 def _chunk_loss_fn(device: torch.device):
     """The per-chunk loss, compiled on GPUs: the softmax math then reads the logits a few times
     instead of once per elementwise op (the profile's ~35% of a step)."""
@@ -134,7 +167,7 @@ class _FusedLinearDistill(torch.autograd.Function):
     in the forward pass (the backward pass only scales them)."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, targets, kd, chunk_size, dtype, want_grad):
+    def forward(ctx, h_s, w_s, h_t, w_t, targets, loss, temperature, jsd_beta, chunk_size, dtype, want_grad):
         n = h_s.shape[0]
         fn = _chunk_loss_fn(h_s.device)
         w = w_s.to(dtype)
@@ -145,7 +178,7 @@ class _FusedLinearDistill(torch.autograd.Function):
         for i in range(0, n, chunk_size):
             hs = h_s[i : i + chunk_size].to(dtype)
             t_logits = h_t[i : i + chunk_size].to(dtype) @ wt.T if wt is not None else None
-            value, g = fn(hs @ w.T, t_logits, targets[i : i + chunk_size], kd.loss, kd.temperature, kd.jsd_beta, dtype)
+            value, g = fn(hs @ w.T, t_logits, targets[i : i + chunk_size], loss, temperature, jsd_beta, dtype)
             total += value
             if want_grad:
                 grad_h[i : i + chunk_size] = g @ w
@@ -157,7 +190,7 @@ class _FusedLinearDistill(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, (grad_w * grad_out).to(ctx.w_dtype), None, None, None, None, None, None, None
+        return grad_h * grad_out, (grad_w * grad_out).to(ctx.w_dtype), None, None, None, None, None, None, None, None, None
 
 
 def can_fuse(head_s: nn.Module, head_t: nn.Module | None, kd) -> bool:
@@ -176,7 +209,8 @@ def fused_distill_loss(h_s, h_t, head_s: nn.Linear, head_t: nn.Linear | None, ta
     n = h_s.shape[0]
     with torch.autocast(h_s.device.type, enabled=False):
         total = _FusedLinearDistill.apply(h_s, head_s.weight, h_t if kd.loss != "ce" else None,
-                                          head_t.weight if kd.loss != "ce" else None, targets, kd, chunk_size, dtype,
+                                          head_t.weight if kd.loss != "ce" else None, targets, kd.loss, kd.temperature,
+                                          kd.jsd_beta, chunk_size, dtype,
                                           torch.is_grad_enabled())
     return total / max(n, 1)
 
@@ -187,10 +221,7 @@ def naive_distill_loss(s_logits_full, t_logits_full, labels, kd):
     s, t = s_logits_full[:, :-1][mask].float(), t_logits_full[:, :-1][mask].float()
     if kd.loss == "ce":
         return F.cross_entropy(s, labels[:, 1:][mask], reduction="mean")
-    fn = {"forward_kl": lambda: forward_kl(s, t, kd.temperature, kd.top_k),
-          "reverse_kl": lambda: reverse_kl(s, t, kd.temperature),
-          "jsd": lambda: jsd(s, t, kd.temperature, kd.jsd_beta)}[kd.loss]
-    return fn() / max(int(mask.sum()), 1)
+    return distill_loss(s, t, kd) / max(int(mask.sum()), 1)
 
 
 class _HiddenOnly:
@@ -227,16 +258,16 @@ class KDTrainer(Trainer):
     (accumulation, mixed precision, DeepSpeed, checkpoints, resume, logging) is the Trainer's.
     """
 
-    def __init__(self, *args, teacher=None, kd=None, latent_lr: float | None = None, scale_lr: float | None = None,
+    def __init__(self, *args, teacher=None, kd: KDSpec | None = None, latent_lr: float | None = None, scale_lr: float | None = None,
                  **kwargs):
         super().__init__(*args, **kwargs)
         self.latent_lr = latent_lr
         # The loss below is a per-batch mean; let the Trainer average it over accumulation steps.
         self.model_accepts_loss_kwargs = False
-        self.kd = kd
+        self.kd = kd or KDSpec()
         self.scale_lr = scale_lr
         self.teacher = None
-        if teacher is not None and kd.loss != "ce":
+        if teacher is not None and self.kd.loss != "ce":
             teacher.eval().requires_grad_(False)
             if self.is_deepspeed_enabled:
                 from trl.models.utils import prepare_deepspeed

@@ -42,11 +42,12 @@ def load_model(path_or_id: str, dtype: torch.dtype | None = None, trust_remote_c
         path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision, **kwargs
     )
     model = model.to(device) if device else model
-    # A W4A4KV4 (or rotated) export: its config names the online rotations and activation/KV
+    # A W4A4KV4 (or rotated) export: its quant_spec.json names the online rotations and activation/KV
     # quantizers it computes with; without them the weights alone are a different function.
-    from .quant.act_quant import apply_runtime
+    from .quant.runtime import install_quant_spec, read_quant_spec
 
-    apply_runtime(model)
+    if Path(path_or_id).is_dir():
+        install_quant_spec(model, read_quant_spec(path_or_id))
     return model
 
 

@@ -6,14 +6,16 @@ knows them. Stages, analysis, compare and the CLI ask these objects instead of c
       .lock                                held by `rqat run` (flock)
       teacher/   model/ (demo) or model_ref.json (hub id / local path), data/{train,test}.jsonl (demo)
       calibrate/ calibration.safetensors, qat_data/ (tokenized QAT set), qat_data.jsonl (teacher-written)
-      ptq/       <variant>/                 rqat quantized checkpoints, e.g. ptq/w4-gptq
-      qat/       <variant>/model            e.g. qat/w4-qat/model
-      rl/        <variant>/model            e.g. rl/w4-qat_rl/model
+      ptq/       <variant>/                 rqat quantized checkpoint, ptq_errors.json, e.g. ptq/w4-gptq
+      qat/       <variant>/                 model/, qat_metrics.json, log_history.json, trainer/ (checkpoints)
+      rl/        <variant>/                 model/, rl_metrics.json, log_history.json, trainer/
       export/    <variant>/<format>/        dequantized, compressed-tensors, gptq
-      eval/      <variant>/<task>/          metrics.json, samples.jsonl
+      eval/      <variant>/<task>/          metrics.json, samples.jsonl, ce.json (held-out cross-entropy)
       compare/   compare.md, compare.json, compare.png
-      analysis/  <variant>/                 rqat analyze
+      analysis/  <variant>/                 analysis.json, overrides.yaml, analysis.png (rqat analyze)
     Every stage directory holds manifest.json; a stage works in .<stage>.partial/ until it is done.
+    Inside a stage, a variant's directory is finished when it holds `.done` (`finish`, `finished_metrics`):
+    a stage resumed after a crash keeps what it finished and reloads its metrics.
 """
 
 from __future__ import annotations
@@ -26,6 +28,31 @@ from pathlib import Path
 RUN_FORMAT = 2  # manifests written from this version on carry it; older ones read as format 1
 MANIFEST = "manifest.json"
 RECIPE_SNAPSHOT = "recipe.yaml"
+DONE_MARKER = ".done"
+# each stage's per-variant record (what a resumed stage reloads instead of redoing the variant)
+VARIANT_METRICS = {"ptq": "ptq_errors.json", "qat": "qat_metrics.json", "rl": "rl_metrics.json"}
+EVAL_METRICS, EVAL_SAMPLES, EVAL_CE = "metrics.json", "samples.jsonl", "ce.json"
+
+
+def finish(directory: Path, metrics_file: Path | None = None, metrics: dict | None = None) -> None:
+    """Mark a unit of a stage's work (one variant) finished: its metrics written first (atomically), then
+    the marker, so a crash between the two leaves it unfinished, never finished without its record."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if metrics_file is not None:
+        tmp = metrics_file.with_name(metrics_file.name + ".tmp")
+        tmp.write_text(json.dumps(metrics, indent=1))
+        tmp.replace(metrics_file)
+    (directory / DONE_MARKER).write_text("")
+
+
+def finished_metrics(directory: Path, metrics_file: Path | None = None) -> dict | None:
+    """The record of a finished unit of work ({} when it keeps none), or None when it has to be (re)done.
+    Finished: `directory` holds the marker `finish` wrote; an eval directory, whose runner writes its
+    metrics.json last, is finished when that file exists."""
+    if not (directory / DONE_MARKER).is_file() and not (metrics_file is not None and metrics_file.name == EVAL_METRICS
+                                                         and metrics_file.is_file()):
+        return None
+    return json.loads(metrics_file.read_text()) if metrics_file is not None else {}
 
 
 @dataclass(frozen=True, order=True)
@@ -121,6 +148,10 @@ class RunLayout:
         """Where a finished stage waits while its re-run's result is renamed into place."""
         return self.root / f".{name}.old"
 
+    def stage_metrics(self, name: str) -> dict:
+        """The metrics a finished stage recorded in its manifest ({} when it has not finished)."""
+        return (self.manifest(name) or {}).get("metrics", {})
+
     def manifest(self, name: str) -> dict | None:
         """The stage's manifest, or None. Read-only: a stage caught mid-rename is read from where it
         waits (`replaced`); moving it back is left to `rqat run`, under the lock."""
@@ -151,6 +182,13 @@ class RunLayout:
         d = self.stage("teacher") / "data"
         return d if d.is_dir() else None
 
+    def demo_split(self, split: str) -> Path:
+        """The demo task's problems of one split (train, test) as JSONL."""
+        return self.stage("teacher") / "data" / f"{split}.jsonl"
+
+    def teacher_trainer(self) -> Path:
+        return self.stage("teacher") / "trainer"
+
     # ---- calibrate -------------------------------------------------------------------------------
     def calibration_file(self) -> Path:
         return self.stage("calibrate") / "calibration.safetensors"
@@ -173,6 +211,17 @@ class RunLayout:
         """The rqat quantized checkpoint of any quantized variant."""
         return self.ptq(v) if v.method in ("rtn", "gptq", "gptq_generic") else self.trained(v) / "model"
 
+    def variant_metrics(self, stage: str, v: Variant) -> Path:
+        """The per-variant record of the ptq, qat or rl stage (VARIANT_METRICS)."""
+        return (self.ptq(v) if stage == "ptq" else self.trained(v)) / VARIANT_METRICS[stage]
+
+    def trainer(self, v: Variant) -> Path:
+        """The Trainer's output directory (resumable checkpoints) of a trained variant."""
+        return self.trained(v) / "trainer"
+
+    def log_history(self, v: Variant) -> Path:
+        return self.trained(v) / "log_history.json"
+
     def export(self, v: Variant, fmt: str | None = None) -> Path:
         d = self.stage("export") / str(v)
         return d / fmt if fmt else d
@@ -184,8 +233,25 @@ class RunLayout:
     def eval(self, v: Variant, task: str) -> Path:
         return self.stage("eval") / str(v) / task
 
+    def eval_metrics(self, v: Variant, task: str) -> Path:
+        return self.eval(v, task) / EVAL_METRICS
+
+    def eval_ce(self, v: Variant, task: str) -> Path:
+        return self.eval(v, task) / EVAL_CE
+
+    def evaluated(self, stage_dir: Path | None = None) -> dict[Variant, dict[str, Path]]:
+        """{variant: {task: its metrics.json}} of every finished evaluation in the eval stage's directory
+        (or `stage_dir`, e.g. the partial one of an eval stage that has not finished)."""
+        root, out = stage_dir or self.stage("eval"), {}
+        for f in sorted(root.glob(f"*/*/{EVAL_METRICS}")):
+            out.setdefault(Variant.parse(f.parent.parent.name), {})[f.parent.name] = f
+        return out
+
     def compare(self) -> Path:
         return self.stage("compare")
+
+    def compare_table(self) -> Path:
+        return self.stage("compare") / "compare.md"
 
     def analysis(self, v: Variant) -> Path:
         return self.root / "analysis" / str(v)

@@ -19,8 +19,11 @@ from transformers import (
 )
 
 from reasoning_qat.architecture import head_dim, linear_shapes
+from reasoning_qat.errors import SpecError
 from reasoning_qat.quant.ptq import linear_shapes_of
 from reasoning_qat.quant.scheme import QuantScheme, QuantTargets
+from reasoning_qat.recipe import RecipeError
+from reasoning_qat.stages.specs import recipe_keys
 
 SMALL = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -62,7 +65,10 @@ def test_a_plan_from_shapes_is_the_plan_from_the_model(tmp_path):
     assert plan == targets.resolve(model)
     assert plan["model.layers.1.self_attn.k_proj"].bits == 8 and "model.layers.0.mlp.up_proj" not in plan
     bad = QuantTargets(QuantScheme(bits=4, group_size=16), overrides=(("*.down_proj", {"group_size": 64}),))
-    with pytest.raises(ValueError, match=r"^quant.overrides: 64 does not divide the input width 96 of model.layers.0.mlp.down_proj"):
+    with pytest.raises(SpecError, match=r"^overrides: 64 does not divide the input width 96 of model.layers.0.mlp.down_proj"):
+        bad.resolve_shapes(linear_shapes(config.to_dict()))
+    # the recipe adapter names the key the user wrote
+    with pytest.raises(RecipeError, match=r"^quant.overrides: 64 does not divide"), recipe_keys("quant"):
         bad.resolve_shapes(linear_shapes(config.to_dict()))
 
 

@@ -101,9 +101,17 @@ def test_pass_at_1_and_interval():
 
 
 def test_unknown_task_is_a_clear_error():
+    """The library names its own key; a recipe reads it as eval.tasks, `rqat eval` as --task."""
+    from reasoning_qat.cli import flag_names
+    from reasoning_qat.errors import SpecError, UserError
     from reasoning_qat.recipe import RecipeError
+    from reasoning_qat.stages.specs import recipe_keys
 
-    with pytest.raises(RecipeError, match="unknown task 'nope' \\(known: .*math500"):
+    with pytest.raises(SpecError, match="^tasks: unknown task 'nope' \\(known: .*math500"):
+        load_task("nope")
+    with pytest.raises(RecipeError, match="^eval.tasks: unknown task 'nope'"), recipe_keys("eval"):
+        load_task("nope")
+    with pytest.raises(UserError, match="^--task: unknown task 'nope'"), flag_names():
         load_task("nope")
 
 

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from reasoning_qat.kd import chunked_distill_loss, forward_kl, jsd, naive_distill_loss, reverse_kl
-from reasoning_qat.recipe import KDConfig
+from reasoning_qat.kd import KDSpec, chunked_distill_loss, forward_kl, jsd, naive_distill_loss, reverse_kl
 
 
 def setup(seed=0, vocab=50, hidden=16):
@@ -21,7 +20,7 @@ def setup(seed=0, vocab=50, hidden=16):
 @pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "jsd", "ce"])
 @pytest.mark.parametrize("chunk", [1, 4, 1000])
 def test_chunked_equals_naive(loss, chunk):
-    kd = KDConfig(loss=loss, temperature=1.5 if loss != "ce" else 1.0, chunk_size=chunk)
+    kd = KDSpec(loss=loss, temperature=1.5 if loss != "ce" else 1.0, chunk_size=chunk)
     head_s, head_t, h_s, h_t, labels = setup()
     naive = naive_distill_loss(head_s(h_s), head_t(h_t), labels, kd)
     g_naive = torch.autograd.grad(naive, [h_s, head_s.weight])
@@ -54,7 +53,7 @@ def test_top_k_forward_kl_uses_teacher_support():
 
 def test_bf16_teacher_head_with_float32_hidden_states():
     """As under Accelerate's bf16 wrapper: float32 hidden states, a bf16 teacher head."""
-    kd = KDConfig(loss="forward_kl", chunk_size=4)
+    kd = KDSpec(loss="forward_kl", chunk_size=4)
     head_s, head_t, h_s, h_t, labels = setup()
     head_t = head_t.to(torch.bfloat16)
     sel = labels[:, 1:] != -100
@@ -70,7 +69,7 @@ def test_fused_equals_chunked(loss, chunk):
     chunked autograd loss's value and gradients, for the hidden states and the head."""
     from reasoning_qat.kd import fused_distill_loss
 
-    kd = KDConfig(loss=loss, temperature=1.5 if loss != "ce" else 1.0, jsd_beta=0.3, chunk_size=chunk)
+    kd = KDSpec(loss=loss, temperature=1.5 if loss != "ce" else 1.0, jsd_beta=0.3, chunk_size=chunk)
     head_s, head_t, h_s, h_t, labels = setup(seed=1)
     sel = labels[:, 1:] != -100
     args = (h_s[:, :-1][sel], h_t[:, :-1][sel], head_s, head_t, labels[:, 1:][sel], kd, chunk)
@@ -88,7 +87,7 @@ def test_fused_in_bf16_tracks_float32_and_trains_a_tied_head():
     embedding gets the gradient of both uses."""
     from reasoning_qat.kd import fused_distill_loss
 
-    kd = KDConfig(loss="forward_kl", chunk_size=5)
+    kd = KDSpec(loss="forward_kl", chunk_size=5)
     head_s, head_t, _, h_t, labels = setup(seed=2)
     emb = torch.nn.Embedding(50, 16)
     head_s.weight = emb.weight  # tied, as in Qwen3-0.6B/1.7B
@@ -109,13 +108,13 @@ def test_fused_in_bf16_tracks_float32_and_trains_a_tied_head():
 def test_fused_skips_gradients_without_grad_mode():
     from reasoning_qat.kd import can_fuse, fused_distill_loss
 
-    kd = KDConfig(loss="jsd", chunk_size=3)
+    kd = KDSpec(loss="jsd", chunk_size=3)
     head_s, head_t, h_s, h_t, labels = setup()
     sel = labels[:, 1:] != -100
     with torch.no_grad():
         v = fused_distill_loss(h_s[:, :-1][sel], h_t[:, :-1][sel], head_s, head_t, labels[:, 1:][sel], kd, 3)
     assert not v.requires_grad and torch.isfinite(v)
     assert can_fuse(head_s, head_t, kd)
-    assert not can_fuse(head_s, head_t, KDConfig(loss="forward_kl", top_k=5))
+    assert not can_fuse(head_s, head_t, KDSpec(loss="forward_kl", top_k=5))
     assert not can_fuse(torch.nn.Linear(16, 50), head_t, kd)  # a head with a bias
-    assert not can_fuse(head_s, head_t, KDConfig(fused=False))
+    assert not can_fuse(head_s, head_t, KDSpec(fused=False))

@@ -131,7 +131,7 @@ def test_qwen3_recipes_resolve_architecture_from_local_config(tmp_path, monkeypa
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     from reasoning_qat.models import load_config
-    from reasoning_qat.quant import targets_from_recipe
+    from reasoning_qat.stages.specs import quant_spec
 
     monkeypatch.chdir(ROOT)
     r = load_recipe(ROOT / "recipes" / f"{recipe}.yaml")
@@ -144,7 +144,7 @@ def test_qwen3_recipes_resolve_architecture_from_local_config(tmp_path, monkeypa
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     for bits in r.quant.bits:
-        plan = targets_from_recipe(r.quant, bits).resolve(model)
+        plan = quant_spec(r, bits).weights.resolve(model)
         assert len(plan) == layers * 7
         assert all(s.group_size == 128 and s.bits == bits for s in plan.values())
         assert not any(n.startswith("lm_head") for n in plan)

@@ -5,7 +5,16 @@ import pytest
 import torch
 
 from reasoning_qat.errors import UserError
-from reasoning_qat.quant.act_quant import ActQuantizer, KVQuantizer, install_act_quant, install_quant_attention
+from reasoning_qat.quant.act_quant import ActQuantizer, KVQuantizer, install_quant_attention
+from reasoning_qat.quant.runtime import install_quant_spec
+from reasoning_qat.quant.scheme import (
+    ActivationScheme,
+    KVCacheScheme,
+    QuantScheme,
+    QuantSpec,
+    QuantTargets,
+    RotationScheme,
+)
 from reasoning_qat.quant.rotation import fwht, hadamard_matrix, install_online_rotations, random_hadamard, rotate
 
 from .conftest import tiny_qwen3
@@ -100,10 +109,10 @@ def test_kv_quantizer_groups_per_head():
 def _quantized_model():
     model = tiny_qwen3(vocab_size=50, hidden=64, inter=96, layers=2).double()
     rotate(model, seed=0)
-    install_online_rotations(model)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
-    install_act_quant(linears, ActQuantizer(4))
-    install_quant_attention(model, KVQuantizer(4, group_size=8))
+    spec = QuantSpec(QuantTargets(QuantScheme(4)), ActivationScheme(4), KVCacheScheme(4, group_size=8),
+                     RotationScheme("hadamard", 0))
+    assert install_quant_spec(model, spec)
+    assert not install_quant_spec(model, spec)  # once per model
     return model.eval()
 
 
@@ -131,7 +140,7 @@ def test_kv_quantization_acts_during_cached_generation():
 def test_w4a4kv4_demo_end_to_end(tmp_path):
     """The demo at w4a4kv4 with Hadamard rotation: ptq (GPTQ and RTN on rotated weights), KD-QAT
     with activation and KV fake-quant, export, eval through transformers, compare. The export
-    carries its runtime in config.json: our loader reproduces the QAT student's function, a plain
+    carries its QuantSpec beside its weights (quant_spec.json): our loader reproduces the QAT student's function, a plain
     AutoModelForCausalLM load (weights only) does not, and vLLM is refused with one line."""
     import json
     import subprocess
@@ -158,7 +167,7 @@ def test_w4a4kv4_demo_end_to_end(tmp_path):
     table = (run / "compare" / "compare.md").read_text()
     assert "KD-QAT (Hadamard, A4, KV4)" in table and "GPTQ (domain calib) (Hadamard, A4, KV4)" in table
     export = run / "export" / "w4-qat" / "dequantized"
-    spec = json.loads((export / "config.json").read_text())["rqat_runtime"]
+    spec = json.loads((export / "quant_spec.json").read_text())
     assert spec["rotation"]["kind"] == "hadamard" and spec["activations"]["bits"] == 4 and spec["kv_cache"]["bits"] == 4
     ids = torch.randint(3, 60, (2, 20))
     student = load_quantized_checkpoint(run / "qat" / "w4-qat" / "model").eval()

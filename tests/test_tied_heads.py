@@ -80,7 +80,7 @@ def test_a_quantized_tied_head_is_untied_in_every_checkpoint_and_export(tmp_path
 
 def test_gptq_refuses_a_head_in_one_line_before_calibrating():
     model, _ = _tied()
-    with pytest.raises(UserError, match=r"^ptq: GPTQ quantizes the decoder layers only; 1 targeted layer.*lm_head.*quant\.ignore"):
+    with pytest.raises(UserError, match=r"^ignore: GPTQ quantizes the decoder layers only; 1 targeted layer.*lm_head.*add them to ignore"):
         gptq_quantize_model(model, TARGETS.resolve(model), torch.zeros(2, 8, dtype=torch.long))
 
 

@@ -19,43 +19,69 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import SpecError
 from .reasoning import read_jsonl, tokenize_example
 
 
+@dataclass(frozen=True)
+class TraceSpec:
+    """Which reasoning traces a dataset gives and how they become training examples: the columns
+    (`prompt_field`, `response_field`: one trace or a list of generations, `answer_field`), which trace per
+    row (`select`: first, verified (the dataset's own `verified_field` / `complete_field` flags, else graded
+    against the answer), all), `max_samples` source rows, `max_length` tokens per example and what happens
+    beyond it (`overlength`: drop, truncate), `num_proc` datasets.map workers (None: the cores for large sets).
+    Errors name these keys (SpecError)."""
+
+    source: str = "demo"
+    subset: str | None = None
+    split: str = "train"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    answer_field: str = "answer"
+    max_samples: int | None = None
+    max_length: int = 2048
+    select: str = "first"
+    verified_field: str | None = None
+    complete_field: str | None = None
+    overlength: str = "drop"
+    num_proc: int | None = None
+
+
 def open_dataset(source: str, split: str = "train", subset: str | None = None, demo_dir: str | Path | None = None,
-                 field: str = "data.source", offline_hint: str = "", data_files: list[str] | None = None):
+                 field: str = "source", offline_hint: str = "", data_files: list[str] | None = None):
     """A `datasets.Dataset` over `source`: `demo`, a .jsonl file, a `save_to_disk` directory or a hub id.
-    Hub and disk datasets are memory-mapped Arrow tables: opening one reads no rows."""
+    Hub and disk datasets are memory-mapped Arrow tables: opening one reads no rows. Raises SpecError
+    naming `field` when the source cannot be opened."""
     from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
     if source == "demo":
         if demo_dir is None:
-            raise UserError(f"{field}: 'demo' needs the demo teacher (model.demo) in the recipe")
+            raise SpecError(field, "'demo' needs the demo teacher's data (model.demo in a recipe)")
         return Dataset.from_list(read_jsonl(Path(demo_dir) / f"{split}.jsonl"))
     if source.endswith(".jsonl"):
         if not Path(source).is_file():
-            raise UserError(f"{field}: no such file {source!r}")
+            raise SpecError(field, f"no such file {source!r}")
         return Dataset.from_list(read_jsonl(source))
     saved = [Path(source) / f for f in ("dataset_dict.json", "dataset_info.json", "state.json")]
     if Path(source).is_dir() and any(f.is_file() for f in saved):  # written by save_to_disk
         ds = load_from_disk(source)
         if isinstance(ds, DatasetDict):
             if split not in ds:
-                raise UserError(f"{field}: {source!r} has no split {split!r} (has {sorted(ds)})")
+                raise SpecError(field, f"{source!r} has no split {split!r} (has {sorted(ds)})")
             ds = ds[split]
         return ds
     try:
         return load_dataset(source, subset, split=split, **({"data_files": data_files} if data_files else {}))
     except Exception as err:  # offline, unknown id, no such split: the datasets library's many error types
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise UserError(f"{field}: cannot load {source!r} ({type(err).__name__}: {first[:200]})"
+        raise SpecError(field, f"cannot load {source!r} ({type(err).__name__}: {first[:200]})"
                         + (f"; {offline_hint}" if offline_hint else "; give a local .jsonl file or dataset directory")) from err
 
 
-def workers(data, n_rows: int) -> int | None:
+def workers(data: TraceSpec, n_rows: int) -> int | None:
     """`num_proc` for datasets.map: the recipe's, else the cores for large sets (processes cost more
     than they save on a few thousand rows)."""
     if data.num_proc is not None:
@@ -114,17 +140,17 @@ def _pick(batch, data, with_response: bool, tokenizer=None):
     return out
 
 
-def select_traces(ds, data, with_response: bool = True, tokenizer=None, field: str = "qat.data"):
+def select_traces(ds, data: TraceSpec, with_response: bool = True, tokenizer=None):
     """Rows {prompt, response, answer, status} from a raw dataset, `max_samples` applied first.
     `tokenizer`: the model's, whose chat template decides where a trace's thinking ends when
-    `select: verified` grades it (None: as if the prompt never opened the thinking). `field`: the
-    recipe section named in errors."""
-    missing = [f for f in (data.prompt_field, data.response_field if with_response else None,
-                           data.verified_field if data.select == "verified" else None,
-                           data.complete_field if data.select == "verified" else None)
-               if f and f not in ds.column_names]
+    `select: verified` grades it (None: as if the prompt never opened the thinking). Raises SpecError
+    naming the `*_field` key whose column the dataset lacks."""
+    keys = ("prompt_field", "response_field" if with_response else None,
+            "verified_field" if data.select == "verified" else None, "complete_field" if data.select == "verified" else None)
+    missing = [k for k in keys if k and getattr(data, k) and getattr(data, k) not in ds.column_names]
     if missing:
-        raise UserError(f"{field}: the dataset has no column {missing[0]!r} (columns: {', '.join(ds.column_names)})")
+        raise SpecError(missing[0], f"the dataset has no column {getattr(data, missing[0])!r} "
+                                    f"(columns: {', '.join(ds.column_names)})")
     if data.max_samples:
         ds = ds.select(range(min(len(ds), data.max_samples)))  # an index mapping: nothing is read yet
     return ds.map(_pick, batched=True, batch_size=256, remove_columns=ds.column_names, num_proc=workers(data, len(ds)),
@@ -147,8 +173,9 @@ def _tokenize(batch, tokenizer, max_length: int, overlength: str):
     return out
 
 
-def tokenize_traces(rows, tokenizer, data):
-    """Tokenized examples (input_ids, labels) and the statistics of what was kept and why."""
+def tokenize_traces(rows, tokenizer, data: TraceSpec):
+    """Tokenized examples (input_ids, labels) and the statistics of what was kept and why. Raises SpecError
+    (`max_length`) when nothing is kept."""
     toks = rows.map(_tokenize, batched=True, batch_size=256, num_proc=workers(data, len(rows)),
                     fn_kwargs={"tokenizer": tokenizer, "max_length": data.max_length, "overlength": data.overlength},
                     remove_columns=[c for c in rows.column_names if c != "status"], desc="tokenizing")
@@ -166,8 +193,8 @@ def tokenize_traces(rows, tokenizer, data):
         "overlength": data.overlength,
     }
     if not len(kept):
-        raise UserError(f"qat.data: no example was kept ({stats['dropped']}); raise qat.data.max_length, use "
-                        "overlength: truncate, or select: first")
+        raise SpecError("max_length", f"no example was kept ({stats['dropped']}); raise max_length, use "
+                                      "overlength: truncate, or select: first")
     return kept.select_columns(["input_ids", "labels"]), stats
 
 

@@ -37,7 +37,7 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 
 
 def load_rows(source: str, split: str = "train", demo_dir: str | Path | None = None, subset: str | None = None,
-              field: str = "data.source", offline_hint: str = "", limit: int | None = None,
+              field: str = "source", offline_hint: str = "", limit: int | None = None,
               data_files: list[str] | None = None) -> list[dict]:
     """Rows of `demo` (the run's generated split), a .jsonl file, a dataset directory or a hub id, as
     dicts: the first `limit` only, selected before any row is read (see qat_data.open_dataset)."""

@@ -9,14 +9,31 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..errors import UserError
+from ..errors import SpecError
 from ..evaluation.grader import grade
 from .reasoning import generation_prompt, read_jsonl
 from .thinking import prompt_opens_thinking
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """How the teacher writes each response: sampling (`temperature`, `top_p`, `top_k`; Qwen3's thinking-mode
+    defaults), at most `max_new_tokens`, `batch_size` prompts per batch, on `backend` (auto: vLLM where it
+    runs), and which responses train (`keep`: all, finished = not cut by max_new_tokens, correct = graded
+    against the row's answer)."""
+
+    max_new_tokens: int = 4096
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 20
+    batch_size: int = 64
+    backend: str = "auto"
+    keep: str = "all"
 
 
 def _done_lines(path: Path) -> int:
@@ -30,7 +47,7 @@ def _done_lines(path: Path) -> int:
     return complete.count("\n")
 
 
-def generate_teacher_responses(engine, rows: list[dict], out_path: str | Path, gen, seed: int = 0,
+def generate_teacher_responses(engine, rows: list[dict], out_path: str | Path, gen: GenerationSpec, seed: int = 0,
                                timing: dict | None = None) -> list[dict]:
     """Generate one response per row with `engine` (an evaluation backend) and return the kept rows.
 
@@ -41,7 +58,7 @@ def generate_teacher_responses(engine, rows: list[dict], out_path: str | Path, g
     """
     out_path = Path(out_path)
     if gen.keep == "correct" and any("answer" not in r for r in rows):
-        raise UserError("qat.data.generation.keep: 'correct' needs an 'answer' field in every row")
+        raise SpecError("generation.keep", "'correct' needs an 'answer' field in every row")
     start = _done_lines(out_path)
     t0, tokens = time.perf_counter(), 0
     with open(out_path, "a") as f, tqdm(total=len(rows), initial=start, desc="teacher responses") as bar:
@@ -71,5 +88,5 @@ def generate_teacher_responses(engine, rows: list[dict], out_path: str | Path, g
 def kept_rows(path: str | Path) -> list[dict]:
     rows = [r for r in read_jsonl(path) if r["kept"]]
     if not rows:
-        raise UserError(f"qat.data.generation.keep: no teacher response was kept in {path}; use keep: all or raise max_new_tokens")
+        raise SpecError("generation.keep", f"no teacher response was kept in {path}; use keep: all or raise max_new_tokens")
     return [{k: r[k] for k in ("prompt", "response", "answer") if k in r} for r in rows]

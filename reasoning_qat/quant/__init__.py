@@ -14,12 +14,12 @@ _HOMES = {
     "swap_out_fake_quant": "fake_quant",
     "QuantScheme": "scheme",
     "QuantTargets": "scheme",
-    "targets_from_recipe": "scheme",
+    "QuantSpec": "scheme",
 }
 
 __all__ = [  # noqa: RUF022 (grouped by home module)
     "FakeQuantLinear", "QuantizedWeight", "fake_quant_modules", "swap_in_fake_quant", "swap_out_fake_quant",
-    "QuantScheme", "QuantTargets", "targets_from_recipe",
+    "QuantScheme", "QuantTargets", "QuantSpec",
 ]
 
 

@@ -10,6 +10,9 @@
   step; the quantization is per token, so quantizing a cached entry again gives the same value as
   storing it quantized: cached generation computes exactly the full-recompute function
   (tests/test_rotation.py).
+
+Which model computes which of these is its `QuantSpec` (quant/scheme.py), installed by quant/runtime.py;
+the activation quantizer is held by each quantized Linear (`input_quantizer`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 
 def _fake_quant_last_dim(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float) -> torch.Tensor:
@@ -69,12 +71,6 @@ class KVQuantizer:
         return _ste(x, q)
 
 
-def install_act_quant(modules: dict[str, nn.Module], quantizer: ActQuantizer) -> list:
-    """A forward pre-hook quantizing the input of each module (after any hook registered before,
-    e.g. the online Hadamard of down_proj). Returns the handles."""
-    return [m.register_forward_pre_hook(lambda mod, args: (quantizer(args[0]), *args[1:])) for m in modules.values()]
-
-
 ATTENTION_NAME = "rqat_quant"
 
 
@@ -104,49 +100,3 @@ def install_quant_attention(model, kv: KVQuantizer | None) -> None:
         cfg = getattr(m, "config", None)
         if cfg is not None and hasattr(cfg, "_attn_implementation"):
             cfg._attn_implementation = ATTENTION_NAME
-
-
-# ---- the runtime of a W4A4KV4 model: what its config says, installed on load -------------------------
-
-def runtime_spec(recipe, module_names) -> dict | None:
-    """What a model of this recipe computes beyond its weights (None: weight-only): the rotation,
-    the activation quantizer of the listed modules' inputs, the KV quantizer. Stored in the
-    model's config (`rqat_runtime`), so every checkpoint says what it needs to be run."""
-    q, p = recipe.quant, recipe.ptq
-    if not (q.activations or q.kv_cache or p.rotation != "none"):
-        return None
-    return {"rotation": {"kind": p.rotation, "seed": p.rotation_seed} if p.rotation != "none" else None,
-            "activations": q.activations.model_dump() if q.activations else None,
-            "act_modules": sorted(module_names) if q.activations else [],
-            "kv_cache": q.kv_cache.model_dump() if q.kv_cache else None}
-
-
-def apply_runtime(model, spec: dict | None = None) -> bool:
-    """Install the online parts a config's `rqat_runtime` names (online Hadamards, activation and KV
-    fake quantization) on `model`, whose weights already hold the offline parts. Once per model.
-    Returns whether anything was installed."""
-    from .rotation import install_online_rotations
-
-    spec = spec if spec is not None else getattr(model.config, "rqat_runtime", None)
-    if not spec or getattr(model, "_rqat_runtime", None) is not None:
-        return False
-    model.config.rqat_runtime = spec
-    if spec.get("rotation"):
-        install_online_rotations(model)
-    if spec.get("activations"):
-        names = set(spec["act_modules"])
-        install_act_quant({n: m for n, m in model.named_modules() if n in names}, ActQuantizer(**spec["activations"]))
-    kv = spec.get("kv_cache")
-    if spec.get("rotation") or kv:
-        install_quant_attention(model, KVQuantizer(**kv) if kv else None)
-    model._rqat_runtime = spec
-    return True
-
-
-def needs_runtime(path) -> bool:
-    """True for a checkpoint directory whose config names an rqat runtime (W4A4KV4 and friends)."""
-    import json
-    from pathlib import Path
-
-    cfg = Path(path) / "config.json"
-    return cfg.is_file() and bool(json.loads(cfg.read_text()).get("rqat_runtime"))

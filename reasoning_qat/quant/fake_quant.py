@@ -34,7 +34,13 @@ class QuantizedWeight:
     scheme: QuantScheme
 
     def dequantize(self) -> torch.Tensor:
+        """The weight the codes stand for, [out, in] float32: (codes - zero) * scale per group."""
         return dequantize(self.codes, self.scale, self.zero, self.g_idx)
+
+    def to(self, device) -> QuantizedWeight:
+        """The same weight with every tensor on `device`."""
+        return QuantizedWeight(self.codes.to(device), self.scale.to(device), self.zero.to(device),
+                               self.g_idx.to(device), self.scheme)
 
     @classmethod
     def rtn(cls, weight: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
@@ -94,6 +100,9 @@ class FakeQuantLinear(nn.Module):
     compiled = False  # set by use_compiled_fake_quant
     frozen = False  # set by frozen_fake_quant: reuse one quantized weight for many forwards
     _cache: torch.Tensor | None = None
+    # per-token quantizer of the input (W4A4: quant/runtime.py installs it), applied after any
+    # forward pre-hook (the online Hadamard of down_proj), as torchao's FakeQuantizedLinear does
+    input_quantizer = None
 
     def quantized_weight(self) -> torch.Tensor:
         fn = compiled_fake_quantize() if self.compiled else fake_quantize
@@ -101,6 +110,8 @@ class FakeQuantLinear(nn.Module):
                   self.step)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
         if self.frozen:
             if self._cache is None or self._cache.dtype != x.dtype:
                 self._cache = self.quantized_weight().detach().to(x.dtype)
@@ -117,6 +128,24 @@ class FakeQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         s = self.scheme
         return f"{self.in_features}, {self.out_features}, w{s.bits}g{s.group_size}{'sym' if s.symmetric else 'asym'}"
+
+
+class ActQuantLinear(nn.Linear):
+    """A plain Linear (a dequantized export's) whose input is fake-quantized per token first: the A of
+    W4A4 on a model without FakeQuantLinear modules. quant/runtime.py turns a loaded nn.Linear into one in
+    place (same parameters, same state-dict keys)."""
+
+    input_quantizer = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.input_quantizer(x) if self.input_quantizer is not None else x)
+
+
+def layer_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What `module` computes with when called on `x`: x after its input quantizer, if it has one (GPTQ's
+    Hessian and the diagnostics' statistics are of this, not of the raw input)."""
+    q = getattr(module, "input_quantizer", None)
+    return q(x) if q is not None else x
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -192,6 +221,14 @@ def use_compiled_fake_quant(model: nn.Module, on: bool = True) -> int:
 
 def fake_quant_modules(model: nn.Module) -> dict[str, FakeQuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+
+
+def train_quantizers(model: nn.Module, on: bool) -> None:
+    """Whether the step sizes and zero points of every FakeQuantLinear train (a symmetric scheme's zero
+    point never does: it is fixed at the grid's middle)."""
+    for m in fake_quant_modules(model).values():
+        m.scale.requires_grad_(on)
+        m.zero.requires_grad_(on and not m.scheme.symmetric)
 
 
 def quant_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

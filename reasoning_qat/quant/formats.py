@@ -32,6 +32,7 @@ from torch import nn
 from ..errors import UserError
 from .fake_quant import FakeQuantLinear, QuantizedWeight, _set_module, fake_quant_modules, swap_out_fake_quant
 from .quantizer import is_contiguous_groups
+from .runtime import install_quant_spec, read_quant_spec, write_quant_spec
 from .scheme import QuantScheme
 
 QUANT_META = "quant_meta.json"
@@ -89,6 +90,7 @@ def save_quantized_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer=N
         tokenizer.save_pretrained(out_dir)
     meta = {"format": FORMAT_VERSION, "modules": modules, **(extra_meta or {})}
     (out_dir / QUANT_META).write_text(json.dumps(meta, indent=1))
+    write_quant_spec(model, out_dir)
 
 
 def read_quantized_weights(path: str | Path) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], dict]:
@@ -117,16 +119,14 @@ def load_quantized_checkpoint(path: str | Path, dtype=torch.float32, device="cpu
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise UserError(f"{path}: {name} is not a Linear layer in this architecture")
-        _set_module(model, name, FakeQuantLinear(linear, _to(qw, device)))
+        _set_module(model, name, FakeQuantLinear(linear, qw.to(device)))
     missing, unexpected = model.load_state_dict(rest, strict=False)
     quant_keys = {f"{n}.{p}" for n in qws for p in FakeQuantLinear.STATE}
     missing = [k for k in missing if k not in quant_keys and not _is_tied(model, k)]
     if missing or unexpected:
         raise UserError(f"{path}: checkpoint does not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
-    from .act_quant import apply_runtime
-
-    apply_runtime(model)  # rotations / activation and KV quantizers the config names (W4A4KV4)
+    install_quant_spec(model, read_quant_spec(path))  # rotations, activation and KV quantizers (W4A4KV4)
     return model
 
 
@@ -149,16 +149,13 @@ def _is_tied(model, key: str) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False)) and key.startswith("lm_head.")
 
 
-def _to(qw: QuantizedWeight, device) -> QuantizedWeight:
-    return QuantizedWeight(qw.codes.to(device), qw.scale.to(device), qw.zero.to(device), qw.g_idx.to(device), qw.scheme)
-
-
 def export_dequantized(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype=torch.bfloat16):
     """Plain transformers checkpoint with the dequantized weights; returns the quantized weights."""
     qws = swap_out_fake_quant(model)
     model.to(dtype)
     _for_inference(model)
     model.save_pretrained(out_dir)
+    write_quant_spec(model, out_dir)  # what it computes beyond these weights (W4A4KV4), for every loader
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return qws

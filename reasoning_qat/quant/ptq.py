@@ -14,8 +14,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..architecture import LinearShape
-from ..errors import UserError
-from .fake_quant import QuantizedWeight
+from ..errors import SpecError, UserError
+from .fake_quant import QuantizedWeight, layer_input
 from .gptq import HessianAccumulator, dead_inputs, gptq_quantize, participation_ratio, weighted_error
 from .scheme import QuantScheme
 
@@ -143,15 +143,17 @@ def gptq_quantize_model(
     by_layer = linears_by_layer(model, layers, plan)
     outside = outside_decoder_layers(plan, by_layer)
     if outside:  # before any calibration work: GPTQ runs decoder layer by layer
-        raise UserError(f"ptq: GPTQ quantizes the decoder layers only; {len(outside)} targeted layer(s) are outside them, e.g. "
-                        f"{outside[0]}; add them to quant.ignore, or use ptq.method: rtn")
+        raise SpecError("ignore", f"GPTQ quantizes the decoder layers only; {len(outside)} targeted layer(s) are outside "
+                                  f"them, e.g. {outside[0]}; add them to ignore, or quantize them with RTN")
     states = capture_layer_inputs(model, layers, calib, device, batch_size)
     qws, errors = {}, {}
     for layer, local in tqdm(zip(layers, by_layer), total=len(layers), desc="gptq layers",
                              disable=not progress, leave=False):
         for group in _sequential_groups(local, true_sequential):
             accs = {n: HessianAccumulator(model.get_submodule(n).in_features, device) for n in group}
-            handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: accs[n].add(a[0])) for n in group]
+            # the Hessian of what the layer computes with: its input after its activation quantizer (W4A4)
+            handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: accs[n].add(layer_input(m, a[0])))
+                       for n in group]
             with _tf32():
                 for hidden, kwargs in states:
                     layer(hidden, **kwargs)

@@ -18,6 +18,7 @@ from ..data.calibration import domain_calibration, generic_calibration
 from ..data.qat_data import save_tokenized, select_traces, tokenize_traces
 from ..pipeline import StageContext
 from .common import load_teacher_tokenizer, open_source, source_rows, teacher_source
+from .specs import engine_settings, generation_spec, recipe_keys, trace_spec
 
 
 def run(ctx: StageContext) -> dict:
@@ -52,8 +53,11 @@ def build_qat_data(ctx: StageContext, tok):
         traces = Dataset.from_list([{"prompt": x["prompt"], "response": x["response"], "answer": x.get("answer"),
                                      "status": "kept"} for x in rows])
     else:
-        traces = select_traces(open_source(ctx, data), data, tokenizer=tok)
-    tokenized, stats = tokenize_traces(traces, tok, data)
+        ds = open_source(ctx, data)
+        with recipe_keys("qat.data"):
+            traces = select_traces(ds, trace_spec(data), tokenizer=tok)
+    with recipe_keys("qat.data"):
+        tokenized, stats = tokenize_traces(traces, tok, trace_spec(data))
     if data.responses == "teacher":
         stats["teacher_responses"] = {"rows": len(rows), "kept_by": data.generation.keep, **timing}
     return tokenized, stats
@@ -61,16 +65,19 @@ def build_qat_data(ctx: StageContext, tok):
 
 def write_teacher_data(ctx: StageContext, timing: dict | None = None) -> list[dict]:
     from ..data.teacher_responses import generate_teacher_responses
-    from ..evaluation.backends import EngineSettings, make_backend
+    from ..evaluation.backends import make_backend
 
     r, data = ctx.recipe, ctx.recipe.qat.data
     g = data.generation
     src = teacher_source(ctx)
-    engine = make_backend(g.backend, src.id, g.batch_size, src.trust_remote_code, r.seed, EngineSettings.from_config(r.eval))
+    with recipe_keys("qat.data.generation"):  # the engine's errors name the key that chose it
+        engine = make_backend(g.backend, src.id, g.batch_size, src.trust_remote_code, r.seed, engine_settings(r))
     if timing is not None:
         timing["engine"] = type(engine).__name__
     try:
-        return generate_teacher_responses(engine, source_rows(ctx, data, engine.tokenizer, prompts_only=True), ctx.layout.teacher_responses(),
-                                          g, r.seed, timing)
+        rows = source_rows(ctx, data, engine.tokenizer, prompts_only=True)
+        with recipe_keys("qat.data"):
+            return generate_teacher_responses(engine, rows, ctx.layout.teacher_responses(), generation_spec(data), r.seed,
+                                              timing)
     finally:
         engine.close()

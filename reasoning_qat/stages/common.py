@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 from ..recipe import DataConfig, Recipe
-from ..run_layout import ModelSource, Variant
+from ..run_layout import ModelSource, finish
+from .specs import data_prefix, recipe_keys, trace_spec
 
 
 def teacher_source(ctx) -> ModelSource:
@@ -45,27 +45,25 @@ def checkpoint_source(ctx, path) -> ModelSource:
     return teacher_source(ctx).at(path)
 
 
-def open_source(ctx, data: DataConfig, field: str = "qat.data.source"):
-    """The raw dataset `data` names, lazily (see data/qat_data.py)."""
+def open_source(ctx, data: DataConfig):
+    """The raw dataset a recipe data section (`qat.data`, `rl.data`) names, lazily (data/qat_data.py)."""
     from ..data.qat_data import open_dataset
 
-    return open_dataset(data.source, data.split, data.subset, ctx.layout.demo_data(), field=field)
+    with recipe_keys(data_prefix(ctx.recipe, data)):
+        return open_dataset(data.source, data.split, data.subset, ctx.layout.demo_data())
 
 
-def source_rows(ctx, data: DataConfig, tokenizer, prompts_only: bool = False, field: str = "qat.data.source") -> list[dict]:
-    """The rows `data` names as {prompt, response, answer}: one trace each by `data.select`, graded
-    in `tokenizer`'s chat format (response "" when prompts_only). For the small sets that are used as
+def source_rows(ctx, data: DataConfig, tokenizer, prompts_only: bool = False) -> list[dict]:
+    """The rows a recipe data section names as {prompt, response, answer}: one trace each by `select`,
+    graded in `tokenizer`'s chat format (response "" when prompts_only). For the small sets that are used as
     lists (RL prompts, the prompts the teacher answers); the QAT set itself stays a dataset
-    (calibrate.build_qat_data)."""
+    (calibrate.build_qat_data). Raises RecipeError naming the section's key at fault."""
     from ..data.qat_data import select_traces
 
-    rows = select_traces(open_source(ctx, data, field), data, with_response=not prompts_only, tokenizer=tokenizer,
-                         field=field.removesuffix(".source"))
+    ds = open_source(ctx, data)
+    with recipe_keys(data_prefix(ctx.recipe, data)):
+        rows = select_traces(ds, trace_spec(data), with_response=not prompts_only, tokenizer=tokenizer)
     return [{k: v for k, v in r.items() if v is not None and k != "status"} for r in rows if r["status"] == "kept"]
-
-
-def variant(bits: int, method: str) -> Variant:
-    return Variant(bits, method)
 
 
 def rl_method(recipe: Recipe) -> str:
@@ -78,20 +76,11 @@ def ptq_methods(recipe: Recipe) -> list[str]:
     return list(dict.fromkeys([recipe.ptq.method, *recipe.ptq.baselines]))
 
 
-def exists_done(path: Path) -> bool:
-    return (path / ".done").is_file()
-
-
-def mark_done(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / ".done").write_text("")
-
-
-def finish_training(out: Path, metrics_file: str, metrics: dict, log_history: list) -> None:
-    """Record a finished training run and mark it done (QAT and RL share this)."""
-    (out / metrics_file).write_text(json.dumps(metrics, indent=1))
-    (out / "log_history.json").write_text(json.dumps(log_history, indent=1))
+def finish_training(ctx, stage: str, v, metrics: dict, log_history: list) -> None:
+    """Record a finished training run (qat or rl stage) and mark the variant done."""
+    out = ctx.layout.trained(v)
+    ctx.layout.log_history(v).write_text(json.dumps(log_history, indent=1))
     # Optimizer states are several times the model; the finished stage keeps only the result.
-    for ckpt in (out / "trainer").glob("checkpoint-*"):
+    for ckpt in ctx.layout.trainer(v).glob("checkpoint-*"):
         shutil.rmtree(ckpt)
-    mark_done(out)
+    finish(out, ctx.layout.variant_metrics(stage, v), metrics)

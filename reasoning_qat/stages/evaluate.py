@@ -13,16 +13,22 @@ import json
 
 import torch
 
-from ..evaluation.backends import EngineSettings, pick_backend
+from ..evaluation.backends import pick_backend
 from ..evaluation.runner import evaluate
 from ..evaluation.tasks import expand_tasks, load_task
 from ..pipeline import StageContext
-from ..run_layout import BF16
+from ..run_layout import BF16, finished_metrics
 from ..serving import vllm_refuses_packed
 from .common import teacher_path
+from .specs import engine_settings, recipe_keys
 
 
 def run(ctx: StageContext) -> dict:
+    with recipe_keys("eval"):  # the library's errors (`backend`, `tasks`, `max_model_len`) as eval.* keys
+        return _run(ctx)
+
+
+def _run(ctx: StageContext) -> dict:
     r, e = ctx.recipe, ctx.recipe.eval
     tasks = [load_task(t, e.task_options.get(t)) for t in expand_tasks(e.tasks)]  # suites (`reasoning`) expanded
     models = {BF16: teacher_path(ctx)}
@@ -45,39 +51,37 @@ def run(ctx: StageContext) -> dict:
         name = str(v)
         for task in tasks:
             out = ctx.layout.eval(v, task.name)
-            if (out / "metrics.json").is_file():
-                m = json.loads((out / "metrics.json").read_text())
-            else:
+            m = finished_metrics(out, ctx.layout.eval_metrics(v, task.name))
+            if m is None:
                 m = evaluate(path, task, out, backend=e.backend, samples=e.samples, limit=e.limit,
                              demo_dir=ctx.layout.demo_data(), batch_size=e.batch_size,
                              max_new_tokens=e.max_new_tokens, temperature=e.temperature,
-                             settings=EngineSettings.from_config(e), data=e.data,
+                             settings=engine_settings(r), data=e.data,
                              trust_remote_code=r.model.trust_remote_code, seed=e.seed)
             metrics.setdefault(name, {})[task.name] = {k: m[k] for k in ("pass@1", "ci95", "truncation_rate",
                                                                           "mean_response_tokens", "problems", "backend",
                                                                           "sandbox") if k in m}
             if e.reference_ce and task.source == "demo" and ctx.layout.demo_data() is not None:
-                metrics[name][task.name].update(_reference_ce(ctx, path, out, task))
+                metrics[name][task.name].update(_reference_ce(ctx, path, ctx.layout.eval_ce(v, task.name), task))
             print(f"  {name:>18} {task.name}: pass@1 {m['pass@1']:.3f} ± {m['ci95']:.3f}"
                   + (f", held-out CE {metrics[name][task.name]['ce']:.4f}" if "ce" in metrics[name][task.name] else ""))
     return metrics
 
 
-def _reference_ce(ctx: StageContext, model_path: str, out, task) -> dict:
+def _reference_ce(ctx: StageContext, model_path: str, f, task) -> dict:
     """Cross-entropy of the task's held-out reference solutions (the demo test split), kept in
     ce.json beside the task's metrics so a resumed eval does not recompute it."""
     from ..data.reasoning import read_jsonl
     from ..evaluation.likelihood import reference_ce_of
 
-    f = out / "ce.json"
     if f.is_file():
         return json.loads(f.read_text())
     e = ctx.recipe.eval
-    rows = read_jsonl(ctx.layout.demo_data() / f"{task.split}.jsonl")
+    rows = read_jsonl(ctx.layout.demo_split(task.split))
     # a teacher-forced forward gains nothing from generation's batch (1200 on the GPU organism), and
     # full-length activations of that many sequences ran out of memory beside other runs: 64 at a time
     m = reference_ce_of(model_path, rows[: e.limit] if e.limit else rows, batch_size=min(e.batch_size, 64),
                         trust_remote_code=ctx.recipe.model.trust_remote_code)
-    out.mkdir(parents=True, exist_ok=True)
+    f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(m))
     return m

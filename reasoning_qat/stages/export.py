@@ -17,16 +17,16 @@ from ..quant.formats import (
     export_gptq,
     load_quantized_checkpoint,
 )
-from ..run_layout import Variant
-from .common import checkpoint_source, exists_done, mark_done, ptq_methods, rl_method, variant
+from ..run_layout import Variant, finish, finished_metrics
+from .common import checkpoint_source, ptq_methods, rl_method
 
 
 def quantized_variants(ctx: StageContext) -> list[Variant]:
     """Every quantized variant the stages that ran produced."""
     r, found = ctx.recipe, []
     for bits in r.quant.bits:
-        found += [variant(bits, m) for m in ptq_methods(r)]
-        found += [variant(bits, m) for m, stage in (("qat", "qat"), (rl_method(r), "rl")) if stage in ctx.inputs]
+        found += [Variant(bits, m) for m in ptq_methods(r)]
+        found += [Variant(bits, m) for m, stage in (("qat", "qat"), (rl_method(r), "rl")) if stage in ctx.inputs]
     return found
 
 
@@ -42,10 +42,10 @@ def run(ctx: StageContext) -> dict:
     metrics = {}
     for v in quantized_variants(ctx):
         out, src = ctx.layout.export(v), ctx.layout.checkpoint(v)
-        if not exists_done(out):
+        if finished_metrics(out) is None:
             tok = checkpoint_source(ctx, src).tokenizer()
             for fmt in r.export.formats:  # each writer consumes its own fresh copy of the student
                 writers[fmt](load_quantized_checkpoint(src, trust_remote_code=trust), out / fmt, tok)
-            mark_done(out)
+            finish(out)
         metrics[str(v)] = {f"{fmt}_bytes": directory_size(out / fmt) for fmt in r.export.formats}
     return metrics

@@ -6,17 +6,17 @@ on generic text (the domain-matching baseline). Per-layer reconstruction errors 
 
 from __future__ import annotations
 
-import json
-
 from safetensors.torch import load_file
 
 from ..models import best_device
 from ..pipeline import StageContext
-from ..quant import swap_in_fake_quant, targets_from_recipe
-from ..quant.act_quant import apply_runtime, runtime_spec
+from ..quant import swap_in_fake_quant
+from ..quant.runtime import install_quant_spec
 from ..quant.formats import save_quantized_checkpoint
 from ..quant.ptq import gptq_quantize_model, rtn_quantize_model
-from .common import exists_done, load_rotated_teacher, load_teacher_tokenizer, mark_done, ptq_methods, variant
+from ..run_layout import Variant, finish, finished_metrics
+from .common import load_rotated_teacher, load_teacher_tokenizer, ptq_methods
+from .specs import quant_spec, recipe_keys
 
 
 def run(ctx: StageContext) -> dict:
@@ -26,33 +26,33 @@ def run(ctx: StageContext) -> dict:
     tok = load_teacher_tokenizer(ctx)
     metrics = {}
     for bits in r.quant.bits:
-        targets = targets_from_recipe(r.quant, bits)
+        spec = quant_spec(r, bits)
         for method in ptq_methods(r):
-            v = variant(bits, method)
+            v = Variant(bits, method)
             name, out = str(v), ctx.layout.ptq(v)
-            if exists_done(out):  # finished before a crash: keep it
-                metrics[name] = json.loads((out / "ptq_errors.json").read_text())["summary"]
+            if (done := finished_metrics(out, ctx.layout.variant_metrics("ptq", v))) is not None:
+                metrics[name] = done["summary"]  # finished before a crash: keep it
                 continue
             model = load_rotated_teacher(ctx, device)
-            plan = targets.resolve(model)
-            spec = runtime_spec(r, plan)
+            with recipe_keys("quant"):
+                plan = spec.weights.resolve(model)
             ranks: dict[str, float] = {}  # GPTQ's input participation ratio per layer
             dead: dict[str, int] = {}  # input columns the calibration never activated (kept at RTN)
             if method == "rtn":
                 qws, errors = rtn_quantize_model(model, plan)
             else:
                 ids = calib["generic" if method == "gptq_generic" else "main"]
-                apply_runtime(model, spec)  # GPTQ calibrates on what the quantized model will compute
-                qws, errors = gptq_quantize_model(
-                    model, plan, ids, damp=r.ptq.damp, block_size=r.ptq.block_size, act_order=r.ptq.act_order,
-                    true_sequential=r.ptq.true_sequential, device=device, input_ranks=ranks, dead_columns=dead,
-                )
+                install_quant_spec(model, spec)  # GPTQ calibrates on what the quantized model will compute
+                with recipe_keys("quant"):
+                    qws, errors = gptq_quantize_model(
+                        model, plan, ids, damp=r.ptq.damp, block_size=r.ptq.block_size, act_order=r.ptq.act_order,
+                        true_sequential=r.ptq.true_sequential, device=device, input_ranks=ranks, dead_columns=dead,
+                    )
                 # how much of each layer's input width the calibration data uses, on average
                 fraction = sum(ranks[n] / model.get_submodule(n).in_features for n in ranks) / max(len(ranks), 1)
                 model = load_rotated_teacher(ctx, device)  # GPTQ overwrote weights in place
-            swap_in_fake_quant(model, targets, qws)
-            if spec:
-                model.config.rqat_runtime = spec  # the checkpoint says what runs beside its weights
+            swap_in_fake_quant(model, spec.weights, qws)
+            install_quant_spec(model, spec)  # the checkpoint carries its spec (quant_spec.json beside the weights)
             save_quantized_checkpoint(model, out, tok, {"method": method, "bits": bits})
             summary = {"mean_layer_error": sum(errors.values()) / len(errors), "max_layer_error": max(errors.values()),
                        "error_kind": "weight" if method == "rtn" else "output", "rotation": r.ptq.rotation,
@@ -61,10 +61,9 @@ def run(ctx: StageContext) -> dict:
             if ranks:
                 summary["mean_input_rank_fraction"] = fraction
                 summary["dead_input_columns"] = sum(dead.values())
-            (out / "ptq_errors.json").write_text(json.dumps(
-                {"summary": summary, "layers": errors,
-                 **({"input_participation_ratio": ranks, "dead_input_columns": dead} if ranks else {})}, indent=1))
-            mark_done(out)
+            finish(out, ctx.layout.variant_metrics("ptq", v), {
+                "summary": summary, "layers": errors,
+                **({"input_participation_ratio": ranks, "dead_input_columns": dead} if ranks else {})})
             metrics[name] = summary
             del model
     return metrics

@@ -27,18 +27,19 @@ from ..data.reasoning import PadCollator
 from ..kd import KDTrainer
 from ..models import best_device
 from ..pipeline import StageContext, StageFailed, recipe_from_run
-from ..quant import swap_in_fake_quant, targets_from_recipe
-from ..quant.act_quant import apply_runtime, runtime_spec
+from ..quant import swap_in_fake_quant
+from ..quant.fake_quant import train_quantizers
+from ..quant.runtime import install_quant_spec
 from ..quant.fake_quant import use_compiled_fake_quant
 from ..quant.formats import read_quantized_weights, save_quantized_checkpoint
 from ..training import WeightAveraging, last_checkpoint, quiet_training_args, schedule_args
+from ..run_layout import Variant, finished_metrics
+from .specs import kd_spec, quant_spec
 from .common import (
-    exists_done,
     finish_training,
     load_rotated_teacher,
     load_teacher,
     load_teacher_tokenizer,
-    variant,
 )
 
 
@@ -54,8 +55,8 @@ def run(ctx: StageContext) -> dict:
     else:
         for bits in ctx.recipe.quant.bits:
             train_one(ctx, bits)
-    return {str(variant(b, "qat")): json.loads((ctx.layout.trained(variant(b, "qat")) / "qat_metrics.json").read_text())
-            for b in ctx.recipe.quant.bits}
+    return {str(v): finished_metrics(ctx.layout.trained(v), ctx.layout.variant_metrics("qat", v))
+            for v in (Variant(b, "qat") for b in ctx.recipe.quant.bits)}
 
 
 def _launch(ctx: StageContext) -> None:
@@ -93,21 +94,19 @@ def qat_collator(packing: bool, pad_token_id: int):
 
 def _init_student(ctx: StageContext, bits: int, device: str):
     r = ctx.recipe
-    targets = targets_from_recipe(r.quant, bits)
+    spec = quant_spec(r, bits)
     student = load_rotated_teacher(ctx, device)  # float32 master weights (bf16 autocast on GPU), ptq's rotation
     if r.qat.init == "ptq":
-        qws, _, _ = read_quantized_weights(ctx.layout.ptq(variant(bits, r.ptq.method)))
-        plan = swap_in_fake_quant(student, targets, {k: _to(v, device) for k, v in qws.items()})
+        qws, _, _ = read_quantized_weights(ctx.layout.ptq(Variant(bits, r.ptq.method)))
+        swap_in_fake_quant(student, spec.weights, {k: v.to(device) for k, v in qws.items()})
     else:
-        plan = swap_in_fake_quant(student, targets, keep_latent=r.qat.init == "bf16")
-    apply_runtime(student, runtime_spec(r, plan))  # activation/KV fake-quant and online Hadamards (W4A4KV4)
+        swap_in_fake_quant(student, spec.weights, keep_latent=r.qat.init == "bf16")
+    install_quant_spec(student, spec)  # activation/KV fake-quant and online Hadamards (W4A4KV4)
     if compile_enabled(r.qat.compile, device):
         use_compiled_fake_quant(student)
         compile_decoder_layers(student)
-    if r.qat.scale_lr == 0:
-        for n, p in student.named_parameters():
-            if n.rsplit(".", 1)[-1] in ("scale", "zero"):
-                p.requires_grad_(False)
+    if r.qat.scale_lr == 0:  # the one place `scale_lr: 0` means frozen quantizers
+        train_quantizers(student, False)
     return student
 
 
@@ -124,12 +123,6 @@ def compile_decoder_layers(model) -> int:
     for layer in layers:
         layer.compile()
     return len(layers)
-
-
-def _to(qw, device):
-    from ..quant.formats import _to as move
-
-    return move(qw, device)
 
 
 def activation_bytes(config, tokens: int, compiled: bool = False) -> int:
@@ -188,8 +181,8 @@ def qat_training_args(q, output_dir, seed: int, recompute: bool | None = None):
 
 def train_one(ctx: StageContext, bits: int) -> None:
     r, q = ctx.recipe, ctx.recipe.qat
-    out = ctx.layout.trained(variant(bits, "qat"))
-    if exists_done(out):
+    v = Variant(bits, "qat")
+    if finished_metrics(ctx.layout.trained(v)) is not None:
         return
     device = best_device()
     torch.manual_seed(r.seed)
@@ -202,30 +195,30 @@ def train_one(ctx: StageContext, bits: int) -> None:
     recompute, why = choose_recompute(q.gradient_checkpointing, student, q.batch_size * q.data.max_length, device,
                                       compile_enabled(q.compile, device))
     print(f"qat: gradient checkpointing {'on' if recompute else 'off'} ({why})", flush=True)
-    args = qat_training_args(q, out / "trainer", r.seed, recompute)
+    args = qat_training_args(q, ctx.layout.trainer(v), r.seed, recompute)
     averaging = WeightAveraging.from_config(q)
     trainer = KDTrainer(
         model=student, args=args, train_dataset=dataset, data_collator=qat_collator(q.packing, tok.pad_token_id),
-        teacher=teacher, kd=q.kd, latent_lr=q.latent_lr, scale_lr=q.scale_lr if q.scale_lr > 0 else None,
+        teacher=teacher, kd=kd_spec(r), latent_lr=q.latent_lr, scale_lr=q.scale_lr,
         callbacks=[averaging.callback] if averaging else None,
     )
     resume = last_checkpoint(args.output_dir)
     if averaging:
         averaging.load(resume, device)
-    initial = _initial_loss(trainer, out / "trainer" / "initial_loss.json", q.logging_steps * q.grad_accum)
+    initial = _initial_loss(trainer, ctx.layout.trainer(v) / "initial_loss.json", q.logging_steps * q.grad_accum)
     result = trainer.train(resume_from_checkpoint=resume)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     with _gathered(trainer, student):  # ZeRO-3 holds a shard of each parameter per rank
         averaged = averaging.apply(student) if averaging else 0
         if trainer.is_world_process_zero():
-            save_quantized_checkpoint(student, out / "model", tok, {"method": "qat", "bits": bits, "init": q.init,
+            save_quantized_checkpoint(student, ctx.layout.checkpoint(v), tok, {"method": "qat", "bits": bits, "init": q.init,
                                                                     "loss": q.kd.loss})
             trainer.state.log_history.insert(0, {"step": 0, "loss": initial, "initial": True})
             metrics = {"train_loss": result.training_loss, "initial_loss": initial,
                        "final_logged_loss": losses[-1] if losses else None,
                        "steps": trainer.state.global_step, "averaged_snapshots": averaged,
                        "gradient_checkpointing": recompute, "gradient_checkpointing_reason": why, "init": q.init, "loss": q.kd.loss}
-            finish_training(out, "qat_metrics.json", metrics, trainer.state.log_history)
+            finish_training(ctx, "qat", v, metrics, trainer.state.log_history)
     trainer.accelerator.wait_for_everyone()
 
 

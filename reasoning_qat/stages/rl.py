@@ -10,7 +10,6 @@ student's accuracy is below `rl.min_accuracy`: RL needs a viable cold start.
 from __future__ import annotations
 
 import contextlib
-import json
 
 import torch
 
@@ -21,17 +20,17 @@ from ..evaluation.backends import TransformersBackend
 from ..evaluation.grader import grade
 from ..models import best_device
 from ..pipeline import StageContext
-from ..quant.fake_quant import fake_quant_modules, frozen_fake_quant
+from ..quant.fake_quant import fake_quant_modules, frozen_fake_quant, train_quantizers
 from ..quant.formats import load_quantized_checkpoint, save_quantized_checkpoint
 from ..training import grouped_optimizer, last_checkpoint, quiet_training_args, skip_nonfinite_steps
+from ..run_layout import Variant, finished_metrics
+from .specs import recipe_keys
 from .common import (
-    exists_done,
     finish_training,
     load_teacher_tokenizer,
     rl_method,
     source_rows,
     teacher_path,
-    variant,
 )
 
 
@@ -164,7 +163,8 @@ def _vllm_args(cfg, recipe) -> dict:
         return {"use_vllm": False}
     from ..evaluation.backends import pick_backend
 
-    pick_backend("vllm")  # one line if vLLM cannot run here
+    with recipe_keys("rl", {"backend": "use_vllm"}):
+        pick_backend("vllm")  # one line if vLLM cannot run here
     e = recipe.eval
     return {"use_vllm": True, "vllm_mode": "colocate",
             "vllm_gpu_memory_utilization": e.gpu_memory_utilization or (0.3 if torch.cuda.is_available() else 0.2),
@@ -177,18 +177,18 @@ def run(ctx: StageContext) -> dict:
 
     r, cfg = ctx.recipe, ctx.recipe.rl
     tok = load_teacher_tokenizer(ctx)
-    rows = source_rows(ctx, cfg.data, tok, field="rl.data.source")
+    rows = source_rows(ctx, cfg.data, tok)
     if not rows or "answer" not in rows[0]:
         raise UserError("rl.data: rows need an 'answer' field for the verifiable reward")
     metrics = {}
     for bits in r.quant.bits:
-        v = variant(bits, rl_method(r))
+        v = Variant(bits, rl_method(r))
         name, out = str(v), ctx.layout.trained(v)
-        if exists_done(out):
-            metrics[name] = json.loads((out / "rl_metrics.json").read_text())
+        if (done := finished_metrics(out, ctx.layout.variant_metrics("rl", v))) is not None:
+            metrics[name] = done
             continue
         device = best_device()
-        init = variant(bits, r.ptq.method if cfg.init == "ptq" else "qat")
+        init = Variant(bits, r.ptq.method if cfg.init == "ptq" else "qat")
         student = load_quantized_checkpoint(ctx.layout.checkpoint(init), device=device,
                                             trust_remote_code=ctx.recipe.model.trust_remote_code)
         acc = student_accuracy(student, tok, rows, max_new_tokens=cfg.max_completion_length)
@@ -199,9 +199,7 @@ def run(ctx: StageContext) -> dict:
             # vLLM cannot read the fake-quant checkpoint: it starts from the BF16 teacher's (same
             # architecture), and the first rollout already syncs the student's dequantized weights.
             student.name_or_path = student.config._name_or_path = teacher_path(ctx)
-        for m in fake_quant_modules(student).values():
-            m.scale.requires_grad_(cfg.train_scales)
-            m.zero.requires_grad_(cfg.train_scales and not m.scheme.symmetric)
+        train_quantizers(student, cfg.train_scales)
         data = Dataset.from_list([{"prompt": generation_prompt(tok, x["prompt"]), "answer": x["answer"]} for x in rows])
         funcs, weights = [correctness_reward], [1.0]
         if cfg.format_reward > 0:
@@ -209,7 +207,7 @@ def run(ctx: StageContext) -> dict:
             weights.append(cfg.format_reward)
         args = quiet_training_args(
             GRPOConfig,
-            output_dir=str(out / "trainer"),
+            output_dir=str(ctx.layout.trainer(v)),
             max_steps=cfg.max_steps,
             learning_rate=cfg.lr,
             per_device_train_batch_size=cfg.batch_size,
@@ -232,12 +230,12 @@ def run(ctx: StageContext) -> dict:
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
         rollouts = {"rollouts": "vllm" if cfg.use_vllm else "transformers", **trainer.counts,
                     **(trainer.vllm_weight_gap() if cfg.use_vllm else {})}
-        save_quantized_checkpoint(student, out / "model", tok, {"method": v.method, "bits": bits})
+        save_quantized_checkpoint(student, ctx.layout.checkpoint(v), tok, {"method": v.method, "bits": bits})
         m = {"init": str(init), "start_accuracy": acc, "steps": trainer.state.global_step,
              "mean_reward_first": sum(rewards[:5]) / max(len(rewards[:5]), 1),
              "mean_reward_last": sum(rewards[-5:]) / max(len(rewards[-5:]), 1), **rollouts,
              # wall time of the steps this process ran (a resumed run: those after its checkpoint)
              "train_runtime_s": round(result.metrics["train_runtime"], 2), "resumed": resumed_at is not None}
-        finish_training(out, "rl_metrics.json", m, trainer.state.log_history)
+        finish_training(ctx, "rl", v, m, trainer.state.log_history)
         metrics[name] = m
     return metrics

@@ -71,16 +71,15 @@ def _train_demo_teacher(ctx: StageContext) -> dict:
     seed = ctx.recipe.seed if demo.seed is None else demo.seed
     train, test = split_problems(demo.test_fraction, seed) if demo.task == "arith" else \
         split_chain_problems(demo.num_problems, demo.test_fraction, seed, demo.min_steps, demo.max_steps, demo.trace)
-    data = ctx.layout.stage("teacher") / "data"
-    write_jsonl(data / "train.jsonl", to_records(train))
-    write_jsonl(data / "test.jsonl", to_records(test))
+    write_jsonl(ctx.layout.demo_split("train"), to_records(train))
+    write_jsonl(ctx.layout.demo_split("test"), to_records(test))
 
     tokenizer = build_char_tokenizer()
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(demo_config(demo, tokenizer))
     dataset = ReasoningSFTDataset(to_records(train), tokenizer, max_length=demo.max_length)
     args = quiet_training_args(
-        output_dir=str(ctx.out / "trainer"),
+        output_dir=str(ctx.layout.teacher_trainer()),
         max_steps=demo.train_steps,
         per_device_train_batch_size=demo.batch_size,
         learning_rate=demo.lr,
