@@ -47,14 +47,14 @@ def make_fixture(path: Path, rows: int, chars: int) -> None:
 
 
 def run_variant(variant: str, path: str, max_samples: int) -> None:
-    from reasoning_qat.data.tokenizer import build_char_tokenizer
-    from reasoning_qat.recipe import DataConfig
-
     import datasets  # noqa: F401  (imported before the baseline reading, like the rest)
+
+    from reasoning_qat.data.qat_data import TraceSpec
+    from reasoning_qat.data.tokenizer import build_char_tokenizer
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # after imports, before any data
     tok = build_char_tokenizer()
-    data = DataConfig(source=path, prompt_field="problem", response_field="generations", max_samples=max_samples,
+    data = TraceSpec(source=path, prompt_field="problem", response_field="generations", max_samples=max_samples,
                       max_length=100_000, select="first")
     t = time.perf_counter()
     if variant == "before":

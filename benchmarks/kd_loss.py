@@ -8,8 +8,7 @@ import argparse
 import torch
 from common import peak_memory, save
 
-from reasoning_qat.kd import chunked_distill_loss, naive_distill_loss
-from reasoning_qat.kd import KDSpec
+from reasoning_qat.kd import KDSpec, chunked_distill_loss, naive_distill_loss
 
 
 def run(tokens, hidden, vocab=151936, chunk=1024):

@@ -13,10 +13,9 @@ import argparse
 import torch
 from common import ARCHS, bf16_matmul_tflops, peak_memory, qwen3, save, timed
 
-from reasoning_qat.kd import chunked_distill_loss, hidden_and_head
+from reasoning_qat.kd import KDSpec, chunked_distill_loss, hidden_and_head
 from reasoning_qat.quant import QuantScheme, QuantTargets, swap_in_fake_quant
 from reasoning_qat.quant.fake_quant import use_compiled_fake_quant
-from reasoning_qat.kd import KDSpec
 
 
 def step_fn(student, teacher, ids, kd, opt):

@@ -38,27 +38,16 @@ def weight_stats(w: torch.Tensor) -> tuple[float, float]:
 
 
 def spearman(x: list[float], y: list[float]) -> float:
-    """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
+    """Spearman rank correlation (scipy.stats.spearmanr: average ranks for ties); nan when either side is constant."""
+    import warnings
 
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
+    from scipy.stats import spearmanr
 
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
-    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
-    return cov / (sx * sy) if sx > 0 and sy > 0 else float("nan")
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(spearmanr(x, y).statistic)
 
 
 class _Swapped:

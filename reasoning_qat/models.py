@@ -197,7 +197,3 @@ def best_device() -> str:
     if not torch.cuda.is_available():
         return "cpu"
     return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-
-
-def is_local(path_or_id: str) -> bool:
-    return Path(path_or_id).exists()

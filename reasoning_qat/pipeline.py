@@ -116,10 +116,6 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def read_manifest(stage_dir: Path) -> dict | None:
-    return RunLayout(stage_dir.parent).manifest(stage_dir.name)
-
-
 class Pipeline:
     def __init__(self, recipe: Recipe, stages: list[Stage], console=None, run_dir: Path | None = None):
         self.recipe = recipe

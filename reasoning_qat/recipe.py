@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
-from .serving import GPTQ_SERVED, vllm_refuses_packed
+from .serving import vllm_refuses_gptq, vllm_refuses_packed
 
 
 class RecipeError(UserError):
@@ -376,12 +376,9 @@ class Recipe(_Section):
         if self.qat.deepspeed is not None and not Path(self.qat.deepspeed).is_file():
             raise ValueError(f"qat.deepspeed: no such DeepSpeed config file {self.qat.deepspeed!r}")
         bits = set(self.quant.bits) | self.quant.override_bits
-        if "gptq" in self.export.formats:
-            if self.quant.symmetric is not GPTQ_SERVED["symmetric"] or not bits <= set(GPTQ_SERVED["bits"]):
-                raise ValueError(
-                    f"export.formats: gptq is served by vLLM only for symmetric 4- or 8-bit weights (this recipe: "
-                    f"bits {sorted(bits)}, symmetric {self.quant.symmetric}); use compressed-tensors, which vLLM "
-                    "serves at 2/3/4/8 bits symmetric, 4/8 with zero points")
+        if "gptq" in self.export.formats and (why := vllm_refuses_gptq(bits, self.quant.symmetric)):
+            raise ValueError(f"export.formats: {why}; use compressed-tensors, which vLLM serves at 2/3/4/8 bits "
+                             "symmetric, 4/8 with zero points")
         if self.eval.export_format == "compressed-tensors" and self.eval.backend != "transformers":
             for b in sorted(bits):
                 if why := vllm_refuses_packed(b, self.quant.symmetric):

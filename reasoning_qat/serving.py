@@ -26,3 +26,13 @@ def vllm_refuses_packed(bits: int, symmetric: bool) -> str | None:
         return (f"vLLM {VLLM_GPU_VERSION} serves zero points (asymmetric) only at {list(VLLM_ZERO_POINT_BITS)} bits, "
                 f"not {bits}; symmetric {bits}-bit is served (quant.symmetric: true)")
     return None
+
+
+def vllm_refuses_gptq(bits: set[int], symmetric: bool) -> str | None:
+    """Why vLLM cannot serve a GPTQ v1 export of these bit widths, or None: its GPTQ kernels are symmetric
+    4/8-bit only."""
+    if symmetric is not GPTQ_SERVED["symmetric"] or not bits <= set(GPTQ_SERVED["bits"]):
+        return (f"gptq is served by vLLM only for symmetric 4- or 8-bit weights (this recipe: bits {sorted(bits)}, "
+                f"symmetric {symmetric})")
+    return None
+

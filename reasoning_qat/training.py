@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup", "wsd": "warmup_stable_decay"}
@@ -15,7 +14,9 @@ def schedule_args(schedule: str, steps: int, decay_ratio: float) -> dict:
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest complete `checkpoint-N` in output_dir, or None (fresh start)."""
+    """The newest complete `checkpoint-N` in output_dir, or None (fresh start). Not
+    transformers.trainer_utils.get_last_checkpoint: that one takes the highest-numbered directory even
+    when a crash cut its saving short (no trainer_state.json), and resuming from it fails."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
@@ -103,10 +104,6 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
     return optimizer
 
 
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)
-
-
 class WeightAveraging:
     """EMA or LAWA (average of the last k snapshots) of the trainable parameters, as a TrainerCallback.
 
@@ -143,15 +140,16 @@ class WeightAveraging:
 
     def update(self, model, step: int) -> None:
         import torch
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
 
         with torch.no_grad():
             params = self._params(model)
             if self.mode == "ema":
                 if not self.state:
                     self.state = {n: p.detach().float().clone() for n, p in params.items()}
-                else:
-                    for n, p in params.items():
-                        self.state[n].lerp_(p.detach().float(), 1 - self.decay)
+                else:  # torch's own EMA step: ema += (1 - decay) * (p - ema)
+                    get_ema_multi_avg_fn(self.decay)(list(self.state.values()),
+                                                     [params[n].detach().float() for n in self.state], step)
             elif self.mode == "lawa" and step % self.interval == 0:
                 slot = (step // self.interval) % self.k
                 for n, p in params.items():

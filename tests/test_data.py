@@ -8,9 +8,8 @@ import sys
 
 import pytest
 
-from reasoning_qat.data.qat_data import open_dataset, select_traces, tokenize_traces
+from reasoning_qat.data.qat_data import TraceSpec, open_dataset, select_traces, tokenize_traces
 from reasoning_qat.data.reasoning import IGNORE_INDEX, format_example, generation_prompt, tokenize_example
-from reasoning_qat.recipe import DataConfig
 
 from .conftest import demo_recipe
 
@@ -96,7 +95,7 @@ def disk_dataset(tmp_path):
 
 def _data(**kw):
     base = dict(source="unused", prompt_field="problem", response_field="generations")
-    return DataConfig(**{**base, **kw})
+    return TraceSpec(**{**base, **kw})
 
 
 @pytest.mark.parametrize("select,fields,expected", [

@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from reasoning_qat.data.calibration import domain_calibration, tokenized_rows
-from reasoning_qat.data.qat_data import open_dataset, select_traces
+from reasoning_qat.data.qat_data import TraceSpec, open_dataset, select_traces
 from reasoning_qat.data.reasoning import IGNORE_INDEX, format_example, generation_prompt, tokenize_example
 from reasoning_qat.data.thinking import answer_text, prompt_opens_thinking
 from reasoning_qat.evaluation.backends import TransformersBackend
 from reasoning_qat.evaluation.runner import evaluate
 from reasoning_qat.evaluation.tasks import load_task
 from reasoning_qat.models import end_token_ids, saved_end_token_ids
-from reasoning_qat.recipe import DataConfig
 from reasoning_qat.stages.rl import correctness_reward, format_reward, student_accuracy
 
 from .families import FAMILIES
@@ -72,7 +71,7 @@ def test_verified_selection_skips_a_trace_cut_off_in_its_thinking(tmp_path, name
     path = tmp_path / "traces.jsonl"
     cut, good = written(f, "3+5 is \\boxed{8} I think"), written(f, "3+5=8", "\\boxed{8}")
     path.write_text(json.dumps({"prompt": "What is 3+5?", "answer": "8", "response": [cut, good]}) + "\n")
-    (row,) = select_traces(open_dataset(str(path)), DataConfig(source=str(path), select="verified"), tokenizer=f.tokenizer())
+    (row,) = select_traces(open_dataset(str(path)), TraceSpec(source=str(path), select="verified"), tokenizer=f.tokenizer())
     assert row["status"] == "kept" and row["response"] == good
 
 
@@ -168,6 +167,7 @@ def test_r1_distill_recipe_formats_openr1_traces_with_one_thinking_block(tmp_pat
     the verified trace is kept, and its training text opens the thinking once (in the prompt)."""
     from reasoning_qat.data.qat_data import tokenize_traces
     from reasoning_qat.recipe import load_recipe
+    from reasoning_qat.stages.specs import trace_spec
 
     from .conftest import ROOT
 
@@ -176,7 +176,7 @@ def test_r1_distill_recipe_formats_openr1_traces_with_one_thinking_block(tmp_pat
     rows.write_text(json.dumps({"problem": "What is 3+5?", "answer": "8",
                                 "generations": ["<think>\n3+5=9\n</think>\n\n\\boxed{9}", "<think>\n3+5=8\n</think>\n\n\\boxed{8}"],
                                 "correctness_math_verify": [False, True], "is_reasoning_complete": [True, True]}) + "\n")
-    data = data.model_copy(update={"source": str(rows), "max_samples": None, "num_proc": None})
+    data = trace_spec(data.model_copy(update={"source": str(rows), "max_samples": None, "num_proc": None}))
     tok = FAMILIES["r1-distill-qwen"].tokenizer()
     traces = select_traces(open_dataset(str(rows)), data, tokenizer=tok)
     assert traces["response"] == ["<think>\n3+5=8\n</think>\n\n\\boxed{8}"]

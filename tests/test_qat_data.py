@@ -1,5 +1,6 @@
 """QAT data and launch: packing, teacher-written responses, the WSD schedule, several processes."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -11,8 +12,10 @@ import time
 import pytest
 import torch
 
+from reasoning_qat.data.teacher_responses import GenerationSpec
+from reasoning_qat.kd import KDSpec
 from reasoning_qat.quant import QuantScheme, QuantTargets, swap_in_fake_quant
-from reasoning_qat.recipe import KDConfig, QATConfig, TeacherGenerationConfig
+from reasoning_qat.recipe import QATConfig
 
 from .conftest import tiny_qwen3, write_recipe
 
@@ -33,7 +36,7 @@ def _kd_trainer(tmp_path, tokenizer, collator, **kw):
     args = quiet_training_args(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=3, save_strategy="no", **kw)
     ds = ReasoningSFTDataset(ROWS, tokenizer, 128)
     return KDTrainer(model=student, args=args, train_dataset=ds, data_collator=collator, teacher=teacher,
-                     kd=KDConfig(loss="forward_kl", chunk_size=7)), ds
+                     kd=KDSpec(loss="forward_kl", chunk_size=7)), ds
 
 
 @pytest.mark.parametrize("loss", ["forward_kl", "ce"])
@@ -43,7 +46,7 @@ def test_packed_batch_gives_the_padded_batch_loss(tmp_path, tokenizer, loss):
     from reasoning_qat.stages.qat import qat_collator
 
     trainer, ds = _kd_trainer(tmp_path, tokenizer, None)
-    trainer.kd = KDConfig(loss=loss, chunk_size=7)
+    trainer.kd = KDSpec(loss=loss, chunk_size=7)
     examples = [ds[i] for i in range(len(ds))]
     padded = qat_collator(False, tokenizer.pad_token_id)(examples)
     packed = qat_collator(True, tokenizer.pad_token_id)(examples)
@@ -92,7 +95,7 @@ def test_teacher_responses_resume_after_a_torn_write(tmp_path, tokenizer):
     from reasoning_qat.data.teacher_responses import generate_teacher_responses
 
     rows = [{"prompt": f"q{i}", "response": "", "answer": str(i % 2)} for i in range(7)]
-    gen = TeacherGenerationConfig(batch_size=3, keep="correct")
+    gen = GenerationSpec(batch_size=3, keep="correct")
     full = tmp_path / "full.jsonl"
     kept_full = generate_teacher_responses(_Echo(tokenizer), rows, full, gen, seed=5)
     lines = full.read_text().splitlines(keepends=True)
@@ -112,13 +115,13 @@ def test_teacher_responses_from_a_real_model(tmp_path, tokenizer):
     from reasoning_qat.evaluation.backends import TransformersBackend
 
     engine = TransformersBackend.from_model(tiny_qwen3(vocab_size=len(tokenizer)), tokenizer, batch_size=2)
-    gen = TeacherGenerationConfig(batch_size=2, max_new_tokens=6, temperature=0.0)
+    gen = GenerationSpec(batch_size=2, max_new_tokens=6, temperature=0.0)
     kept = generate_teacher_responses(engine, ROWS, tmp_path / "t.jsonl", gen)
     assert [r["prompt"] for r in kept] == [r["prompt"] for r in ROWS]
     written = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert all(w["truncated"] for w in written)  # a random model never ends its turn in 6 tokens
     with pytest.raises(ValueError, match="no teacher response was kept"):
-        generate_teacher_responses(engine, ROWS, tmp_path / "f.jsonl", gen.model_copy(update={"keep": "finished"}))
+        generate_teacher_responses(engine, ROWS, tmp_path / "f.jsonl", dataclasses.replace(gen, keep="finished"))
 
 
 MP_RECIPE = """
@@ -217,7 +220,7 @@ def test_fused_and_chunked_losses_train_the_same_student(tmp_path, tokenizer, lo
     for fused in (True, False):
         torch.manual_seed(0)
         trainer, _ = _kd_trainer(tmp_path / str(fused), tokenizer, qat_collator(False, tokenizer.pad_token_id))
-        trainer.kd = KDConfig(loss=loss, temperature=2.0, chunk_size=7, fused=fused)
+        trainer.kd = KDSpec(loss=loss, temperature=2.0, chunk_size=7, fused=fused)
         trainer.args.max_steps, trainer.args.logging_steps, trainer.args.learning_rate = 5, 1, 1e-3
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

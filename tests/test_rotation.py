@@ -6,6 +6,13 @@ import torch
 
 from reasoning_qat.errors import UserError
 from reasoning_qat.quant.act_quant import ActQuantizer, KVQuantizer, install_quant_attention
+from reasoning_qat.quant.rotation import (
+    fwht,
+    hadamard_matrix,
+    install_online_rotations,
+    random_hadamard,
+    rotate,
+)
 from reasoning_qat.quant.runtime import install_quant_spec
 from reasoning_qat.quant.scheme import (
     ActivationScheme,
@@ -15,7 +22,6 @@ from reasoning_qat.quant.scheme import (
     QuantTargets,
     RotationScheme,
 )
-from reasoning_qat.quant.rotation import fwht, hadamard_matrix, install_online_rotations, random_hadamard, rotate
 
 from .conftest import tiny_qwen3
 

@@ -39,7 +39,6 @@ QUANT_META = "quant_meta.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = "rqat-fakequant-v1"
 _PARTS = ("codes", "scale", "zero", "g_idx")
-EXPORT_FORMATS = ("dequantized", "compressed-tensors", "gptq")
 
 
 def is_quantized_checkpoint(path: str | Path) -> bool:

@@ -246,8 +246,18 @@ def _gathered(trainer, model):
 def _exit_with_parent() -> None:
     """Launchers start each worker in a session of its own, so killing `rqat run` (even with
     SIGKILL) would leave the workers training into the partial stage, racing the next run. A
-    worker whose launcher is gone exits."""
+    worker whose launcher is gone exits: on Linux at once (the kernel's parent-death signal, prctl
+    PR_SET_PDEATHSIG; a worker that polled once a second could still finish its last steps and mark the
+    variant done after the kill), elsewhere within a second."""
+    import signal
+
     parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the launcher died before the signal was armed
+        os._exit(1)
 
     def watch():
         while True:
