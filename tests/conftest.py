@@ -22,8 +22,8 @@ MATH500 = ROOT.parent / "shared" / "data" / "math500.jsonl"
 
 # The files that take longest, started first: pytest-xdist (--dist loadfile) hands out files in collection
 # order, and the longest one started last sets the suite's wall time.
-LONGEST_FIRST = ("test_vllm.py", "test_vllm_rl.py", "test_qat_data.py", "test_qat_options.py", "test_demo.py",
-                 "test_pipeline.py", "test_rotation.py", "test_analysis.py")
+LONGEST_FIRST = ("test_vllm.py", "test_rl_vllm.py", "test_qat_launch.py", "test_qat.py", "test_demo.py",
+                 "test_pipeline.py", "test_rotation.py", "test_analysis.py", "test_teacher.py")
 
 
 def pytest_configure(config):

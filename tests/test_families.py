@@ -1,6 +1,6 @@
 """Model-family conformance: the same paths run on every family the README lists (tests/families.py):
 training text and its loss mask, calibration text, verified-trace selection, RL rewards and the RL
-cold-start gate, eval grading, generation stopping, and (tests/test_tied_heads.py) tied heads."""
+cold-start gate, eval grading, generation stopping, and (tests/quant/test_tied_heads.py) tied heads."""
 
 import json
 

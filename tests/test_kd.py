@@ -1,9 +1,14 @@
-"""The chunked KD loss equals the naive full-logits loss, in value and in gradients."""
+"""kd.py: the chunked and fused KD losses equal the naive full-logits loss, in value and in gradients; the
+KD trainer (packing, schedules, fused vs chunked training)."""
 
 import pytest
 import torch
 
 from reasoning_qat.kd import KDSpec, chunked_distill_loss, forward_kl, jsd, naive_distill_loss, reverse_kl
+from reasoning_qat.quant import QuantScheme, QuantTargets, swap_in_fake_quant
+from reasoning_qat.recipe import QATConfig
+
+from .conftest import tiny_qwen3
 
 
 def setup(seed=0, vocab=50, hidden=16):
@@ -118,3 +123,86 @@ def test_fused_skips_gradients_without_grad_mode():
     assert not can_fuse(head_s, head_t, KDSpec(loss="forward_kl", top_k=5))
     assert not can_fuse(torch.nn.Linear(16, 50), head_t, kd)  # a head with a bias
     assert not can_fuse(head_s, head_t, KDSpec(fused=False))
+
+# ---- the KD trainer (kd.KDTrainer): packing, schedules, fused vs chunked ------------------------------
+
+TRAIN_ROWS = [
+    {"prompt": "What is (1+2)*3?", "response": "<think>\n1+2=3\n3*3=9\n</think>\n\n\\boxed{9}", "answer": "9"},
+    {"prompt": "What is (4+4)*2?", "response": "<think>\n4+4=8\n8*2=16\n</think>\n\nThe answer is \\boxed{16}.", "answer": "16"},
+    {"prompt": "What is 7?", "response": "\\boxed{7}", "answer": "7"},
+]
+
+
+def _kd_trainer(tmp_path, tokenizer, collator, **kw):
+    from reasoning_qat.data.reasoning import ReasoningSFTDataset
+    from reasoning_qat.kd import KDTrainer
+    from reasoning_qat.training import quiet_training_args
+
+    student, teacher = tiny_qwen3(vocab_size=len(tokenizer)), tiny_qwen3(vocab_size=len(tokenizer), seed=1)
+    swap_in_fake_quant(student, QuantTargets(QuantScheme(2, 32)))
+    args = quiet_training_args(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=3, save_strategy="no", **kw)
+    ds = ReasoningSFTDataset(TRAIN_ROWS, tokenizer, 128)
+    return KDTrainer(model=student, args=args, train_dataset=ds, data_collator=collator, teacher=teacher,
+                     kd=KDSpec(loss="forward_kl", chunk_size=7)), ds
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "ce"])
+def test_packed_batch_gives_the_padded_batch_loss(tmp_path, tokenizer, loss):
+    """Packing must not let an example see its neighbours or predict across a boundary: the loss on
+    one flattened row equals the loss on the padded batch."""
+    from reasoning_qat.stages.qat import qat_collator
+
+    trainer, ds = _kd_trainer(tmp_path, tokenizer, None)
+    trainer.kd = KDSpec(loss=loss, chunk_size=7)
+    examples = [ds[i] for i in range(len(ds))]
+    padded = qat_collator(False, tokenizer.pad_token_id)(examples)
+    packed = qat_collator(True, tokenizer.pad_token_id)(examples)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    assert int(packed["input_ids"].numel()) == sum(len(e["input_ids"]) for e in examples)  # no padding
+    with torch.no_grad():
+        a = trainer.compute_loss(trainer.model, padded)
+        b = trainer.compute_loss(trainer.model, packed)
+        # Without the per-example position ids the model sees one long sequence: a different loss.
+        c = trainer.compute_loss(trainer.model, {k: v for k, v in packed.items() if k != "position_ids"})
+    assert b.item() == pytest.approx(a.item(), rel=1e-5)
+    assert abs(c.item() - a.item()) > 1e-4
+
+
+def test_wsd_schedule_warms_up_holds_then_decays(tmp_path, tokenizer):
+    from reasoning_qat.stages.qat import qat_collator, qat_training_args
+
+    q = QATConfig(max_steps=10, lr=1e-3, schedule="wsd", warmup_ratio=0.2, decay_ratio=0.3, logging_steps=1, save_steps=100)
+    args = qat_training_args(q, tmp_path, seed=0)
+    trainer, _ = _kd_trainer(tmp_path, tokenizer, qat_collator(False, tokenizer.pad_token_id))
+    trainer.args = args
+    trainer.train()
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert len(lrs) == 10
+    # The Trainer logs the rate each step used: 2 warmup steps, 6 stable, then the decay.
+    assert lrs[:2] == [0.0, pytest.approx(5e-4)]
+    assert all(v == pytest.approx(1e-3) for v in lrs[2:8])
+    assert 1e-3 > lrs[8] > lrs[9] > 0
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "jsd", "ce"])
+def test_fused_and_chunked_losses_train_the_same_student(tmp_path, tokenizer, loss):
+    """The trainer takes the fused loss by default (kd.fused) and the checkpointed chunked one with
+    fused: false; five real optimizer steps log the same losses and end at the same latent weights."""
+    from reasoning_qat.stages.qat import qat_collator
+
+    runs = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        trainer, _ = _kd_trainer(tmp_path / str(fused), tokenizer, qat_collator(False, tokenizer.pad_token_id))
+        trainer.kd = KDSpec(loss=loss, temperature=2.0, chunk_size=7, fused=fused)
+        trainer.args.max_steps, trainer.args.logging_steps, trainer.args.learning_rate = 5, 1, 1e-3
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        runs[fused] = losses, weights
+    assert len(runs[True][0]) == 5
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
+    assert runs[True][0][0] != pytest.approx(runs[True][0][-1], rel=1e-3)  # it did train
+    diff = (runs[True][1] - runs[False][1]).abs()
+    assert diff.max() < 2e-4 and diff.mean() < 5e-7, (diff.max(), diff.mean())  # Adam amplifies float noise of ~0 gradients
+

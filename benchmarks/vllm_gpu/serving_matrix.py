@@ -10,7 +10,7 @@ the packed kernel must give the log-probabilities of the same function served de
 
 Writes OUT_DIR/matrix.json and matrix.md: load ok / refused (the engine's own last error line), the
 kernel vLLM chose, the largest |logprob difference| against the dequantized export, and load time.
-Needs a GPU and vLLM (benchmarks/vllm_gpu/install.sh); tests/test_vllm_gpu.py runs it.
+Needs a GPU and vLLM (benchmarks/vllm_gpu/install.sh); tests/evaluation/test_vllm_gpu.py runs it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
   and fake-quantizes K and V, then runs SDPA. It sees every key and value in the cache at every
   step; the quantization is per token, so quantizing a cached entry again gives the same value as
   storing it quantized: cached generation computes exactly the full-recompute function
-  (tests/test_rotation.py).
+  (tests/quant/test_rotation.py).
 
 Which model computes which of these is its `QuantSpec` (quant/scheme.py), installed by quant/runtime.py;
 the activation quantizer is held by each quantized Linear (`input_quantizer`).

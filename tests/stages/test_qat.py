@@ -7,7 +7,7 @@ from reasoning_qat.quant import QuantScheme, QuantTargets, swap_in_fake_quant
 from reasoning_qat.quant.fake_quant import fake_quant_modules
 from reasoning_qat.training import WeightAveraging
 
-from .conftest import tiny_qwen3
+from ..conftest import tiny_qwen3
 
 
 def test_bf16_init_keeps_latent_weights_rtn_init_snaps_them():
@@ -118,7 +118,7 @@ def test_kd_qat_from_gptq_never_ends_worse_at_any_bit_width(tmp_path):
     import subprocess
     import sys
 
-    from .conftest import demo_recipe
+    from ..conftest import demo_recipe
 
     def cli(*args):
         subprocess.run([sys.executable, "-m", "reasoning_qat.cli", *args], check=True, capture_output=True)

@@ -20,7 +20,7 @@ from reasoning_qat.evaluation.backends import (
 from reasoning_qat.evaluation.runner import evaluate
 from reasoning_qat.evaluation.tasks import load_task
 
-from .conftest import demo_recipe
+from ..conftest import demo_recipe
 
 if vllm_problem() is not None:
     if os.environ.get("RQAT_REQUIRE_VLLM") == "1":
@@ -131,7 +131,7 @@ def _vllm_schemes(path):
 def test_vllm_maps_every_compressed_tensors_layer_to_wna16(tmp_path, bits, gs, sym):
     from reasoning_qat.quant.formats import export_compressed_tensors
 
-    from .test_formats import _quantized_tiny
+    from ..quant.test_formats import _quantized_tiny
 
     export_compressed_tensors(_quantized_tiny(bits, gs, sym=sym), tmp_path / "ct", dtype=torch.float32)
     method, schemes = _vllm_schemes(tmp_path / "ct")
@@ -146,7 +146,7 @@ def test_vllm_maps_mixed_precision_exports_layer_by_layer(tmp_path):
     from reasoning_qat.quant import QuantScheme, QuantTargets, swap_in_fake_quant
     from reasoning_qat.quant.formats import export_compressed_tensors
 
-    from .conftest import tiny_qwen3
+    from ..conftest import tiny_qwen3
 
     model = tiny_qwen3()
     swap_in_fake_quant(model, QuantTargets(QuantScheme(2, 32), overrides=(("model.layers.1.mlp.*", {"bits": 4}),)))
@@ -160,8 +160,8 @@ def test_vllm_stops_at_every_end_token(tmp_path, name="qwen3"):
     """The same model as the transformers backend's test (tests/test_families.py): vLLM stops on
     Qwen3's second end token (<|endoftext|>) too, and the two backends agree on text, length and
     truncation. (One family: each CPU engine start costs about a minute.)"""
-    from .families import FAMILIES
-    from .test_families import _always_emits_id0
+    from ..families import FAMILIES
+    from ..test_families import _always_emits_id0
 
     path, tok = _always_emits_id0(FAMILIES[name], tmp_path)
     engine = VLLMBackend(str(path), settings=SETTINGS)
@@ -191,7 +191,7 @@ def test_export_tensors_have_the_shapes_vllm_allocates(tmp_path, monkeypatch, bi
     from reasoning_qat.quant.fake_quant import fake_quant_modules
     from reasoning_qat.quant.formats import export_compressed_tensors
 
-    from .test_formats import _quantized_tiny
+    from ..quant.test_formats import _quantized_tiny
 
     class NoKernel:
         def __init__(self, *args, **kwargs):

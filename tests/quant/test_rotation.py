@@ -23,7 +23,7 @@ from reasoning_qat.quant.scheme import (
     RotationScheme,
 )
 
-from .conftest import tiny_qwen3
+from ..conftest import tiny_qwen3
 
 
 @pytest.mark.parametrize("n", [1, 2, 16, 64, 12, 24, 96, 3072])
@@ -158,7 +158,7 @@ def test_w4a4kv4_demo_end_to_end(tmp_path):
     from reasoning_qat.models import load_model
     from reasoning_qat.quant.formats import load_quantized_checkpoint
 
-    from .conftest import demo_recipe
+    from ..conftest import demo_recipe
 
     rec = demo_recipe(tmp_path, name="w4a4", teacher_steps=150, bits="[4]", baselines="[rtn]", qat_steps=10, limit=30)
     text = rec.read_text().replace("quant: {bits: [4], group_size: 32}",

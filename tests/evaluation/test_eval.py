@@ -9,7 +9,7 @@ from reasoning_qat.evaluation.grader import grade, grade_choice
 from reasoning_qat.evaluation.runner import pass_at_1
 from reasoning_qat.evaluation.tasks import Task, load_task
 
-from .conftest import MATH500
+from ..conftest import MATH500
 
 
 @pytest.mark.parametrize("response,gold,ok", [

@@ -14,7 +14,7 @@ from reasoning_qat.quant import (
 )
 from reasoning_qat.quant.quantizer import default_g_idx, fake_quantize, find_group_params
 
-from .conftest import tiny_qwen3
+from ..conftest import tiny_qwen3
 
 
 def numpy_rtn(w: np.ndarray, bits: int, gs: int, sym: bool) -> np.ndarray:

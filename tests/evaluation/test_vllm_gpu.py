@@ -14,7 +14,7 @@ import torch
 
 from reasoning_qat.serving import vllm_refuses_packed
 
-from .conftest import ROOT
+from ..conftest import ROOT
 
 if not torch.cuda.is_available():
     pytest.skip("needs a GPU (run on the lent GPU: README 'vLLM on the GPU')", allow_module_level=True)

@@ -19,7 +19,7 @@ from reasoning_qat.quant.formats import (
 from reasoning_qat.quant.ptq import gptq_quantize_model, rtn_quantize_model
 from reasoning_qat.quant.scheme import QuantScheme, QuantTargets
 
-from .families import FAMILIES
+from ..families import FAMILIES
 
 TARGETS = QuantTargets(QuantScheme(4, group_size=32), ignore=())  # quant.ignore: [] (the head too)
 
@@ -86,7 +86,7 @@ def test_gptq_refuses_a_head_in_one_line_before_calibrating():
 
 def test_a_recipe_that_gptq_quantizes_the_head_is_refused_before_the_run(tmp_path):
     """quant.ignore: [] with GPTQ: one line naming quant.ignore, exit 2, no run directory."""
-    from .test_errors import cli, one_line_error
+    from ..test_errors import cli, one_line_error
 
     model_dir = FAMILIES["qwen3"].save(tmp_path / "qwen3")
     (tmp_path / "data.jsonl").write_text('{"prompt": "What is 3+5?", "response": "<think>\\n8\\n</think>\\n\\n\\\\boxed{8}", "answer": "8"}\n')

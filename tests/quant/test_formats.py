@@ -18,7 +18,7 @@ from reasoning_qat.quant.formats import (
     save_quantized_checkpoint,
 )
 
-from .conftest import tiny_qwen3
+from ..conftest import tiny_qwen3
 
 
 def unpack_words_bitstream(words: torch.Tensor, bits: int, count: int) -> list[int]:

@@ -1,5 +1,5 @@
 """GRPO with TRL's colocated vLLM (the CPU build in CI): rollouts come from the quantized weights. Apart from
-tests/test_vllm.py so that the two test workers can each take one of the two files (each starts vLLM
+tests/evaluation/test_vllm.py so that the two test workers can each take one of the two files (each starts vLLM
 engines for minutes). CI sets RQAT_REQUIRE_VLLM=1: these fail there, rather than skip, without vLLM."""
 
 import json
@@ -11,7 +11,7 @@ import pytest
 
 from reasoning_qat.evaluation.backends import vllm_problem
 
-from .conftest import demo_recipe
+from ..conftest import demo_recipe
 
 if vllm_problem() is not None:
     if os.environ.get("RQAT_REQUIRE_VLLM") == "1":

@@ -11,7 +11,7 @@ import pytest
 from reasoning_qat.data.qat_data import TraceSpec, open_dataset, select_traces, tokenize_traces
 from reasoning_qat.data.reasoning import IGNORE_INDEX, format_example, generation_prompt, tokenize_example
 
-from .conftest import demo_recipe
+from ..conftest import demo_recipe
 
 # Qwen3's chat template reduced to what formatting depends on, written from its documented
 # behaviour: an assistant turn's `<think>` block is split off and re-rendered as
