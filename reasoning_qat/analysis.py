@@ -214,7 +214,8 @@ def analyze_target(target: str, *, bits: int | None = None, group_size: int | No
     from safetensors.torch import load_file
 
     from .data.calibration import domain_calibration, generic_calibration, tokenized_rows
-    from .data.reasoning import load_rows, select_fields
+    from .data.qat_data import load_rows
+    from .data.reasoning import select_fields
     from .models import best_device, load_model, load_tokenizer
     from .pipeline import recipe_from_run
     from .quant import QuantizedWeight, QuantScheme, QuantTargets

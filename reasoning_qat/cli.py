@@ -28,6 +28,8 @@ def _console():
 
 
 def cmd_run(a) -> int:
+    """`rqat run RECIPE [KEY=VALUE ...]`: check the recipe (preflight), print the plan, run it. Exit 0;
+    UserError -> 2."""
     from .recipe import load_recipe
 
     recipe = load_recipe(a.recipe, a.overrides)  # before the heavy imports below: a schema error costs no torch import
@@ -54,6 +56,7 @@ def cmd_run(a) -> int:
 
 
 def cmd_status(a) -> int:
+    """`rqat status RUN`: each stage's state, wall time and notes, and the run holding the lock if any."""
     from rich.table import Table
 
     from .pipeline import Pipeline, lock_holder, recipe_from_run
@@ -83,6 +86,7 @@ def cmd_status(a) -> int:
 def cmd_eval(a) -> int:
 
 
+    """`rqat eval MODEL --task T`: one model on one task; metrics printed and written under --out."""
     from .models import resolve_model
 
     resolve_model(a.model, "model", a.trust_remote_code)  # one line, before any engine starts
@@ -108,11 +112,11 @@ def _eval(a) -> int:
     out = Path(a.out) if a.out else default_eval_dir(a.model)
     settings = EngineSettings(tensor_parallel_size=a.tensor_parallel_size, gpu_memory_utilization=a.gpu_memory_utilization,
                               dtype=a.dtype, enforce_eager=a.enforce_eager, max_model_len=a.max_model_len)
-    m = evaluate(a.model, task, out / task.name, backend=a.backend, samples=a.samples, limit=a.limit,
+    metrics = evaluate(a.model, task, out / task.name, backend=a.backend, samples=a.samples, limit=a.limit,
                  demo_dir=Path(a.demo_data) if a.demo_data else None, batch_size=a.batch_size,
                  max_new_tokens=a.max_new_tokens, temperature=a.temperature, settings=settings, data=a.data,
                  trust_remote_code=a.trust_remote_code, seed=a.seed)
-    print(json.dumps(m, indent=1))
+    print(json.dumps(metrics, indent=1))
     print(f"results: {out / task.name}")
     return 0
 
@@ -145,6 +149,7 @@ def default_eval_dir(model: str) -> Path:
 
 
 def cmd_compare(a) -> int:
+    """`rqat compare RUN ...`: one table (markdown, json) and plot across runs."""
     from .compare import write_report
 
     # not <run>/compare: that is the run's own compare stage, which `rqat run` writes and checks
@@ -157,6 +162,7 @@ def cmd_compare(a) -> int:
 
 
 def cmd_analyze(a) -> int:
+    """`rqat analyze TARGET`: per-layer quantization damage (KL with one layer quantized) and its predictors."""
     from .analysis import analyze_target
 
     report, out = analyze_target(a.target, bits=a.bits, group_size=a.group_size, method=a.method, samples=a.samples,
@@ -175,6 +181,7 @@ def cmd_analyze(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of every `rqat` subcommand."""
     p = argparse.ArgumentParser(prog="rqat", description="Low-bit reasoning models: calibrate, GPTQ, KD-QAT, RL, export, eval.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
@@ -247,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: a UserError prints one line (`error: ...`) and returns 2; Ctrl-C returns 130."""
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -59,9 +59,9 @@ def _finished_variants(layout: RunLayout) -> dict:
     partial = RunLayout(layout.root, {"eval": layout.partial("eval")})
     for v, tasks in partial.evaluated().items():
         for task, f in tasks.items():
-            m, ce = json.loads(f.read_text()), partial.eval_ce(v, task)
+            metrics, ce = json.loads(f.read_text()), partial.eval_ce(v, task)
             out.setdefault(str(v), {})[task] = {
-                "pass@1": m["pass@1"], "ci95": m["ci95"], **(json.loads(ce.read_text()) if ce.is_file() else {})}
+                "pass@1": metrics["pass@1"], "ci95": metrics["ci95"], **(json.loads(ce.read_text()) if ce.is_file() else {})}
     return out
 
 
@@ -69,9 +69,9 @@ def _scheme(ptq_metrics: dict, v) -> str:
     """' (Hadamard, A4 KV4)' for variants of a rotated / activation- or KV-quantized run, else ''."""
     if v.method == "bf16":
         return ""
-    m = next((x for k, x in ptq_metrics.items() if k.startswith(f"w{v.bits}-")), {})
-    parts = (["Hadamard"] if m.get("rotation") == "hadamard" else []) + \
-        ([f"A{m['activations']}"] if m.get("activations") else []) + ([f"KV{m['kv_cache']}"] if m.get("kv_cache") else [])
+    ptq_row = next((x for k, x in ptq_metrics.items() if k.startswith(f"w{v.bits}-")), {})
+    parts = (["Hadamard"] if ptq_row.get("rotation") == "hadamard" else []) + \
+        ([f"A{ptq_row['activations']}"] if ptq_row.get("activations") else []) + ([f"KV{ptq_row['kv_cache']}"] if ptq_row.get("kv_cache") else [])
     return f" ({', '.join(parts)})" if parts else ""
 
 
@@ -93,6 +93,7 @@ def _label(method: str, qat_metrics: dict, calib_domain: str = "reasoning", rl_m
 
 
 def to_markdown(rows: list[dict]) -> str:
+    """The rows of `collect` as one markdown table (held-out CE columns when any row has one)."""
     with_ce = any(r.get("ce") is not None for r in rows)
     lines = ["| run | task | bits | method | pass@1 | ±95% CI | recovery (% of BF16) | size on disk (MB) |"
              + (" held-out CE | CE increase (%) |" if with_ce else ""),
@@ -128,6 +129,7 @@ def to_task_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str | Path) -> None:
+    """pass@1 against weight bits per method, one panel per (run, task), BF16 as a dashed line; PNG at `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,6 +160,8 @@ def plot(rows: list[dict], path: str | Path) -> None:
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path, make_plot: bool = True) -> tuple[list[dict], str]:
+    """compare.md, compare.json (and compare.png) of `run_dirs` in `out_dir`; returns (rows, markdown). Raises
+    UserError for a run without a finished eval stage."""
     rows = collect(run_dirs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,8 @@ class KDSpec:
 # ---- per-token losses on [n, vocab] logits; each returns the summed loss over the n tokens ---------
 
 def forward_kl(s_logits, t_logits, temperature=1.0, top_k=None):
+    """Forward KL(teacher || student) summed over n tokens of [n, vocab] logits, at `temperature` (scaled by
+    T^2, Hinton et al. 2015); `top_k`: teacher renormalised over its top-k."""
     s_logp = F.log_softmax(s_logits / temperature, dim=-1)
     if top_k:
         t_top, idx = (t_logits / temperature).topk(top_k, dim=-1)
@@ -66,6 +68,7 @@ def forward_kl(s_logits, t_logits, temperature=1.0, top_k=None):
 
 
 def reverse_kl(s_logits, t_logits, temperature=1.0, top_k=None):
+    """Reverse KL(student || teacher) summed over n tokens of [n, vocab] logits, scaled by T^2."""
     s_logp = F.log_softmax(s_logits / temperature, dim=-1)
     t_logp = F.log_softmax(t_logits / temperature, dim=-1)
     return (s_logp.exp() * (s_logp - t_logp)).sum() * temperature**2
@@ -245,6 +248,8 @@ class _HiddenOnly:
 def hidden_and_head(model, unwrapped, input_ids, attention_mask, position_ids=None):
     # Packed rows come with position_ids restarting per example and no attention mask; transformers
     # then builds a block-diagonal causal mask, so examples never attend to each other.
+    """The final hidden states [batch, seq, hidden] of a causal LM (its head swapped for identity) and its
+    output head."""
     with _HiddenOnly(unwrapped) as head:
         hidden = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
     return hidden, head
@@ -277,6 +282,8 @@ class KDTrainer(Trainer):
                 self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     def create_optimizer(self, model=None):
+        """AdamW (the Trainer's `optim`) with grid-unit learning rates for latents and quantizers
+        (training.grouped_optimizer)."""
         if self.optimizer is None:
             self.optimizer = grouped_optimizer(self, self.latent_lr, self.scale_lr)
         return self.optimizer
@@ -302,6 +309,7 @@ class KDTrainer(Trainer):
         return head.weight.dtype
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The per-batch mean distillation loss (kd.loss) over response tokens; fused where can_fuse allows."""
         ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
         pos = inputs.get("position_ids")
         unwrapped = self.accelerator.unwrap_model(model)

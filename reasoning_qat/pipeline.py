@@ -35,7 +35,8 @@ from .run_layout import MANIFEST, RUN_FORMAT, RunLayout
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
     """One `rqat run` per run directory at a time: two would write the same partial stages. The
-    lock is the kernel's (flock), so a killed run never leaves it behind."""
+    lock is the kernel's (flock), so a killed run never leaves it behind, and the holder's pid sits in the
+    locked file itself (`lock_holder`), which filelock's lock file does not keep."""
     path = RunLayout(run_dir).lock_file
     with open(path, "a+") as f:
         try:
@@ -75,6 +76,8 @@ class StageFailed(UserError):
 
 @dataclass
 class StageContext:
+    """What a stage's run function gets: the recipe, the run directory, its own working directory `out`, its
+    input stages' finished directories."""
     recipe: Recipe
     run_dir: Path
     out: Path  # the stage's working directory (renamed into place on success)
@@ -88,6 +91,8 @@ class StageContext:
         return RunLayout(self.run_dir, {self.stage: self.out} if self.stage else {})
 
     def input(self, stage: str) -> Path:
+        """The finished directory of input stage `stage`. Raises RuntimeError for a stage that is not an
+        input."""
         if stage not in self.inputs:
             raise RuntimeError(f"stage input {stage!r} is not available")
         return self.inputs[stage]
@@ -95,6 +100,8 @@ class StageContext:
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage: its run function, the stages it reads, the recipe keys it depends on (hashed), whether the
+    recipe enables it, its version."""
     name: str
     run: Callable[[StageContext], dict | None]
     deps: tuple[str, ...] | Callable[[Recipe], tuple[str, ...]]  # stages whose outputs it reads
@@ -105,6 +112,7 @@ class Stage:
 
 
 def package_versions() -> dict[str, str]:
+    """Versions of python and the packages that change results, for each manifest."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
@@ -117,6 +125,7 @@ def package_versions() -> dict[str, str]:
 
 
 class Pipeline:
+    """The stages of a recipe over one run directory: status, plan and run (see the module docstring)."""
     def __init__(self, recipe: Recipe, stages: list[Stage], console=None, run_dir: Path | None = None):
         self.recipe = recipe
         self.stages = {s.name: s for s in stages}
@@ -127,18 +136,24 @@ class Pipeline:
 
     # ---- state (read-only) ------------------------------------------------------------------------
     def stage_dir(self, name: str) -> Path:
+        """The finished directory of stage `name`."""
         return self.layout.stage(name)
 
     def partial_dir(self, name: str) -> Path:
+        """The directory stage `name` works in until it is done."""
         return self.layout.partial(name)
 
     def enabled(self, name: str) -> bool:
+        """Whether the recipe runs stage `name`."""
         return self.stages[name].enabled(self.recipe)
 
     def manifest(self, name: str) -> dict | None:
+        """Stage `name`'s manifest, or None when it has not finished."""
         return self.layout.manifest(name)
 
     def recipe_hash(self, name: str, run_format: int = RUN_FORMAT) -> str:
+        """The hash of the recipe values stage `name` depends on (and its version), as its manifest records
+        it."""
         stage = self.stages[name]
         keys = stage.recipe_keys(self.recipe) if callable(stage.recipe_keys) else stage.recipe_keys
         if run_format < 2:  # manifests written before run format 2 hashed every field, defaults included
@@ -146,6 +161,7 @@ class Pipeline:
         return self.recipe.section_hash(*keys, f"version={stage.version}")
 
     def active_deps(self, name: str) -> list[str]:
+        """The enabled stages stage `name` reads."""
         deps = self.stages[name].deps
         return [d for d in (deps(self.recipe) if callable(deps) else deps) if self.enabled(d)]
 
@@ -153,14 +169,14 @@ class Pipeline:
         """done | stale | missing | partial | disabled"""
         if not self.enabled(name):
             return "disabled"
-        m = self.manifest(name)
-        if m is None:
+        manifest = self.manifest(name)
+        if manifest is None:
             return "partial" if self.partial_dir(name).exists() else "missing"
-        if m.get("recipe_hash") != self.recipe_hash(name, m.get("run_format", 1)):
+        if manifest.get("recipe_hash") != self.recipe_hash(name, manifest.get("run_format", 1)):
             return "stale"
         for dep in self.active_deps(name):
-            dm = self.manifest(dep)
-            if dm is None or m.get("inputs", {}).get(dep) != dm.get("fingerprint"):
+            dep_manifest = self.manifest(dep)
+            if dep_manifest is None or manifest.get("inputs", {}).get(dep) != dep_manifest.get("fingerprint"):
                 return "stale"
             if self.status(dep) == "stale":
                 return "stale"
@@ -175,6 +191,8 @@ class Pipeline:
 
     # ---- running --------------------------------------------------------------------------------
     def plan(self, only: list[str] | None = None, force: bool = False) -> list[str]:
+        """The stages to run, in order: `only` (and compare after eval), or every missing, stale or downstream
+        stage. Raises RecipeError for an unknown or disabled stage, or one whose input never ran."""
         if only:
             unknown = [s for s in only if s not in self.stages]
             if unknown:
@@ -202,6 +220,8 @@ class Pipeline:
         return chosen
 
     def run(self, only: list[str] | None = None, force: bool = False) -> list[str]:
+        """Run the plan under the run lock; each stage in its partial directory, renamed into place after its
+        manifest. Returns the stages run. Raises StageFailed when another run holds the lock."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with run_lock(self.run_dir):  # plan under the lock: another run may have just finished stages
             self._recover()
@@ -249,27 +269,28 @@ class Pipeline:
             self.console.print(msg)
 
     def status_rows(self) -> list[dict]:
+        """One row per stage for `rqat status`: status, wall time, finish time, notes."""
         rows = []
         for name in self.order:
-            m = self.manifest(name) or {}
+            manifest = self.manifest(name) or {}
             rows.append({
                 "stage": name,
                 "status": self.status(name),
-                "wall_time_s": m.get("wall_time_s"),
-                "finished_at": m.get("finished_at"),
-                "notes": stage_notes(m),
+                "wall_time_s": manifest.get("wall_time_s"),
+                "finished_at": manifest.get("finished_at"),
+                "notes": stage_notes(manifest),
             })
         return rows
 
 
 def stage_notes(manifest: dict) -> str:
     """What a stage's manifest says that a user should see in `rqat status` (the QAT data's fate)."""
-    q = manifest.get("metrics", {}).get("qat_data")
-    if not q:
+    data = manifest.get("metrics", {}).get("qat_data")
+    if not data:
         return ""
-    dropped = ", ".join(f"{n} {why}" for why, n in q["dropped"].items()) or "none"
-    t = q["tokens"]
-    return (f"qat data: {q['kept']} of {q['rows']} kept ({q['select']}), {q['truncated']} truncated, dropped: {dropped}; "
+    dropped = ", ".join(f"{n} {why}" for why, n in data["dropped"].items()) or "none"
+    t = data["tokens"]
+    return (f"qat data: {data['kept']} of {data['rows']} kept ({data['select']}), {data['truncated']} truncated, dropped: {dropped}; "
             f"tokens p50 {t['p50']} / p90 {t['p90']} / max {t['max']} (max_length {t['max_length']})")
 
 

@@ -27,7 +27,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DemoTeacher(_Section):
+class _TrainingDynamics(_Section):
+    """The LR schedule and weight averaging of a training run (the demo teacher's and QAT's): both change how
+    well a model survives quantization."""
+
+    schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="LR schedule (wsd: warmup-stable-decay)")
+    decay_ratio: float = Field(0.2, gt=0, le=1, description="wsd: fraction of the steps spent decaying")
+    averaging: Literal["none", "ema", "lawa"] = Field("none", description="weight averaging applied to the saved model")
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="ema: decay per step")
+    lawa_k: int = Field(5, ge=2, description="lawa: snapshots averaged (latest-weight averaging)")
+    lawa_interval: int = Field(50, ge=1, description="lawa: steps between snapshots")
+
+
+class DemoTeacher(_TrainingDynamics):
     """A tiny Qwen3-architecture teacher trained locally on synthetic step-by-step arithmetic."""
 
     hidden_size: int = Field(128, ge=16, description="width of the residual stream")
@@ -52,13 +64,6 @@ class DemoTeacher(_Section):
     seed: int | None = Field(None, description=(
         "the teacher's own seed (init, data, order): runs that differ only in `seed` then share one teacher and may "
         "copy it; none: the run's seed"))
-    schedule: Literal["cosine", "wsd", "constant"] = Field(
-        "cosine", description="the teacher's LR schedule (schedules change how well a model survives PTQ)")
-    decay_ratio: float = Field(0.2, gt=0, le=1, description="wsd: fraction of the steps spent decaying")
-    averaging: Literal["none", "ema", "lawa"] = Field("none", description="weight averaging applied to the saved teacher")
-    ema_decay: float = Field(0.999, gt=0, lt=1, description="ema: decay per step")
-    lawa_k: int = Field(5, ge=2, description="lawa: snapshots averaged (latest-weight averaging)")
-    lawa_interval: int = Field(50, ge=1, description="lawa: steps between snapshots")
 
     @model_validator(mode="after")
     def _step_range(self):
@@ -68,6 +73,7 @@ class DemoTeacher(_Section):
 
 
 class ModelConfig(_Section):
+    """The BF16 model: a hub id or local directory, or the embedded demo teacher."""
     id: str | None = Field(None, description="hub id or local directory of the BF16 model (exactly one of `id` / `demo`)")
     demo: DemoTeacher | None = Field(None, description="build and train the embedded demo teacher instead of loading one")
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype of the teacher and of the exports")
@@ -82,6 +88,7 @@ class ModelConfig(_Section):
 
 
 class QuantOverride(_Section):
+    """Mixed precision: another bit width or group size for the layers a glob matches."""
     pattern: str = Field(description='fnmatch glob on module names, e.g. "*.mlp.down_proj"')
     bits: Literal[2, 3, 4, 8] | None = Field(None, description="bit width of the matched layers (none: the variant's)")
     group_size: Literal[-1, 32, 64, 128] | None = Field(None, description="group size of the matched layers (none: quant.group_size)")
@@ -116,6 +123,7 @@ PRESETS = {"w4a4kv4": {"activations": {"bits": 4}, "kv_cache": {"bits": 4}}, "w4
 
 
 class QuantConfig(_Section):
+    """The quantization scheme: weight bit widths and groups, activations, KV cache, targets."""
     preset: Literal["w4a4kv4", "w4a8"] | None = Field(None, description=(
         "a named scheme filling `activations` / `kv_cache` (w4a4kv4: 4-bit activations and KV cache; w4a8: 8-bit "
         "activations); keys given beside it win"))
@@ -204,6 +212,7 @@ class DataConfig(_Section):
 
 
 class CalibrationConfig(_Section):
+    """The PTQ calibration set: domain-matched windows of the QAT data, or generic text."""
     domain: Literal["reasoning", "generic"] = Field("reasoning", description=(
         "`reasoning`: windows of the QAT data in its chat/thinking format (domain-matched); `generic`: plain text"))
     num_samples: int = Field(128, ge=1, description="calibration sequences")
@@ -214,6 +223,7 @@ class CalibrationConfig(_Section):
 
 
 class PTQConfig(_Section):
+    """Post-training quantization: the method (QAT's init), baselines, GPTQ settings, rotation."""
     method: Literal["gptq", "rtn"] = Field("gptq", description="the PTQ method, also QAT's initialisation")
     baselines: list[Literal["rtn", "gptq", "gptq_generic"]] = Field(default_factory=lambda: ["rtn"], description=(
         "also produced and evaluated; `gptq_generic` is GPTQ calibrated on generic text"))
@@ -228,6 +238,7 @@ class PTQConfig(_Section):
 
 
 class KDConfig(_Section):
+    """The distillation objective of the qat stage."""
     loss: Literal["forward_kl", "reverse_kl", "jsd", "ce"] = Field("forward_kl", description=(
         "distillation loss per token: forward KL(teacher || student), reverse KL, generalized JSD, or `ce` on the data "
         "(no teacher)"))
@@ -240,7 +251,8 @@ class KDConfig(_Section):
         "head, ZeRO-3): autograd through checkpointed chunks"))
 
 
-class QATConfig(_Section):
+class QATConfig(_TrainingDynamics):
+    """Quantization-aware training by distillation from the BF16 teacher."""
     enabled: bool = Field(True, description="run the qat stage")
     init: Literal["ptq", "rtn", "bf16"] = Field("ptq", description="the student's starting latents: ptq.method's, RTN's or BF16")
     kd: KDConfig = Field(default_factory=KDConfig, description="the distillation loss")
@@ -256,13 +268,7 @@ class QATConfig(_Section):
         "learning rate of the step sizes and zero points, in grid steps at the grid's edge; 0 freezes the quantizers"))
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     optimizer: str = Field("adamw_torch_fused", description="any transformers `optim` name")
-    schedule: Literal["cosine", "wsd", "constant"] = Field("cosine", description="LR schedule (wsd: warmup-stable-decay)")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="fraction of the steps spent warming up")
-    decay_ratio: float = Field(0.2, gt=0, le=1, description="wsd: fraction of the steps spent decaying")
-    averaging: Literal["none", "ema", "lawa"] = Field("none", description="weight averaging applied before saving")
-    ema_decay: float = Field(0.999, gt=0, lt=1, description="ema: decay per step")
-    lawa_k: int = Field(5, ge=2, description="lawa: snapshots averaged")
-    lawa_interval: int = Field(50, ge=1, description="lawa: steps between snapshots")
     save_steps: int = Field(200, ge=1, description="steps between resumable checkpoints")
     logging_steps: int = Field(10, ge=1, description="steps between log lines")
     report_to: list[str] = Field(default_factory=list, description="transformers `report_to` integrations (tensorboard, wandb, ...)")
@@ -279,6 +285,7 @@ class QATConfig(_Section):
 
 
 class RLConfig(_Section):
+    """GRPO (TRL) on the quantized student."""
     enabled: bool = Field(False, description="run GRPO (the rl stage)")
     init: Literal["qat", "ptq"] = Field("qat", description=(
         "`qat`: GRPO on the QAT student (the KD cold start); `ptq`: straight from ptq.method's checkpoint (qat may be "
@@ -319,6 +326,7 @@ class ExportConfig(_Section):
 
 
 class EvalConfig(_Section):
+    """Evaluation: tasks, backend, sampling overrides, engine settings."""
     tasks: list[str] = Field(default_factory=lambda: ["math500"], description=(
         "names in eval/tasks/ (or suites: `reasoning`) or task .yaml paths"))
     backend: Literal["auto", "vllm", "transformers"] = Field("auto", description="`auto`: vLLM where it runs, else transformers")
@@ -351,10 +359,12 @@ class EvalConfig(_Section):
 
 
 class CompareConfig(_Section):
+    """The compare stage's table and plot."""
     plot: bool = Field(True, description="draw compare.png beside the table")
 
 
 class Recipe(_Section):
+    """One experiment: every section above, checked across sections (_cross_checks)."""
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="run directory name (`<run_root>/<name>`)")
     seed: int = Field(0, description="seed of QAT, RL and the run's own randomness")
     run_root: str = Field("runs", description="directory holding runs")
@@ -402,6 +412,7 @@ class Recipe(_Section):
 
     @property
     def run_dir(self) -> Path:
+        """`run_root/name`."""
         return Path(self.run_root) / self.name
 
     def section_hash(self, *keys: str, exclude_defaults: bool = True) -> str:
@@ -443,6 +454,7 @@ def _format_error(err: ValidationError, source: str) -> str:
 
 
 def parse_recipe(data: object, source: str = "recipe") -> Recipe:
+    """A Recipe from a parsed YAML mapping. Raises RecipeError (one line naming the field)."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: (top level): expected a mapping of sections, got {type(data).__name__}")
     try:

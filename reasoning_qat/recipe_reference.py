@@ -27,6 +27,7 @@ END = "<!-- /recipe-reference -->"
 
 @dataclass(frozen=True)
 class FieldDoc:
+    """One row of the recipe reference."""
     key: str  # dotted path, e.g. quant.group_size
     type: str  # e.g. "2 | 3 | 4 | 8", "list of str", "int or none"
     default: str  # "required", or the default as YAML writes it
@@ -120,6 +121,7 @@ def rewrite_readme(path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print the reference table, or rewrite it in a README (--write)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--write", metavar="README", help="rewrite the table between the markers in this file")
     a = ap.parse_args(argv)

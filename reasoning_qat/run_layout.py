@@ -67,6 +67,7 @@ class Variant:
 
     @classmethod
     def parse(cls, name: str) -> Variant:
+        """The Variant a name stands for (`bf16`, `w4-gptq`). Raises ValueError on another name."""
         if name == "bf16":
             return BF16
         m = re.fullmatch(r"w(\d+)-(\w+)", name)
@@ -91,24 +92,29 @@ class ModelSource:
 
     @classmethod
     def teacher(cls, layout: RunLayout, model_cfg) -> ModelSource:
+        """The run's teacher with the recipe's loading options (the demo's trained model, or the recorded id)."""
         path = layout.teacher_model()
         local = model_cfg.demo is not None or Path(path).exists()
         return cls(path, None if local else model_cfg.revision, model_cfg.trust_remote_code, model_cfg.dtype)
 
     def at(self, path: str | Path) -> ModelSource:
+        """The same options at another path (one of the run's own checkpoints)."""
         return replace(self, id=str(path), revision=None)
 
     def tokenizer(self):
+        """The tokenizer at this source."""
         from .models import load_tokenizer
 
         return load_tokenizer(self.id, self.trust_remote_code, self.revision)
 
     def model(self, dtype=None, device: str | None = None):
+        """The causal LM at this source, its QuantSpec installed when it carries one."""
         from .models import load_model, resolve_dtype
 
         return load_model(self.id, dtype or resolve_dtype(self.dtype), self.trust_remote_code, self.revision, device)
 
     def config(self):
+        """The model config at this source."""
         from .models import load_config
 
         return load_config(self.id, self.trust_remote_code, self.revision)
@@ -123,25 +129,31 @@ class RunLayout:
         self._working = working or {}
 
     def working(self, stage: str) -> RunLayout:
+        """The layout a running `stage` writes through: its own directory is the partial one."""
         return RunLayout(self.root, {stage: self.partial(stage)})
 
     # ---- run level -------------------------------------------------------------------------------
     @property
     def name(self) -> str:
+        """The run's name (its directory name)."""
         return self.root.name
 
     @property
     def recipe_file(self) -> Path:
+        """The recipe snapshot the last `rqat run` wrote."""
         return self.root / RECIPE_SNAPSHOT
 
     @property
     def lock_file(self) -> Path:
+        """The file `rqat run` locks (flock)."""
         return self.root / ".lock"
 
     def stage(self, name: str) -> Path:
+        """Stage `name`'s directory (the partial one for the stage this layout works for)."""
         return self._working.get(name, self.root / name)
 
     def partial(self, name: str) -> Path:
+        """Where stage `name` works until it is done."""
         return self.root / f".{name}.partial"
 
     def replaced(self, name: str) -> Path:
@@ -173,12 +185,15 @@ class RunLayout:
         return json.loads(self.teacher_ref().read_text())["path"]
 
     def teacher_model_dir(self) -> Path:
+        """Where the demo teacher's (or a converted model's) weights are saved."""
         return self.stage("teacher") / "model"
 
     def teacher_ref(self) -> Path:
+        """The recorded hub id / local path of a teacher that is not copied into the run."""
         return self.stage("teacher") / "model_ref.json"
 
     def demo_data(self) -> Path | None:
+        """The demo task's data directory, or None for a run without the demo teacher."""
         d = self.stage("teacher") / "data"
         return d if d.is_dir() else None
 
@@ -187,20 +202,25 @@ class RunLayout:
         return self.stage("teacher") / "data" / f"{split}.jsonl"
 
     def teacher_trainer(self) -> Path:
+        """The demo teacher's Trainer output (checkpoints)."""
         return self.stage("teacher") / "trainer"
 
     # ---- calibrate -------------------------------------------------------------------------------
     def calibration_file(self) -> Path:
+        """The calibration sets (safetensors: main, generic)."""
         return self.stage("calibrate") / "calibration.safetensors"
 
     def qat_data(self) -> Path:
+        """The tokenized QAT set (datasets save_to_disk)."""
         return self.stage("calibrate") / "qat_data"
 
     def teacher_responses(self) -> Path:
+        """The teacher-written responses (JSONL, one line per prompt, resumable)."""
         return self.stage("calibrate") / "qat_data.jsonl"
 
     # ---- quantized variants ----------------------------------------------------------------------
     def ptq(self, v: Variant) -> Path:
+        """The rqat checkpoint of a PTQ variant."""
         return self.stage("ptq") / str(v)
 
     def trained(self, v: Variant) -> Path:
@@ -220,23 +240,29 @@ class RunLayout:
         return self.trained(v) / "trainer"
 
     def log_history(self, v: Variant) -> Path:
+        """A trained variant's Trainer log history."""
         return self.trained(v) / "log_history.json"
 
     def export(self, v: Variant, fmt: str | None = None) -> Path:
+        """A variant's export directory (of format `fmt`)."""
         d = self.stage("export") / str(v)
         return d / fmt if fmt else d
 
     def exported_variants(self) -> list[Variant]:
+        """The variants the export stage wrote, in order."""
         d = self.stage("export")
         return sorted(Variant.parse(p.name) for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
 
     def eval(self, v: Variant, task: str) -> Path:
+        """The eval directory of (variant, task)."""
         return self.stage("eval") / str(v) / task
 
     def eval_metrics(self, v: Variant, task: str) -> Path:
+        """metrics.json of (variant, task): written last, so its presence means finished."""
         return self.eval(v, task) / EVAL_METRICS
 
     def eval_ce(self, v: Variant, task: str) -> Path:
+        """The held-out cross-entropy of (variant, task) (demo tasks)."""
         return self.eval(v, task) / EVAL_CE
 
     def evaluated(self, stage_dir: Path | None = None) -> dict[Variant, dict[str, Path]]:
@@ -248,10 +274,13 @@ class RunLayout:
         return out
 
     def compare(self) -> Path:
+        """The compare stage's directory."""
         return self.stage("compare")
 
     def compare_table(self) -> Path:
+        """The compare stage's markdown table."""
         return self.stage("compare") / "compare.md"
 
     def analysis(self, v: Variant) -> Path:
+        """`rqat analyze`'s output directory for a variant."""
         return self.root / "analysis" / str(v)

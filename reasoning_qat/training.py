@@ -139,6 +139,8 @@ class WeightAveraging:
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     def update(self, model, step: int) -> None:
+        """Fold the current trainable parameters into the average (EMA every step; LAWA every lawa_interval
+        steps)."""
         import torch
         from torch.optim.swa_utils import get_ema_multi_avg_fn
 
@@ -156,12 +158,14 @@ class WeightAveraging:
                     self.state[f"{slot}/{n}"] = p.detach().float().cpu().clone()
 
     def save(self, ckpt_dir: Path) -> None:
+        """Write the averaging state beside a Trainer checkpoint (safetensors)."""
         from safetensors.torch import save_file
 
         if self.state and ckpt_dir.is_dir():
             save_file({k: v.contiguous().cpu() for k, v in self.state.items()}, str(ckpt_dir / self.FILE))
 
     def load(self, ckpt_dir: str | None, device) -> None:
+        """Read the averaging state a checkpoint holds (a resumed run averages the same way)."""
         from safetensors.torch import load_file
 
         if ckpt_dir and (Path(ckpt_dir) / self.FILE).is_file():

@@ -14,25 +14,30 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ArithProblem:
+    """One demo problem (a+b)*c, worked in two steps."""
     a: int
     b: int
     c: int
 
     @property
     def problem(self) -> str:
+        """The question as the prompt states it."""
         return f"What is ({self.a}+{self.b})*{self.c}?"
 
     @property
     def answer(self) -> str:
+        """The gold answer as a string."""
         return str((self.a + self.b) * self.c)
 
     @property
     def response(self) -> str:
+        """The reference reasoning trace: <think> with the steps, then the boxed answer."""
         s = self.a + self.b
         return f"<think>\n{self.a}+{self.b}={s}\n{s}*{self.c}={s * self.c}\n</think>\n\nThe answer is \\boxed{{{self.answer}}}."
 
 
 def all_problems() -> list[ArithProblem]:
+    """Every (a+b)*c of the arith task (810 problems), in a fixed order."""
     return [ArithProblem(a, b, c) for a in range(10) for b in range(10) for c in range(1, 10)]
 
 
@@ -66,10 +71,12 @@ class ChainProblem:
 
     @property
     def problem(self) -> str:
+        """The question as the prompt states it."""
         words = ", ".join(f"{'add' if op == '+' else 'subtract'} {n}" for op, n in self.steps)
         return f"Start at {self.start}, then {words}. What is the result?"
 
     def values(self) -> list[int]:
+        """The running value after each step."""
         out, v = [], self.start
         for op, n in self.steps:
             v = v + n if op == "+" else v - n
@@ -78,10 +85,12 @@ class ChainProblem:
 
     @property
     def answer(self) -> str:
+        """The gold answer as a string."""
         return str(self.values()[-1])
 
     @property
     def response(self) -> str:
+        """The reference reasoning trace: <think> with the steps, then the boxed answer."""
         lines, v = [], self.start
         for (op, n), nxt in zip(self.steps, self.values()):
             lines.append(f"{v}{op}{n}={nxt}" if self.trace == "compact" else f"{v}{op}{n}: {_columns(v, n, op)} -> {nxt}")

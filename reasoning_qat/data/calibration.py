@@ -63,6 +63,9 @@ def generic_text(source: str, subset: str | None = None) -> str:
 
 def generic_calibration(tokenizer, source: str, num_samples: int, seq_len: int, seed: int = 0,
                         subset: str | None = None) -> torch.Tensor:
+    """`num_samples` windows of `seq_len` tokens of plain text ([num_samples, seq_len] int64) from the shipped
+    text, a .txt/.jsonl or a hub dataset; the generic-text baseline of GPTQ's calibration. Raises UserError on
+    a missing or empty source."""
     ids = tokenizer(generic_text(source, subset), add_special_tokens=False)["input_ids"]
     if not ids:
         raise UserError(f"calibration.generic_source: {source!r} holds no text")

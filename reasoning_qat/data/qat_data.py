@@ -81,6 +81,15 @@ def open_dataset(source: str, split: str = "train", subset: str | None = None, d
                         + (f"; {offline_hint}" if offline_hint else "; give a local .jsonl file or dataset directory")) from err
 
 
+def load_rows(source: str, split: str = "train", demo_dir: str | Path | None = None, subset: str | None = None,
+              field: str = "source", offline_hint: str = "", limit: int | None = None,
+              data_files: list[str] | None = None) -> list[dict]:
+    """Rows of `demo` (the run's generated split), a .jsonl file, a dataset directory or a hub id, as
+    dicts: the first `limit` only, selected before any row is read. Raises SpecError naming `field`."""
+    ds = open_dataset(source, split, subset, demo_dir, field, offline_hint, data_files)
+    return ds.select(range(min(limit, len(ds)))).to_list() if limit else ds.to_list()
+
+
 def workers(data: TraceSpec, n_rows: int) -> int | None:
     """`num_proc` for datasets.map: the recipe's, else the cores for large sets (processes cost more
     than they save on a few thousand rows)."""
@@ -199,16 +208,19 @@ def tokenize_traces(rows, tokenizer, data: TraceSpec):
 
 
 def _pct(sorted_values: list[int], q: int) -> int:
+    """Nearest-rank percentile: an actual example's length (statistics.quantiles would interpolate between two)."""
     if not sorted_values:
         return 0
     return sorted_values[min(len(sorted_values) - 1, (len(sorted_values) * q) // 100)]
 
 
 def save_tokenized(ds, out_dir: Path) -> None:
+    """Write the tokenized QAT set (datasets' save_to_disk) where the qat stage reads it."""
     ds.save_to_disk(str(out_dir))
 
 
 def load_tokenized(path: Path):
+    """The tokenized QAT set the calibrate stage saved (memory-mapped Arrow)."""
     from datasets import load_from_disk
 
     return load_from_disk(str(path))

@@ -19,6 +19,7 @@ IGNORE_INDEX = -100
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSON-lines file (blank lines skipped). Raises UserError naming the first bad line."""
     rows = []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
@@ -31,20 +32,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Write rows as JSON lines (parent directories created)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-
-
-def load_rows(source: str, split: str = "train", demo_dir: str | Path | None = None, subset: str | None = None,
-              field: str = "source", offline_hint: str = "", limit: int | None = None,
-              data_files: list[str] | None = None) -> list[dict]:
-    """Rows of `demo` (the run's generated split), a .jsonl file, a dataset directory or a hub id, as
-    dicts: the first `limit` only, selected before any row is read (see qat_data.open_dataset)."""
-    from .qat_data import open_dataset
-
-    ds = open_dataset(source, split, subset, demo_dir, field, offline_hint, data_files)
-    return ds.select(range(min(limit, len(ds)))).to_list() if limit else ds.to_list()
 
 
 def select_fields(rows: list[dict], prompt_field: str, response_field: str | None, max_samples: int | None = None) -> list[dict]:
@@ -61,6 +52,8 @@ def select_fields(rows: list[dict], prompt_field: str, response_field: str | Non
 
 
 def generation_prompt(tokenizer, prompt: str, enable_thinking: bool = True) -> str:
+    """The chat-formatted prompt a model generates after, as its own chat template writes it (thinking on:
+    Qwen3's default)."""
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
     )
@@ -105,6 +98,8 @@ def tokenize_example(tokenizer, prompt: str, response: str, max_length: int | No
 
 
 class ReasoningSFTDataset(torch.utils.data.Dataset):
+    """Tokenized (prompt, response) pairs for SFT: labels only on the response (thinking, answer, end of
+    turn)."""
     def __init__(self, rows: list[dict], tokenizer, max_length: int):
         self.examples = [tokenize_example(tokenizer, r["prompt"], r["response"], max_length) for r in rows]
         if not self.examples:

@@ -86,6 +86,8 @@ def generate_teacher_responses(engine, rows: list[dict], out_path: str | Path, g
 
 
 def kept_rows(path: str | Path) -> list[dict]:
+    """The rows of a teacher-responses JSONL marked kept, as {prompt, response, answer?}. Raises SpecError
+    (`generation.keep`) when none is."""
     rows = [r for r in read_jsonl(path) if r["kept"]]
     if not rows:
         raise SpecError("generation.keep", f"no teacher response was kept in {path}; use keep: all or raise max_new_tokens")

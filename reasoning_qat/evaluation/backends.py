@@ -21,6 +21,8 @@ from ..errors import SpecError
 
 @dataclass
 class Completion:
+    """One generated completion: its text (special tokens kept, end token dropped), length in tokens, and
+    whether max_new_tokens cut it."""
     text: str
     num_tokens: int
     truncated: bool  # stopped by max_new_tokens rather than by the end-of-turn token
@@ -38,6 +40,7 @@ class EngineSettings:
     static_cache: bool | str = "auto"  # transformers backend only: static KV cache + compiled decode (auto: GPU)
 
     def torch_dtype(self, on_gpu: bool) -> torch.dtype:
+        """The model dtype to run in: the setting, or bf16 on a GPU and fp32 on CPU for `auto`."""
         name = self.dtype if self.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         return getattr(torch, name)
 
@@ -62,6 +65,8 @@ def vllm_problem() -> str | None:
 
 
 def pick_backend(name: str) -> str:
+    """`auto` -> vllm where it runs, else transformers. Raises SpecError (`backend`) when vllm is asked for
+    and cannot run."""
     if name == "auto":
         return "vllm" if vllm_problem() is None else "transformers"
     if name == "vllm" and (why := vllm_problem()):
@@ -133,6 +138,8 @@ class TransformersBackend:
     def generate(self, prompts: list[str], k: int, temperature: float, top_p: float, top_k: int,
                  max_new_tokens: int, seed: int = 0, keys=None) -> list[list[Completion]]:
         # `generate` has no per-row generator: samples are reproducible from the seed and the batching.
+        """k completions for each chat-formatted prompt (a list of k Completions per prompt), sampled with the
+        given settings; sample j of prompt `keys[i]` is drawn with its own seed (request_seed)."""
         torch.manual_seed(seed)
         tok = self.tokenizer
         ends = torch.tensor(self.end_ids, device=self.device)
@@ -163,6 +170,7 @@ class TransformersBackend:
         return [out[j * k : (j + 1) * k] for j in range(len(prompts))]
 
     def close(self) -> None:
+        """Free the model (and the GPU memory it holds)."""
         self.model = None
         gc.collect()
 
@@ -202,6 +210,8 @@ class VLLMBackend:
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
 
     def generate(self, prompts, k, temperature, top_p, top_k, max_new_tokens, seed: int = 0, keys=None):
+        """k completions for each chat-formatted prompt (a list of k Completions per prompt), sampled with the
+        given settings; sample j of prompt `keys[i]` is drawn with its own seed (request_seed)."""
         from vllm import SamplingParams
 
         tok = self.tokenizer
@@ -241,6 +251,8 @@ class VLLMBackend:
 
 def make_backend(name: str, model_path: str, batch_size: int = 64, trust_remote_code: bool = False, seed: int = 0,
                  settings: EngineSettings = EngineSettings()):
+    """A generation backend for `model_path`: transformers for a model with an online QuantSpec (no engine
+    serves it), else `name` (auto/vllm/transformers). Raises SpecError (`backend`)."""
     from ..quant.runtime import needs_runtime
 
     if needs_runtime(model_path):  # online rotations / int4 activations / KV quantization: no engine serves them

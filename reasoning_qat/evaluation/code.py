@@ -94,6 +94,7 @@ def _same_output(got: str, expected: str) -> bool:
 
 @dataclass(frozen=True)
 class CodeGrade:
+    """The grade of one code answer: passed, the tests run and passed, and why it failed."""
     correct: bool
     extracted: str | None  # the program (first 2000 characters), or None
     passed: int  # tests passed before the first failure
@@ -126,6 +127,8 @@ def run_tests(program: str, tests: list[dict], func_name: str | None, limits: Li
 
 def grade_code(response: str, tests: list[dict], func_name: str | None, limits: Limits,
                thinking_open: bool = False) -> CodeGrade:
+    """Run the program in a completion against a problem's tests in the sandbox (LiveCodeBench's stdin/stdout
+    and functional tests); returns CodeGrade."""
     program = extract_program(response, thinking_open)
     if program is None:
         return CodeGrade(False, None, 0, len(tests), "no ```python block after the thinking")

@@ -19,6 +19,7 @@ from ..data.thinking import answer_text
 
 @dataclass(frozen=True)
 class Grade:
+    """The grade of one completion: correct, the answer extracted, and whether the thinking was closed."""
     correct: bool
     extracted: str | None
 
@@ -46,6 +47,8 @@ def normalize_answer(text: str) -> str:
 
 
 def parse_gold(answer: str):
+    """A gold answer parsed by math-verify (LaTeX and plain expressions), for comparison with extracted
+    answers."""
     answer = normalize_answer(answer.strip())
     if "\\boxed" not in answer:
         answer = f"\\boxed{{{answer}}}"

@@ -34,6 +34,7 @@ CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 
 @dataclass(frozen=True)
 class Limits:
+    """Resource limits of one sandboxed run: wall time (s), CPU time (s), memory (bytes), output (bytes)."""
     timeout_s: float = 6.0  # wall clock per run
     cpu_s: int = 5
     memory_mb: int = 1024  # address space
@@ -43,6 +44,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class Result:
+    """What a sandboxed run returned: exit code (None on timeout), stdout, stderr, timed_out, wall time (s)."""
     returncode: int | None
     stdout: str
     stderr: str

@@ -20,6 +20,8 @@ from ..errors import SpecError, UserError
 
 
 class Sampling(BaseModel):
+    """A task's decoding: temperature, top-p, top-k, max_new_tokens, samples per problem (the paper's settings
+    per benchmark)."""
     model_config = ConfigDict(extra="forbid")
     temperature: float = Field(0.6, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
@@ -44,6 +46,8 @@ class CodeConfig(BaseModel):
 
 
 class Task(BaseModel):
+    """An eval task file (eval/tasks/*.yaml): source, split, fields, prompt template, grading kind and
+    sampling."""
     model_config = ConfigDict(extra="forbid")
     name: str
     kind: Literal["math", "multiple_choice", "code"] = "math"
@@ -90,7 +94,7 @@ class Task(BaseModel):
                f"or rqat eval --data FILE.jsonl")
         filtered = bool(self.where or self.release_start or self.release_end)
         # torch: imported when a task loads its rows, not when a task file is validated
-        from ..data.reasoning import load_rows
+        from ..data.qat_data import load_rows
 
         try:
             rows = load_rows(own or self.source, self.split, demo_dir, subset=None if own else self.subset,
@@ -168,6 +172,7 @@ def _as_date(value, task: str) -> date:
 
 
 def task_dirs() -> list[Path]:
+    """Where task names are looked up: ./eval/tasks, then the package's eval/tasks."""
     here = Path(__file__).resolve()
     return [Path.cwd() / "eval" / "tasks", here.parents[2] / "eval" / "tasks"]
 

@@ -45,6 +45,8 @@ def _ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ActQuantizer:
+    """Per-token dynamic fake quantization of activations [..., features], straight-through gradient (QuaRot's
+    A4/A8)."""
     bits: int = 4
     symmetric: bool = False
     clip_ratio: float = 1.0
@@ -55,6 +57,8 @@ class ActQuantizer:
 
 @dataclass(frozen=True)
 class KVQuantizer:
+    """Fake quantization of keys or values [batch, heads, tokens, head_dim] in groups along head_dim,
+    straight-through (QuaRot's KV4)."""
     bits: int = 4
     group_size: int = -1  # along head_dim; -1: one group per head
     symmetric: bool = False

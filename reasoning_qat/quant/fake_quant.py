@@ -86,13 +86,16 @@ class FakeQuantLinear(nn.Module):
         return t[:, self.g_idx.long()]
 
     def latent_weight(self) -> torch.Tensor:
+        """The latent weight in absolute units [out, in] (weight x initial step size)."""
         return self.weight * self._per_column(self.step)
 
     def step_size(self) -> torch.Tensor:
+        """The step size in absolute units [out, groups]: step x (1 + scale / half)."""
         return self.step * (1 + self.scale / self.half)
 
     @property
     def half(self) -> float:
+        """2^(b-1): codes from the grid's middle to its edge."""
         return (self.scheme.maxq + 1) / 2
 
     STATE = ("weight", "scale", "zero", "g_idx", "step")  # its state-dict entries, which formats.py replaces by codes
@@ -105,6 +108,8 @@ class FakeQuantLinear(nn.Module):
     input_quantizer = None
 
     def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized weight [out, in] the forward uses (round-to-grid with a straight-through
+        gradient, LSQ-style learnable step and zero)."""
         fn = compiled_fake_quantize() if self.compiled else fake_quantize
         return fn(self.weight, 1 + self.scale / self.half, self.zero, self.g_idx, self.scheme.maxq, self.contiguous_groups,
                   self.step)
@@ -126,6 +131,7 @@ class FakeQuantLinear(nn.Module):
         return QuantizedWeight(codes, scale.clone(), zero.clone(), self.g_idx.clone(), self.scheme)
 
     def extra_repr(self) -> str:
+        """in, out and the scheme (e.g. w4g128asym) in the module's repr."""
         s = self.scheme
         return f"{self.in_features}, {self.out_features}, w{s.bits}g{s.group_size}{'sym' if s.symmetric else 'asym'}"
 
@@ -220,6 +226,7 @@ def use_compiled_fake_quant(model: nn.Module, on: bool = True) -> int:
 
 
 def fake_quant_modules(model: nn.Module) -> dict[str, FakeQuantLinear]:
+    """Every FakeQuantLinear of `model` by name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
 
 

@@ -42,6 +42,7 @@ _PARTS = ("codes", "scale", "zero", "g_idx")
 
 
 def is_quantized_checkpoint(path: str | Path) -> bool:
+    """Whether `path` holds an rqat quantized checkpoint (quant_meta.json)."""
     return (Path(path) / QUANT_META).is_file()
 
 
@@ -93,6 +94,8 @@ def save_quantized_checkpoint(model: nn.Module, out_dir: str | Path, tokenizer=N
 
 
 def read_quantized_weights(path: str | Path) -> tuple[dict[str, QuantizedWeight], dict[str, torch.Tensor], dict]:
+    """(QuantizedWeight per module, the other tensors, the metadata) of an rqat checkpoint. Raises UserError
+    on another format version."""
     path = Path(path)
     meta = json.loads((path / QUANT_META).read_text())
     if meta.get("format") != FORMAT_VERSION:
@@ -291,6 +294,8 @@ def gptq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
 
 
 def gptq_config(schemes: dict[str, QuantScheme], act_order: bool = False) -> dict:
+    """The `quantization_config` of a GPTQ v1 export (what transformers and vLLM read): bits, group size,
+    desc_act, sym."""
     first = next(iter(schemes.values()))
     if any((s.bits, s.group_size, s.symmetric) != (first.bits, first.group_size, first.symmetric) for s in schemes.values()):
         # GPTQ's config has one global scheme plus per-module "dynamic" overrides (GPTQModel's key).
@@ -350,4 +355,5 @@ def export_gptq(model: nn.Module, out_dir: str | Path, tokenizer=None, act_order
 
 
 def directory_size(path: str | Path) -> int:
+    """Bytes of every file under `path`."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

@@ -24,6 +24,8 @@ class HessianAccumulator:
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
+        """Accumulate the Hessian 2 X^T X / n of a batch of layer inputs [..., in_features] (float32 running
+        mean)."""
         x = x.reshape(-1, x.shape[-1]).float()
         m = x.shape[0]
         self.H *= self.n / (self.n + m)
@@ -63,6 +65,9 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
 ) -> QuantizedWeight:
+    """GPTQ (Frantar et al. 2023) of one weight [out, in] with Hessian H [in, in]: columns quantized in blocks
+    of `block_size` (in act-order when asked), the error propagated through the Cholesky factor of the damped
+    inverse Hessian. Returns the QuantizedWeight."""
     W = weight.detach().clone().float()
     H = H.clone().float()
     out_f, in_f = W.shape

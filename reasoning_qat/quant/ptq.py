@@ -23,6 +23,8 @@ SEQUENTIAL_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", 
 
 
 def rtn_quantize_model(model: nn.Module, plan: dict[str, QuantScheme]) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
+    """Round-to-nearest of every planned Linear of `model`: (QuantizedWeight by name, relative weight error by
+    name)."""
     qws, errors = {}, {}
     for name, scheme in plan.items():
         w = model.get_submodule(name).weight.data
@@ -36,6 +38,8 @@ class _Stop(Exception):
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's layer list (model.model.layers for the dense families). Raises UserError when there is
+    none."""
     for path in ("model.layers", "model.decoder.layers", "transformer.h"):
         try:
             layers = model.get_submodule(path)
@@ -89,6 +93,7 @@ def outside_decoder_layers(plan, by_layer: list[list[str]]) -> list[str]:
 
 
 def layer_out(out):
+    """A decoder layer's output hidden states (transformers returns a tensor or a tuple, by version)."""
     return out[0] if isinstance(out, tuple) else out
 
 

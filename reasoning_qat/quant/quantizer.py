@@ -19,6 +19,7 @@ MIN_SCALE = 2.0**-24  # smallest positive float16
 
 
 def default_g_idx(in_features: int, scheme: QuantScheme, device=None) -> torch.Tensor:
+    """Column -> group map [in] int32 of a scheme without act-order: column // group_size."""
     gs = scheme.effective_group_size(in_features)
     return torch.arange(in_features, device=device, dtype=torch.int32) // gs
 
@@ -43,6 +44,7 @@ def _params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, scheme: QuantSche
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes in [0, maxq] of w [out, in] given per-group scale and zero [out, groups] and g_idx [in]."""
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 
 

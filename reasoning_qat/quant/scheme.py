@@ -37,12 +37,15 @@ class QuantScheme:
 
     @property
     def maxq(self) -> int:
+        """The largest code: 2^bits - 1."""
         return 2**self.bits - 1
 
     def groups(self, in_features: int) -> int:
+        """Groups along an input width of `in_features` columns."""
         return 1 if self.group_size == -1 else in_features // self.group_size
 
     def effective_group_size(self, in_features: int) -> int:
+        """Columns per group (the whole width for per-channel, -1)."""
         return in_features if self.group_size == -1 else self.group_size
 
     def check_layer(self, name: str, in_features: int, field: str = "group_size") -> None:
@@ -52,6 +55,7 @@ class QuantScheme:
                                    f"{name}; use a divisor of {in_features} or -1 (per-channel), or add an override")
 
     def to_dict(self) -> dict:
+        """The spec as plain JSON-able values (what quant_spec.json holds)."""
         return asdict(self)
 
 
@@ -104,11 +108,13 @@ class QuantTargets:
         return plan
 
     def to_dict(self) -> dict:
+        """The spec as plain JSON-able values (what quant_spec.json holds)."""
         return {"default": self.default.to_dict(), "targets": list(self.targets), "ignore": list(self.ignore),
                 "overrides": [[pattern, dict(changes)] for pattern, changes in self.overrides]}
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantTargets:
+        """The targets `to_dict` wrote."""
         return cls(QuantScheme(**d["default"]), tuple(d["targets"]), tuple(d["ignore"]),
                    tuple((pattern, dict(changes)) for pattern, changes in d["overrides"]))
 
@@ -163,6 +169,7 @@ class QuantSpec:
         return any(x is not None for x in (self.activations, self.kv_cache, self.rotation))
 
     def to_dict(self) -> dict:
+        """The spec as plain JSON-able values (what quant_spec.json holds)."""
         return {"weights": self.weights.to_dict(),
                 **{k: asdict(getattr(self, k)) if getattr(self, k) is not None else None
                    for k in ("activations", "kv_cache", "rotation")}}

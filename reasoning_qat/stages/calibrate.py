@@ -22,6 +22,7 @@ from .specs import engine_settings, generation_spec, recipe_keys, trace_spec
 
 
 def run(ctx: StageContext) -> dict:
+    """The calibrate stage: the QAT set (teacher-written first when asked) and the calibration windows."""
     r, c = ctx.recipe, ctx.recipe.calibration
     tok = load_teacher_tokenizer(ctx)
     extra = {}
@@ -64,6 +65,7 @@ def build_qat_data(ctx: StageContext, tok):
 
 
 def write_teacher_data(ctx: StageContext, timing: dict | None = None) -> list[dict]:
+    """Have the teacher write the QAT responses (resumable); `timing` receives the engine, tokens and seconds."""
     from ..data.teacher_responses import generate_teacher_responses
     from ..evaluation.backends import make_backend
 

@@ -16,10 +16,12 @@ def teacher_source(ctx) -> ModelSource:
 
 
 def teacher_path(ctx) -> str:
+    """The teacher's id or local path."""
     return teacher_source(ctx).id
 
 
 def load_teacher(ctx, dtype=None, device: str | None = None):
+    """The BF16 teacher model (dtype, device)."""
     return teacher_source(ctx).model(dtype, device)
 
 
@@ -37,6 +39,7 @@ def load_rotated_teacher(ctx, device: str):
 
 
 def load_teacher_tokenizer(ctx):
+    """The teacher's tokenizer."""
     return teacher_source(ctx).tokenizer()
 
 

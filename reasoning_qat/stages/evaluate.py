@@ -24,6 +24,7 @@ from .specs import engine_settings, recipe_keys
 
 
 def run(ctx: StageContext) -> dict:
+    """The eval stage: every variant on every task; finished (variant, task) pairs kept across a crash."""
     with recipe_keys("eval"):  # the library's errors (`backend`, `tasks`, `max_model_len`) as eval.* keys
         return _run(ctx)
 
@@ -51,19 +52,19 @@ def _run(ctx: StageContext) -> dict:
         name = str(v)
         for task in tasks:
             out = ctx.layout.eval(v, task.name)
-            m = finished_metrics(out, ctx.layout.eval_metrics(v, task.name))
-            if m is None:
-                m = evaluate(path, task, out, backend=e.backend, samples=e.samples, limit=e.limit,
+            result = finished_metrics(out, ctx.layout.eval_metrics(v, task.name))
+            if result is None:
+                result = evaluate(path, task, out, backend=e.backend, samples=e.samples, limit=e.limit,
                              demo_dir=ctx.layout.demo_data(), batch_size=e.batch_size,
                              max_new_tokens=e.max_new_tokens, temperature=e.temperature,
                              settings=engine_settings(r), data=e.data,
                              trust_remote_code=r.model.trust_remote_code, seed=e.seed)
-            metrics.setdefault(name, {})[task.name] = {k: m[k] for k in ("pass@1", "ci95", "truncation_rate",
+            metrics.setdefault(name, {})[task.name] = {k: result[k] for k in ("pass@1", "ci95", "truncation_rate",
                                                                           "mean_response_tokens", "problems", "backend",
-                                                                          "sandbox") if k in m}
+                                                                          "sandbox") if k in result}
             if e.reference_ce and task.source == "demo" and ctx.layout.demo_data() is not None:
                 metrics[name][task.name].update(_reference_ce(ctx, path, ctx.layout.eval_ce(v, task.name), task))
-            print(f"  {name:>18} {task.name}: pass@1 {m['pass@1']:.3f} ± {m['ci95']:.3f}"
+            print(f"  {name:>18} {task.name}: pass@1 {result['pass@1']:.3f} ± {result['ci95']:.3f}"
                   + (f", held-out CE {metrics[name][task.name]['ce']:.4f}" if "ce" in metrics[name][task.name] else ""))
     return metrics
 
@@ -80,8 +81,8 @@ def _reference_ce(ctx: StageContext, model_path: str, f, task) -> dict:
     rows = read_jsonl(ctx.layout.demo_split(task.split))
     # a teacher-forced forward gains nothing from generation's batch (1200 on the GPU organism), and
     # full-length activations of that many sequences ran out of memory beside other runs: 64 at a time
-    m = reference_ce_of(model_path, rows[: e.limit] if e.limit else rows, batch_size=min(e.batch_size, 64),
+    ce = reference_ce_of(model_path, rows[: e.limit] if e.limit else rows, batch_size=min(e.batch_size, 64),
                         trust_remote_code=ctx.recipe.model.trust_remote_code)
     f.parent.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps(m))
-    return m
+    f.write_text(json.dumps(ce))
+    return ce

@@ -31,6 +31,7 @@ def quantized_variants(ctx: StageContext) -> list[Variant]:
 
 
 def run(ctx: StageContext) -> dict:
+    """The export stage: each quantized variant in each of export.formats; sizes in the manifest."""
     r = ctx.recipe
     dtype = resolve_dtype(r.model.dtype)
     writers = {

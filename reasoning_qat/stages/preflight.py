@@ -71,11 +71,11 @@ def preflight(recipe) -> list[str]:
 
     from ..recipe import RecipeError
 
-    m = recipe.model
-    _check_local("model.id", m.id, "local model directory")
+    model_cfg = recipe.model
+    _check_local("model.id", model_cfg.id, "local model directory")
     _check_run_root(recipe.run_root)
     for field, data in (("qat.data.source", recipe.qat.data), ("rl.data.source", recipe.rl.data)):
-        if data.source == "demo" and m.demo is None and (field.startswith("qat") or recipe.rl.enabled):
+        if data.source == "demo" and model_cfg.demo is None and (field.startswith("qat") or recipe.rl.enabled):
             raise RecipeError(f"{field}: 'demo' needs the demo teacher (model.demo); give a .jsonl file or a hub dataset id")
         if field.startswith("qat") or recipe.rl.enabled:
             _check_local(field, data.source)
@@ -91,7 +91,7 @@ def _check_tasks(recipe) -> None:
     from ..evaluation.tasks import expand_tasks, load_task
     from ..recipe import RecipeError
 
-    m, e = recipe.model, recipe.eval
+    model_cfg, e = recipe.model, recipe.eval
     names = expand_tasks(e.tasks)  # unknown names and bad task files fail here
     if unknown := set(e.task_options) - set(names):
         raise RecipeError(f"eval.task_options: {sorted(unknown)} not among the tasks evaluated ({e.tasks})")
@@ -103,7 +103,7 @@ def _check_tasks(recipe) -> None:
             _check_local(f"eval.data.{task.name}", e.data.get(task.name))
             if task.name not in e.data and not task.combine:
                 _check_local(f"task {task.name}: source", task.source)
-            if task.source == "demo" and m.demo is None and task.name not in e.data:
+            if task.source == "demo" and model_cfg.demo is None and task.name not in e.data:
                 raise RecipeError(f"eval.tasks: {task.name} evaluates the demo's test split, which needs model.demo")
     if unknown := sorted(set(e.data) - evaluated):
         raise RecipeError(f"eval.data: {unknown[0]!r} is not one of the tasks evaluated ({sorted(evaluated)})")
@@ -117,10 +117,10 @@ def _model_shapes(recipe):
     from ..models import demo_config_dict, read_config_dict
     from ..recipe import RecipeError
 
-    m = recipe.model
-    config = demo_config_dict(m.demo) if m.demo is not None else read_config_dict(m.id, "model.id", m.revision)
+    model_cfg = recipe.model
+    config = demo_config_dict(model_cfg.demo) if model_cfg.demo is not None else read_config_dict(model_cfg.id, "model.id", model_cfg.revision)
     try:
-        shapes = linear_shapes(config) if config is not None and not m.trust_remote_code else None
+        shapes = linear_shapes(config) if config is not None and not model_cfg.trust_remote_code else None
     except ValueError as err:
         raise RecipeError(f"model.id: {err}") from None
     if shapes is not None:
@@ -131,12 +131,12 @@ def _model_shapes(recipe):
     from ..models import resolve_model
     from ..quant.ptq import linear_shapes_of
 
-    config = resolve_model(m.id, "model.id", m.trust_remote_code, m.revision)
+    config = resolve_model(model_cfg.id, "model.id", model_cfg.trust_remote_code, model_cfg.revision)
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
     except (ValueError, TypeError, KeyError, AssertionError) as err:  # a config its own model class refuses
-        raise RecipeError(f"model.id: transformers cannot build {type(config).__name__} from {m.id!r} "
+        raise RecipeError(f"model.id: transformers cannot build {type(config).__name__} from {model_cfg.id!r} "
                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     return config, linear_shapes_of(model)
 

@@ -20,6 +20,7 @@ from .specs import quant_spec, recipe_keys
 
 
 def run(ctx: StageContext) -> dict:
+    """The ptq stage: RTN/GPTQ checkpoints per bit width and method; per-layer errors in ptq_errors.json."""
     r = ctx.recipe
     device = best_device()
     calib = load_file(str(ctx.layout.calibration_file()))

@@ -49,6 +49,8 @@ def _launched() -> bool:
 
 
 def run(ctx: StageContext) -> dict:
+    """The qat stage: KD-QAT per bit width (re-launched in N processes when asked); returns each variant's
+    metrics."""
     q = ctx.recipe.qat
     if (q.num_processes > 1 or q.deepspeed) and not _launched():
         _launch(ctx)
@@ -111,6 +113,7 @@ def _init_student(ctx: StageContext, bits: int, device: str):
 
 
 def compile_enabled(setting, device: str) -> bool:
+    """Whether to torch.compile: `auto` means on a GPU."""
     return "cuda" in device if setting == "auto" else bool(setting)
 
 
@@ -180,6 +183,7 @@ def qat_training_args(q, output_dir, seed: int, recompute: bool | None = None):
 
 
 def train_one(ctx: StageContext, bits: int) -> None:
+    """KD-QAT of one bit width from its init into the stage's directory; resumes from the last checkpoint."""
     r, q = ctx.recipe, ctx.recipe.qat
     v = Variant(bits, "qat")
     if finished_metrics(ctx.layout.trained(v)) is not None:

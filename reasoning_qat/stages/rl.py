@@ -122,6 +122,7 @@ def _trainer_class(latent_lr: float):
 
 
 def student_accuracy(model, tok, rows: list[dict], n: int = 64, max_new_tokens: int = 256) -> float:
+    """The share of the first RL prompts the student answers correctly (greedy), as a cold-start check."""
     engine = TransformersBackend.from_model(model, tok, batch_size=n)
     rows = rows[:n]
     prompts = [generation_prompt(tok, r["prompt"]) for r in rows]
@@ -172,6 +173,8 @@ def _vllm_args(cfg, recipe) -> dict:
 
 
 def run(ctx: StageContext) -> dict:
+    """The rl stage: GRPO (TRL) per bit width on the QAT (or PTQ) student, rollouts from the quantized
+    weights."""
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -231,11 +234,11 @@ def run(ctx: StageContext) -> dict:
         rollouts = {"rollouts": "vllm" if cfg.use_vllm else "transformers", **trainer.counts,
                     **(trainer.vllm_weight_gap() if cfg.use_vllm else {})}
         save_quantized_checkpoint(student, ctx.layout.checkpoint(v), tok, {"method": v.method, "bits": bits})
-        m = {"init": str(init), "start_accuracy": acc, "steps": trainer.state.global_step,
-             "mean_reward_first": sum(rewards[:5]) / max(len(rewards[:5]), 1),
-             "mean_reward_last": sum(rewards[-5:]) / max(len(rewards[-5:]), 1), **rollouts,
-             # wall time of the steps this process ran (a resumed run: those after its checkpoint)
-             "train_runtime_s": round(result.metrics["train_runtime"], 2), "resumed": resumed_at is not None}
-        finish_training(ctx, "rl", v, m, trainer.state.log_history)
-        metrics[name] = m
+        record = {"init": str(init), "start_accuracy": acc, "steps": trainer.state.global_step,
+                  "mean_reward_first": sum(rewards[:5]) / max(len(rewards[:5]), 1),
+                  "mean_reward_last": sum(rewards[-5:]) / max(len(rewards[-5:]), 1), **rollouts,
+                  # wall time of the steps this process ran (a resumed run: those after its checkpoint)
+                  "train_runtime_s": round(result.metrics["train_runtime"], 2), "resumed": resumed_at is not None}
+        finish_training(ctx, "rl", v, record, trainer.state.log_history)
+        metrics[name] = record
     return metrics

@@ -65,12 +65,14 @@ def quant_spec(recipe: Recipe, bits: int) -> QuantSpec:
 
 
 def kd_spec(recipe: Recipe) -> KDSpec:
+    """The KDSpec of `qat.kd`."""
     from ..kd import KDSpec
 
     return _copy(KDSpec, recipe.qat.kd)
 
 
 def generation_spec(data: DataConfig) -> GenerationSpec:
+    """The GenerationSpec of a data section's `generation`."""
     from ..data.teacher_responses import GenerationSpec
 
     return _copy(GenerationSpec, data.generation)

@@ -18,6 +18,7 @@ from ..training import WeightAveraging, last_checkpoint, quiet_training_args, sc
 
 
 def run(ctx: StageContext) -> dict:
+    """The teacher stage: train the demo teacher, convert a GGUF file, or record a hub id / local path."""
     m = ctx.recipe.model
     if m.id is not None and m.id.endswith(".gguf"):
         return _convert_gguf(ctx)
