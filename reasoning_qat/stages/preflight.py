@@ -7,7 +7,6 @@ from __future__ import annotations
 from .specs import recipe_keys
 
 
-
 def _with_parts(task, data: dict) -> list:
     """A task and, when it combines others (AIME years) and has no local file of its own, its parts."""
     from ..evaluation.tasks import load_task

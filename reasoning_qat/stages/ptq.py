@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from ..models import best_device
 from ..pipeline import StageContext
 from ..quant import swap_in_fake_quant
-from ..quant.runtime import install_quant_spec
 from ..quant.formats import save_quantized_checkpoint
 from ..quant.ptq import gptq_quantize_model, rtn_quantize_model
+from ..quant.runtime import install_quant_spec
 from ..run_layout import Variant, finish, finished_metrics
 from .common import load_rotated_teacher, load_teacher_tokenizer, ptq_methods
 from .specs import quant_spec, recipe_keys

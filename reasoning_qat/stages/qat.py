@@ -28,19 +28,18 @@ from ..kd import KDTrainer
 from ..models import best_device
 from ..pipeline import StageContext, StageFailed, recipe_from_run
 from ..quant import swap_in_fake_quant
-from ..quant.fake_quant import train_quantizers
-from ..quant.runtime import install_quant_spec
-from ..quant.fake_quant import use_compiled_fake_quant
+from ..quant.fake_quant import train_quantizers, use_compiled_fake_quant
 from ..quant.formats import read_quantized_weights, save_quantized_checkpoint
-from ..training import WeightAveraging, last_checkpoint, quiet_training_args, schedule_args
+from ..quant.runtime import install_quant_spec
 from ..run_layout import Variant, finished_metrics
-from .specs import kd_spec, quant_spec
+from ..training import WeightAveraging, last_checkpoint, quiet_training_args, schedule_args
 from .common import (
     finish_training,
     load_rotated_teacher,
     load_teacher,
     load_teacher_tokenizer,
 )
+from .specs import kd_spec, quant_spec
 
 
 def _launched() -> bool:

@@ -22,9 +22,8 @@ from ..models import best_device
 from ..pipeline import StageContext
 from ..quant.fake_quant import fake_quant_modules, frozen_fake_quant, train_quantizers
 from ..quant.formats import load_quantized_checkpoint, save_quantized_checkpoint
-from ..training import grouped_optimizer, last_checkpoint, quiet_training_args, skip_nonfinite_steps
 from ..run_layout import Variant, finished_metrics
-from .specs import recipe_keys
+from ..training import grouped_optimizer, last_checkpoint, quiet_training_args, skip_nonfinite_steps
 from .common import (
     finish_training,
     load_teacher_tokenizer,
@@ -32,6 +31,7 @@ from .common import (
     source_rows,
     teacher_path,
 )
+from .specs import recipe_keys
 
 
 def dequantized_named_params(model, fix_name=lambda n: n):

@@ -13,7 +13,6 @@ from dataclasses import fields
 from typing import TYPE_CHECKING
 
 from ..errors import SpecError
-from ..recipe import RecipeError
 from ..quant.scheme import (
     ActivationScheme,
     KVCacheScheme,
@@ -22,6 +21,7 @@ from ..quant.scheme import (
     QuantTargets,
     RotationScheme,
 )
+from ..recipe import RecipeError
 
 if TYPE_CHECKING:
     from ..data.qat_data import TraceSpec
