@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import UserError
+from .errors import SpecError, UserError
 
 if TYPE_CHECKING:
     import torch
@@ -165,7 +165,7 @@ def demo_config_dict(demo) -> dict:
     (the preflight's model-shape checks need no more). head_dim is set on its own, as in Qwen3 (it need
     not be hidden_size / num_heads)."""
     if demo.num_heads % demo.num_kv_heads:
-        raise UserError(f"model.demo.num_kv_heads: {demo.num_kv_heads} does not divide num_heads {demo.num_heads}")
+        raise SpecError("num_kv_heads", f"{demo.num_kv_heads} does not divide num_heads {demo.num_heads}")
     return {"model_type": "qwen3", "hidden_size": demo.hidden_size, "intermediate_size": demo.intermediate_size,
             "num_hidden_layers": demo.num_layers, "num_attention_heads": demo.num_heads,
             "num_key_value_heads": demo.num_kv_heads, "head_dim": demo.head_dim}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import SpecError, UserError
 from .reasoning import read_jsonl, tokenize_example
 
 
@@ -25,7 +25,7 @@ def domain_calibration(examples, num_samples: int, seq_len: int, seed: int = 0) 
     inference): `examples` is the QAT set itself (anything indexable whose items hold input_ids), so
     calibration sees exactly the tokens QAT trains on. Only as many examples are read as needed."""
     if not len(examples):
-        raise UserError("calibration: the reasoning data is empty; give qat.data a source with rows")
+        raise UserError("calibration: the reasoning data is empty; give the QAT data a source with rows")
     rng = random.Random(seed)
     order = list(range(len(examples)))
     rng.shuffle(order)
@@ -50,11 +50,11 @@ def generic_text(source: str, subset: str | None = None) -> str:
     path = Path(source)
     if path.suffix == ".txt":
         if not path.is_file():
-            raise UserError(f"calibration.generic_source: no such file {source!r}")
+            raise SpecError("generic_source", f"no such file {source!r}")
         return path.read_text()
     if path.suffix == ".jsonl":
         if not path.is_file():
-            raise UserError(f"calibration.generic_source: no such file {source!r}")
+            raise SpecError("generic_source", f"no such file {source!r}")
         return "\n\n".join(r["text"] for r in read_jsonl(path))
     from datasets import load_dataset
 
@@ -64,9 +64,9 @@ def generic_text(source: str, subset: str | None = None) -> str:
 def generic_calibration(tokenizer, source: str, num_samples: int, seq_len: int, seed: int = 0,
                         subset: str | None = None) -> torch.Tensor:
     """`num_samples` windows of `seq_len` tokens of plain text ([num_samples, seq_len] int64) from the shipped
-    text, a .txt/.jsonl or a hub dataset; the generic-text baseline of GPTQ's calibration. Raises UserError on
+    text, a .txt/.jsonl or a hub dataset; the generic-text baseline of GPTQ's calibration. Raises SpecError (`generic_source`) on
     a missing or empty source."""
     ids = tokenizer(generic_text(source, subset), add_special_tokens=False)["input_ids"]
     if not ids:
-        raise UserError(f"calibration.generic_source: {source!r} holds no text")
+        raise SpecError("generic_source", f"{source!r} holds no text")
     return _pack(ids, num_samples, seq_len, random.Random(seed))

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import UserError
+from ..errors import SpecError, UserError
 from .fake_quant import FakeQuantLinear, QuantizedWeight, _set_module, fake_quant_modules, swap_out_fake_quant
 from .quantizer import is_contiguous_groups
 from .runtime import install_quant_spec, read_quant_spec, write_quant_spec
@@ -283,7 +283,7 @@ def gptq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """qweight [in*b/32, out], qzeros [groups, out*b/32], scales [groups, out] fp16, g_idx [in]."""
     bits = qw.scheme.bits
     if bool((qw.zero < 1).any()):  # GPTQ v1 stores zero - 1 as an unsigned b-bit code
-        raise UserError("export.formats: gptq cannot store a zero point of 0 (it writes zero - 1); GPTQ v1 is for "
+        raise SpecError("formats", "gptq cannot store a zero point of 0 (it writes zero - 1); GPTQ v1 is for "
                         "symmetric schemes (quant.symmetric: true)")
     return {
         "qweight": pack_bits(qw.codes, bits).t().contiguous(),  # packed along the input dimension
@@ -332,7 +332,7 @@ def export_gptq(model: nn.Module, out_dir: str | Path, tokenizer=None, act_order
     for name, m in fq.items():
         for what, width in (("input", m.in_features), ("output", m.out_features)):
             if (width * m.scheme.bits) % 32:
-                raise UserError(f"export.formats: gptq packs {m.scheme.bits}-bit codes into 32-bit words, but {name} has "
+                raise SpecError("formats", f"gptq packs {m.scheme.bits}-bit codes into 32-bit words, but {name} has "
                                  f"{what} width {width}; drop gptq from export.formats (the dequantized export works)")
     skip = tuple(f"{n}.{p}" for n in fq for p in FakeQuantLinear.STATE)
     state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items() if k not in skip}

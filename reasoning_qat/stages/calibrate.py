@@ -33,7 +33,8 @@ def run(ctx: StageContext) -> dict:
     if c.domain == "reasoning":
         sets["main"] = domain_calibration(qat_data, c.num_samples, c.seq_len, c.seed)
     if c.domain == "generic" or "gptq_generic" in r.ptq.baselines:
-        sets["generic"] = generic_calibration(tok, c.generic_source, c.num_samples, c.seq_len, c.seed, c.generic_subset)
+        with recipe_keys("calibration"):
+            sets["generic"] = generic_calibration(tok, c.generic_source, c.num_samples, c.seq_len, c.seed, c.generic_subset)
     if c.domain == "generic":
         sets["main"] = sets["generic"].clone()  # safetensors refuses two names for one tensor
     save_file({k: v.contiguous() for k, v in sets.items()}, str(ctx.layout.calibration_file()))

@@ -19,6 +19,7 @@ from ..quant.formats import (
 )
 from ..run_layout import Variant, finish, finished_metrics
 from .common import checkpoint_source, ptq_methods, rl_method
+from .specs import recipe_keys
 
 
 def quantized_variants(ctx: StageContext) -> list[Variant]:
@@ -46,7 +47,8 @@ def run(ctx: StageContext) -> dict:
         if finished_metrics(out) is None:
             tok = checkpoint_source(ctx, src).tokenizer()
             for fmt in r.export.formats:  # each writer consumes its own fresh copy of the student
-                writers[fmt](load_quantized_checkpoint(src, trust_remote_code=trust), out / fmt, tok)
+                with recipe_keys("export"):  # a format that cannot hold this scheme: export.formats
+                    writers[fmt](load_quantized_checkpoint(src, trust_remote_code=trust), out / fmt, tok)
             finish(out)
         metrics[str(v)] = {f"{fmt}_bytes": directory_size(out / fmt) for fmt in r.export.formats}
     return metrics

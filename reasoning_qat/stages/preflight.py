@@ -117,7 +117,9 @@ def _model_shapes(recipe):
     from ..recipe import RecipeError
 
     model_cfg = recipe.model
-    config = demo_config_dict(model_cfg.demo) if model_cfg.demo is not None else read_config_dict(model_cfg.id, "model.id", model_cfg.revision)
+    with recipe_keys("model.demo"):
+        config = demo_config_dict(model_cfg.demo) if model_cfg.demo is not None else \
+            read_config_dict(model_cfg.id, "model.id", model_cfg.revision)
     try:
         shapes = linear_shapes(config) if config is not None and not model_cfg.trust_remote_code else None
     except ValueError as err:

@@ -15,6 +15,7 @@ from ..data.tokenizer import build_char_tokenizer
 from ..models import demo_config, load_config
 from ..pipeline import StageContext
 from ..training import WeightAveraging, last_checkpoint, quiet_training_args, schedule_args
+from .specs import recipe_keys
 
 
 def run(ctx: StageContext) -> dict:
@@ -77,7 +78,8 @@ def _train_demo_teacher(ctx: StageContext) -> dict:
 
     tokenizer = build_char_tokenizer()
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(demo_config(demo, tokenizer))
+    with recipe_keys("model.demo"):
+        model = Qwen3ForCausalLM(demo_config(demo, tokenizer))
     dataset = ReasoningSFTDataset(to_records(train), tokenizer, max_length=demo.max_length)
     args = quiet_training_args(
         output_dir=str(ctx.layout.teacher_trainer()),
