@@ -30,15 +30,13 @@ def _console():
 def cmd_run(a) -> int:
     """`rqat run RECIPE [KEY=VALUE ...]`: check the recipe (preflight), print the plan, run it. Exit 0;
     UserError -> 2."""
-    from .recipe import load_recipe
+    from .api import prepare
 
-    recipe = load_recipe(a.recipe, a.overrides)  # before the heavy imports below: a schema error costs no torch import
-    if a.run_root:
-        recipe = recipe.model_copy(update={"run_root": a.run_root})
+    # the schema, overrides and every file, directory, task and layer width the recipe names: checked before
+    # anything is created, and before the heavy imports below (a schema error costs no torch import)
+    recipe, notes = prepare(a.recipe, a.overrides, a.run_root)
     from .pipeline import Pipeline
-    from .stages import STAGES, preflight
-
-    notes = preflight(recipe)  # every file, directory, task and layer width the recipe names: before anything is created
+    from .stages import STAGES
     console = _console()
     pipe = Pipeline(recipe, STAGES, console)
     only = [s.strip() for s in a.stages.split(",") if s.strip()] if a.stages else None

@@ -491,22 +491,32 @@ def load_yaml(text: str):
     return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
-def apply_overrides(data: dict, items: list[str]) -> dict:
+def apply_overrides(data: dict, items: list[str] | dict) -> dict:
     """A copy of the recipe mapping `data` with each `KEY=VALUE` of `items` set: KEY dotted
     (`qat.kd.loss`), VALUE parsed as YAML (`[2, 3]`, `1e-5`, `null`), as torchtune's and TRL's command
-    lines take them. Sections named on the way are created. The schema then checks the result like any
-    recipe, so an unknown key or a bad value is the usual one-line error naming the key.
+    lines take them; or a {dotted key: value} mapping (the Python API). Sections named on the way are
+    created. The schema then checks the result like any recipe, so an unknown key or a bad value is the
+    usual one-line error naming the key.
     Raises RecipeError on an item that is not KEY=VALUE or that walks into a value that is not a section."""
     out = json.loads(json.dumps(data))
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
-            raise RecipeError(f"{item!r}: an override is KEY=VALUE with a dotted recipe key (e.g. qat.max_steps=50; "
-                              "keys: rqat run --help)")
-        try:
-            value = load_yaml(text)
-        except yaml.YAMLError as err:
-            raise RecipeError(f"{key}: the value {text!r} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    if isinstance(items, dict):
+        pairs = [(key, value, None) for key, value in items.items()]
+    else:
+        pairs = []
+        for item in items:
+            key, sep, text = item.partition("=")
+            if not sep:
+                raise RecipeError(f"{item!r}: an override is KEY=VALUE with a dotted recipe key (e.g. qat.max_steps=50; "
+                                  "keys: rqat run --help)")
+            pairs.append((key, None, text))
+    for key, value, text in pairs:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            raise RecipeError(f"{key!r}: an override names a dotted recipe key (e.g. qat.max_steps; keys: rqat run --help)")
+        if text is not None:
+            try:
+                value = load_yaml(text)
+            except yaml.YAMLError as err:
+                raise RecipeError(f"{key}: the value {text!r} is not valid YAML ({getattr(err, 'problem', err)})") from None
         node, *parents = out, *key.split(".")[:-1]
         for depth, part in enumerate(parents):
             if node.get(part) is None:
@@ -519,7 +529,7 @@ def apply_overrides(data: dict, items: list[str]) -> dict:
     return out
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | dict | None = None) -> Recipe:
     """Read, check and type a recipe file, with command-line `KEY=VALUE` overrides applied before the
     check (`apply_overrides`). Raises RecipeError (one line naming the field) on anything wrong."""
     path = Path(path)
