@@ -18,6 +18,7 @@ EPILOG = """examples:
   rqat status runs/demo                          stage table of a run
   rqat eval runs/demo/export/w4-qat/dequantized --task demo_arith --demo-data runs/demo/teacher/data
   rqat compare runs/demo runs/qwen3-0.6b-w4g128  one table and plot across runs
+  rqat publish runs/demo w4-qat --to out/demo-w4  the export with its model card (--repo-id ORG/NAME uploads)
 """
 
 
@@ -159,6 +160,15 @@ def cmd_compare(a) -> int:
     return 0
 
 
+def cmd_publish(a) -> int:
+    """`rqat publish RUN VARIANT --to DIR [--repo-id ORG/NAME]`: the export and its model card in a folder."""
+    from .publish import publish
+
+    out = publish(a.run, a.variant, a.to, a.format, a.repo_id, private=not a.public)
+    print(f"published {a.variant} of {a.run} to {out}" + (f" and https://huggingface.co/{a.repo_id}" if a.repo_id else ""))
+    return 0
+
+
 def cmd_analyze(a) -> int:
     """`rqat analyze TARGET`: per-layer quantization damage (KL with one layer quantized) and its predictors."""
     from .analysis import analyze_target
@@ -241,6 +251,16 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--trust-remote-code", action="store_true")
     an.add_argument("--no-plot", action="store_true")
     an.set_defaults(fn=cmd_analyze)
+
+    pb = sub.add_parser("publish", help="a variant's export with its model card, as a folder (and a hub repo)")
+    pb.add_argument("run", help="run directory, e.g. runs/demo")
+    pb.add_argument("variant", help="e.g. w4-qat, w2-qat_rl, w4-gptq")
+    pb.add_argument("--to", required=True, help="new folder to write (refused if it exists)")
+    pb.add_argument("--format", default="auto", choices=["auto", "compressed-tensors", "dequantized"],
+                    help="auto: compressed-tensors where vLLM serves the scheme packed, else dequantized")
+    pb.add_argument("--repo-id", help="also upload to this hub repo (token from HF_TOKEN; refused while the hub is off)")
+    pb.add_argument("--public", action="store_true", help="create the hub repo public (default: private)")
+    pb.set_defaults(fn=cmd_publish)
 
     c = sub.add_parser("compare", help="table and plot across runs")
     c.add_argument("runs", nargs="+", help="run directories")

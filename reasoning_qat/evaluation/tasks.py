@@ -20,7 +20,7 @@ from ..errors import SpecError, UserError
 
 
 class Sampling(BaseModel):
-    """A task's decoding: temperature, top-p, top-k, max_new_tokens, samples per problem (the paper's settings
+    """A task's decoding: temperature, top-p, top-k, max_new_tokens (the paper's settings
     per benchmark)."""
     model_config = ConfigDict(extra="forbid")
     temperature: float = Field(0.6, ge=0)

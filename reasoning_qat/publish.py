@@ -1,0 +1,157 @@
+"""Publishing one variant of a finished run: a folder that loads as it is in its engine (compressed-tensors in
+vLLM, the dequantized checkpoint in transformers), with a model card built and checked through
+huggingface_hub's own `ModelCard` / `ModelCardData` (YAML metadata, the eval results in `model-index` form so
+the hub shows them, the recipe that made the model, how to serve it, the run's lineage), and, with a repo id,
+uploaded through `HfApi.create_repo` + `upload_folder` (token from the environment).
+
+    rqat publish runs/qwen3-0.6b-w3g128 w3-qat --to out/qwen3-0.6b-w3g128 [--repo-id ORG/NAME]
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .errors import UserError
+from .run_layout import BF16, RunLayout, Variant
+
+FORMATS = ("auto", "compressed-tensors", "dequantized")
+LABELS = {"bf16": "BF16", "rtn": "RTN", "gptq": "GPTQ", "gptq_generic": "GPTQ (generic calibration)", "qat": "KD-QAT",
+          "qat_rl": "KD-QAT + GRPO", "ptq_rl": "GRPO from PTQ"}
+
+
+def hub_is_off() -> bool:
+    """True when huggingface_hub is told to stay offline (HF_HUB_OFFLINE), as on the project's CI and GPUs."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false")
+
+
+def pick_format(layout: RunLayout, v: Variant, recipe, fmt: str = "auto") -> str:
+    """The export to publish: `auto` takes the packed compressed-tensors export where vLLM serves the scheme
+    packed, else the dequantized one. Raises UserError when the run has no such export."""
+    from .serving import vllm_refuses_packed
+
+    if fmt == "auto":
+        bits = sorted({v.bits} | recipe.quant.override_bits)
+        packed = layout.export(v, "compressed-tensors").is_dir() and not any(
+            vllm_refuses_packed(b, recipe.quant.symmetric) for b in bits)
+        fmt = "compressed-tensors" if packed else "dequantized"
+    if not layout.export(v, fmt).is_dir():
+        have = sorted(p.name for p in layout.export(v).iterdir()) if layout.export(v).is_dir() else []
+        raise UserError(f"--format {fmt}: the run has no {fmt} export of {v} (exports: {', '.join(have) or 'none'}); "
+                        "run the export stage with it in export.formats")
+    return fmt
+
+
+def _sampling(recipe, task_name: str) -> str:
+    from .evaluation.tasks import load_task
+
+    task = load_task(task_name, recipe.eval.task_options.get(task_name))
+    s, e = task.sampling, recipe.eval
+    temperature = s.temperature if e.temperature is None else e.temperature
+    samples = e.samples if e.samples > 1 else task.samples
+    return (f"temperature {temperature}, top-p {s.top_p}, top-k {s.top_k}, up to {e.max_new_tokens or s.max_new_tokens} "
+            f"new tokens, {samples} sample(s) per problem")
+
+
+def model_card(run_dir: str | Path, variant: str | Variant, fmt: str, repo_id: str | None = None):
+    """The huggingface_hub ModelCard of one variant: metadata (base model, library, quantization tags, the
+    eval results as model-index), then the recipe, the eval table beside BF16 and the PTQ baselines (pass@1
+    with 95% CIs and the sampling), how to serve it, and the lineage (each stage's manifest fingerprint).
+    Raises UserError when the run has not evaluated the variant."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from .pipeline import recipe_from_run
+
+    layout, v = RunLayout(run_dir), variant if isinstance(variant, Variant) else Variant.parse(variant)
+    recipe = recipe_from_run(run_dir)
+    evals = layout.stage_metrics("eval")
+    if str(v) not in evals:
+        raise UserError(f"{run_dir}: {v} has no finished evaluation; run `rqat run RECIPE --stages eval` first")
+    q, name = recipe.quant, repo_id.split("/")[-1] if repo_id else f"{recipe.name}-{v}"
+    scheme = f"W{v.bits}{'G' + str(q.group_size) if q.group_size != -1 else ' per-channel'}" + \
+        (f"A{q.activations.bits}" if q.activations else "") + (f"KV{q.kv_cache.bits}" if q.kv_cache else "")
+    results = [EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task, metric_type="pass@1",
+                          metric_name="pass@1", metric_value=round(m["pass@1"], 4))
+               for task, m in evals[str(v)].items()]
+    data = ModelCardData(
+        model_name=name, base_model=recipe.model.id, library_name="transformers", pipeline_tag="text-generation",
+        tags=["reasoning-qat", "quantized", f"{v.bits}-bit", scheme.lower(), fmt,
+              *(["symmetric"] if q.symmetric else ["asymmetric"]), *([] if v.method in ("rtn", "gptq") else ["qat"])],
+        eval_results=results)
+    rows = [f"| {LABELS.get(w.method, w.method)} | {w.bits if w != BF16 else 16} | {task} | {m['pass@1']:.3f} ± {m['ci95']:.3f} |"
+            for w in sorted(map(Variant.parse, evals), key=lambda w: (w != v, w != BF16, -w.bits, w.method))
+            if w in (v, BF16) or (w.bits == v.bits and w.method in ("rtn", "gptq", "gptq_generic"))
+            for task, m in evals[str(w)].items()]
+    qat = layout.stage_metrics("qat").get(str(Variant(v.bits, "qat")), {})
+    lineage = "\n".join(f"- {stage}: `{m['fingerprint']}` ({m.get('finished_at', '?')})" for stage in
+                        ("teacher", "calibrate", "ptq", "qat", "rl", "export", "eval") if (m := layout.manifest(stage)))
+    serve = (f"vllm serve {repo_id or 'THIS_FOLDER'}" if fmt == "compressed-tensors" else
+             f'AutoModelForCausalLM.from_pretrained("{repo_id or "THIS_FOLDER"}", dtype="bfloat16")')
+    text = f"""---
+{data.to_yaml()}
+---
+
+# {name}
+
+{f"`{recipe.model.id}`" if recipe.model.id else "The reasoning-qat demo teacher"} quantized to **{scheme}**
+({'symmetric' if q.symmetric else 'asymmetric'}) by reasoning-qat: {LABELS.get(v.method, v.method)}, stored as `{fmt}`.
+
+## How it was made
+
+- calibration: {recipe.calibration.domain} ({recipe.calibration.num_samples} x {recipe.calibration.seq_len} tokens)
+- PTQ: {recipe.ptq.method}{' (act-order)' if recipe.ptq.act_order else ''}{', Hadamard rotation' if recipe.ptq.rotation != 'none' else ''}, the QAT initialisation: {recipe.qat.init}
+- QAT: {f"{recipe.qat.kd.loss} from the BF16 teacher, {qat.get('steps', recipe.qat.max_steps)} steps x {recipe.qat.batch_size} sequences of up to {recipe.qat.data.max_length} tokens" if recipe.qat.enabled else 'none'}
+- RL: {f'GRPO, {recipe.rl.max_steps} steps from {recipe.rl.init}' if recipe.rl.enabled else 'none'}
+
+## Evaluation (pass@1, 95% CI)
+
+| method | bits | task | pass@1 |
+|---|---|---|---|
+{chr(10).join(rows)}
+
+Sampling: {'; '.join(f'{t}: {_sampling(recipe, t)}' for t in evals[str(v)])}.
+
+## Use
+
+```
+{serve}
+```
+
+## Lineage (stage manifest fingerprints of run `{recipe.name}`)
+
+{lineage}
+"""
+    return ModelCard(text)
+
+
+def publish(run_dir: str | Path, variant: str, to: str | Path, fmt: str = "auto", repo_id: str | None = None,
+            private: bool = True) -> Path:
+    """Write the variant's export and its model card into `to` (atomically: a `.partial` folder renamed into
+    place), and upload it to `repo_id` when given. Refuses before writing anything when an upload is asked
+    for while the hub is off, when `to` exists, or when the run lacks the export or the evaluation."""
+    from .pipeline import recipe_from_run
+
+    to = Path(to)
+    if repo_id and hub_is_off():
+        raise UserError(f"--repo-id {repo_id}: the hub is off (HF_HUB_OFFLINE); publish to a folder with --to alone, "
+                        "then upload it where the hub can be reached")
+    if to.exists():
+        raise UserError(f"--to {to}: already exists; choose a new folder (nothing was written)")
+    layout, v = RunLayout(run_dir), Variant.parse(variant)
+    fmt = pick_format(layout, v, recipe_from_run(run_dir), fmt)
+    card = model_card(run_dir, v, fmt, repo_id)
+    partial = to.with_name(f".{to.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(layout.export(v, fmt), partial)
+    card.save(partial / "README.md")
+    partial.rename(to)
+    if repo_id:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(to), commit_message=f"reasoning-qat: {v} ({fmt})")
+    return to
