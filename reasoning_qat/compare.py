@@ -128,8 +128,11 @@ def to_task_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str | Path) -> None:
-    """pass@1 against weight bits per method, one panel per (run, task), BF16 as a dashed line; PNG at `path`."""
+def figure(rows: list[dict]):
+    """The plot of `collect`'s rows as a matplotlib Figure: pass@1 against weight bits per method with its 95%
+    CI as error bars, one panel per (run, task), BF16 as a dashed line with its CI as a band. Methods sit at
+    small offsets around each bit width so that series at 3 and 4 bits do not hide each other, and the y-range
+    spans the intervals shown (not 0-1), so the differences the table reports are visible."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,24 +140,43 @@ def plot(rows: list[dict], path: str | Path) -> None:
 
     tasks = sorted({(r["run"], r["task"]) for r in rows})
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    present = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
+    width = 0.5 / max(len(present), 1)
     for ax, (run, task) in zip(axes[0], tasks):
         sub = [r for r in rows if r["run"] == run and r["task"] == task]
-        for method in METHOD_ORDER:
-            pts = sorted((r["bits"], r["pass@1"]) for r in sub if r["method"] == method)
+        lows, highs = [], []
+        for i, method in enumerate(present):
+            pts = sorted((r["bits"], r["pass@1"], r["ci95"], r["label"]) for r in sub if r["method"] == method)
             if pts:
-                label = next(r["label"] for r in sub if r["method"] == method)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+                x = [b + (i - (len(present) - 1) / 2) * width for b, *_ in pts]
+                ax.errorbar(x, [p for _, p, _, _ in pts], yerr=[c for _, _, c, _ in pts], marker="o", capsize=3,
+                            label=pts[0][3])
+                lows += [p - c for _, p, c, _ in pts]
+                highs += [p + c for _, p, c, _ in pts]
         for r in sub:
             if r["method"] == "bf16":
                 ax.axhline(r["pass@1"], color="black", linestyle="--", label="BF16")
+                ax.axhspan(r["pass@1"] - r["ci95"], r["pass@1"] + r["ci95"], color="black", alpha=0.08)
+                lows.append(r["pass@1"] - r["ci95"])
+                highs.append(r["pass@1"] + r["ci95"])
         ax.set_xlabel("weight bits")
-        ax.set_ylabel("pass@1")
+        ax.set_ylabel("pass@1 (95% CI)")
         ax.set_title(f"{run}: {task}")
         ax.set_xticks(sorted({r["bits"] for r in sub if r["method"] != "bf16"}))
-        ax.set_ylim(0, 1.02)
+        if lows:
+            pad = max(0.02, 0.08 * (max(highs) - min(lows)))
+            ax.set_ylim(max(0.0, min(lows) - pad), min(1.02, max(highs) + pad))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(rows: list[dict], path: str | Path) -> None:
+    """`figure(rows)` saved as a PNG at `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -13,10 +13,10 @@ def test_the_readme_example_runs(tmp_path, capsys):
     from reasoning_qat.errors import UserError
     from reasoning_qat.quant import fake_quant_modules
 
-    block = re.search(r"### Python API.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    block = re.search(r"### Python API.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL).group(1)
     rec = demo_recipe(tmp_path, bits="[2]", shared_teacher=True)
     exec(block.replace('"recipes/demo.yaml"', repr(str(rec))), {})  # noqa: S102 (the README's own code)
-    assert re.search(r"^BF16 pass@1 \d\.\d{3} ± \d\.\d{3}$", capsys.readouterr().out, re.M)
+    assert re.search(r"^BF16 pass@1 \d\.\d{3} ± \d\.\d{3}$", capsys.readouterr().out, re.MULTILINE)
     run_dir = tmp_path / "runs" / "t"
     snapshot = (run_dir / "recipe.yaml").read_text()
     assert "- 4" in snapshot and (run_dir / "ptq" / "w4-gptq").is_dir()  # the override, recorded

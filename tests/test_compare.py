@@ -62,3 +62,22 @@ def test_report_files_and_an_unfinished_eval(tmp_path):
         collect([cut])
     (row,) = collect([cut], unfinished=True)
     assert (row["method"], row["pass@1"], row["ce"], row["unfinished_eval"]) == ("qat", 0.5, 0.02, True)
+
+
+def test_the_plot_shows_the_intervals_and_keeps_series_apart(tmp_path):
+    """Every method's points carry their 95% CI as error bars, methods at one bit width sit at distinct x, and
+    the y-range spans the intervals instead of 0-1."""
+    from matplotlib.container import ErrorbarContainer
+
+    from reasoning_qat.compare import figure
+
+    fig = figure(collect([_run(tmp_path, "a")]))
+    (ax,) = fig.axes
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 3  # RTN, GPTQ, KD-QAT
+    xs = [float(c.lines[0].get_xdata()[0]) for c in bars]
+    assert len(set(xs)) == 3 and all(abs(x - 2) < 0.5 for x in xs)
+    spans = sorted(round(float(seg[1][1] - seg[0][1]), 6) for c in bars for seg in c.lines[2][0].get_segments())
+    assert spans == [0.04, 0.06, 0.06]  # 2 x ci95 of each point
+    low, high = ax.get_ylim()
+    assert 0.3 < low < 0.37 and 0.82 < high < 0.9

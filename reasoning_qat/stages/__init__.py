@@ -47,6 +47,6 @@ STAGES = [
     Stage("compare", _run_of("..compare"), ("eval",), ("compare",), help="one table and plot of every variant"),
 ]
 
-from .preflight import preflight, serving_notes  # noqa: E402 (re-exported: the CLI's entry points)
+from .preflight import preflight, serving_notes  # re-exported: the CLI's entry points
 
 __all__ = ["STAGES", "preflight", "serving_notes"]
