@@ -8,8 +8,11 @@ of a run's models do, as functions.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .errors import UserError
 
 if TYPE_CHECKING:
     from .recipe import Recipe
@@ -80,7 +83,6 @@ def evaluate(model: str | Path, task: str, out: str | Path | None = None, *, bac
     a local file replacing the task's hub source; `options`: batch_size, max_new_tokens, temperature,
     trust_remote_code, settings (EngineSettings). Returns the metrics (pass@1, ci95, ...). Raises UserError
     naming the argument at fault."""
-    from .cli import default_eval_dir, flag_names
     from .evaluation.runner import evaluate as run_eval
     from .evaluation.tasks import load_task
 
@@ -89,3 +91,30 @@ def evaluate(model: str | Path, task: str, out: str | Path | None = None, *, bac
         out_dir = Path(out) if out else default_eval_dir(str(model)) / t.name
         return run_eval(str(model), t, out_dir, backend=backend, samples=samples, limit=limit, data=data, seed=seed,
                         demo_dir=Path(demo_data) if demo_data else None, **options)
+
+
+FLAGS = {"tasks": "--task", "backend": "--backend", "max_model_len": "--max-model-len"}
+
+
+@contextlib.contextmanager
+def flag_names():
+    """The library's SpecError (`backend: ...`) named as the flag the user typed (`--backend: ...`)."""
+    from .errors import SpecError
+
+    try:
+        yield
+    except SpecError as err:
+        raise UserError(f"{FLAGS.get(err.field, err.field)}: {err.message}") from None
+
+
+def default_eval_dir(model: str) -> Path:
+    """eval/results/<name>: a hub id's org--name, a local model's last path component plus a short
+    hash of its absolute path, so two exports that are both called `dequantized` do not overwrite
+    each other's results."""
+    import hashlib
+
+    path = Path(model).expanduser()
+    if not path.exists():
+        return Path("eval") / "results" / model.replace("/", "--")
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+    return Path("eval") / "results" / f"{path.resolve().name}-{digest}"

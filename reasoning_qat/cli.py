@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -83,6 +82,8 @@ def cmd_status(a) -> int:
 
 
 def cmd_eval(a) -> int:
+    from .api import flag_names
+
 
 
     """`rqat eval MODEL --task T`: one model on one task; metrics printed and written under --out."""
@@ -108,6 +109,8 @@ def _eval(a) -> int:
     if a.samples and a.samples > 1 and temperature == 0:
         raise RecipeError(f"--samples {a.samples}: {task.name} decodes greedily (temperature 0), so every sample would be "
                           "the same; add --temperature (e.g. 0.6) or drop --samples")
+    from .api import default_eval_dir
+
     out = Path(a.out) if a.out else default_eval_dir(a.model)
     settings = EngineSettings(tensor_parallel_size=a.tensor_parallel_size, gpu_memory_utilization=a.gpu_memory_utilization,
                               dtype=a.dtype, enforce_eager=a.enforce_eager, max_model_len=a.max_model_len)
@@ -118,33 +121,6 @@ def _eval(a) -> int:
     print(json.dumps(metrics, indent=1))
     print(f"results: {out / task.name}")
     return 0
-
-
-FLAGS = {"tasks": "--task", "backend": "--backend", "max_model_len": "--max-model-len"}
-
-
-@contextlib.contextmanager
-def flag_names():
-    """The library's SpecError (`backend: ...`) named as the flag the user typed (`--backend: ...`)."""
-    from .errors import SpecError
-
-    try:
-        yield
-    except SpecError as err:
-        raise UserError(f"{FLAGS.get(err.field, err.field)}: {err.message}") from None
-
-
-def default_eval_dir(model: str) -> Path:
-    """eval/results/<name>: a hub id's org--name, a local model's last path component plus a short
-    hash of its absolute path, so two exports that are both called `dequantized` do not overwrite
-    each other's results."""
-    import hashlib
-
-    path = Path(model).expanduser()
-    if not path.exists():
-        return Path("eval") / "results" / model.replace("/", "--")
-    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
-    return Path("eval") / "results" / f"{path.resolve().name}-{digest}"
 
 
 def cmd_compare(a) -> int:

@@ -199,5 +199,10 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, make_plot: boo
 
 def run(ctx) -> dict:
     """The compare stage: this run's table and plot."""
+    from .stages.common import tensorboard_writer
+
     rows, _ = write_report([ctx.run_dir], ctx.out, ctx.recipe.compare.plot)
+    if (writer := tensorboard_writer(ctx)) is not None:
+        writer.add_figure("compare", figure(rows))  # the plot beside the training curves
+        writer.close()
     return {"rows": len(rows)}

@@ -368,6 +368,10 @@ class Recipe(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$", description="run directory name (`<run_root>/<name>`)")
     seed: int = Field(0, description="seed of QAT, RL and the run's own randomness")
     run_root: str = Field("runs", description="directory holding runs")
+    report_to: list[str] = Field(default_factory=list, description=(
+        "where every stage reports its metrics: transformers `report_to` integrations (tensorboard, wandb, trackio, "
+        "...) for the teacher, qat and rl training; with tensorboard, eval's pass@1 and the compare plot too. "
+        "TensorBoard files stay in the run: `tensorboard --logdir runs/NAME`"))
     model: ModelConfig = Field(description="the BF16 teacher")
     quant: QuantConfig = Field(default_factory=QuantConfig, description="the quantization scheme")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="the PTQ calibration set")

@@ -273,6 +273,11 @@ class RunLayout:
             out.setdefault(Variant.parse(f.parent.parent.name), {})[f.parent.name] = f
         return out
 
+    def tensorboard(self, stage: str) -> Path:
+        """Where a stage that is not a Trainer (eval, compare) writes its TensorBoard events (the Trainers write
+        theirs under their output directory): all inside the run, so `tensorboard --logdir RUN` finds them."""
+        return self.stage(stage) / "tensorboard"
+
     def compare(self) -> Path:
         """The compare stage's directory."""
         return self.stage("compare")

@@ -129,7 +129,7 @@ def test_eval_says_what_a_demo_task_and_repeated_greedy_samples_need(saved_tiny,
 
 
 def test_eval_results_of_two_exports_with_the_same_name_go_to_different_folders(tmp_path):
-    from reasoning_qat.cli import default_eval_dir
+    from reasoning_qat.api import default_eval_dir
 
     for variant in ("w4-gptq", "w4-rtn"):
         (tmp_path / variant / "dequantized").mkdir(parents=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -52,8 +53,20 @@ def request_seed(seed: int, key, sample: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 2  # a non-negative int64
 
 
+def quiet_vllm() -> None:
+    """vLLM logs its engine configuration, kernels and thread settings at INFO/WARNING for every engine it
+    starts (a 3-variant eval of a tiny demo printed 159 lines, 54 of them warnings): keep its errors only,
+    unless the user set VLLM_LOGGING_LEVEL. Takes effect at vLLM's first import, so it runs before any."""
+    import warnings
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # its Triton dispatcher touches a deprecated torch attribute on every engine start
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\.reduce_op")
+
+
 def vllm_problem() -> str | None:
     """Why vLLM cannot run here, or None when it can (a CUDA build with a GPU, or vLLM's CPU build)."""
+    quiet_vllm()
     try:
         import vllm  # noqa: F401
         from vllm.platforms import current_platform
@@ -230,7 +243,7 @@ class VLLMBackend:
                     seed=request_seed(seed, key, j) if temperature > 0 else None,
                     stop_token_ids=self.end_ids, skip_special_tokens=False,
                 ))
-        results = self.llm.generate(flat, params, use_tqdm=True)
+        results = self.llm.generate(flat, params, use_tqdm=sys.stderr.isatty())  # a bar in a terminal, not in logs
         comps = []
         for r in results:
             o = r.outputs[0]

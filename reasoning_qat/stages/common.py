@@ -87,3 +87,18 @@ def finish_training(ctx, stage: str, v, metrics: dict, log_history: list) -> Non
     for ckpt in ctx.layout.trainer(v).glob("checkpoint-*"):
         shutil.rmtree(ckpt)
     finish(out, ctx.layout.variant_metrics(stage, v), metrics)
+
+
+def tensorboard_writer(ctx):
+    """A torch SummaryWriter into the stage's tensorboard/ directory when the recipe reports to TensorBoard,
+    else None. Raises UserError when TensorBoard is asked for but not installed."""
+    if "tensorboard" not in ctx.recipe.report_to:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from ..errors import UserError
+
+        raise UserError("report_to: tensorboard needs the tensorboard package (pip install tensorboard)") from None
+    return SummaryWriter(log_dir=str(ctx.layout.tensorboard(ctx.stage)))
+

@@ -10,6 +10,7 @@ where vLLM cannot serve the scheme packed (`serving.vllm_refuses_packed`: zero p
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -17,16 +18,28 @@ from ..evaluation.backends import pick_backend
 from ..evaluation.runner import evaluate
 from ..evaluation.tasks import expand_tasks, load_task
 from ..pipeline import StageContext
-from ..run_layout import BF16, finished_metrics
+from ..run_layout import BF16, Variant, finished_metrics
 from ..serving import vllm_refuses_packed
-from .common import teacher_path
+from .common import teacher_path, tensorboard_writer
 from .specs import engine_settings, recipe_keys
+
+
+ENGINE_NAMES = {"VLLMBackend": "vLLM", "TransformersBackend": "transformers"}
 
 
 def run(ctx: StageContext) -> dict:
     """The eval stage: every variant on every task; finished (variant, task) pairs kept across a crash."""
     with recipe_keys("eval"):  # the library's errors (`backend`, `tasks`, `max_model_len`) as eval.* keys
-        return _run(ctx)
+        metrics = _run(ctx)
+    if (writer := tensorboard_writer(ctx)) is not None:
+        # pass@1 of each variant, and per method against the bit width (TensorBoard's x axis is the step)
+        for name, tasks in metrics.items():
+            v = Variant.parse(name)
+            for task, m in tasks.items():
+                writer.add_scalar(f"pass@1/{task}/{name}", m["pass@1"], 0)
+                writer.add_scalar(f"pass@1_by_bits/{task}/{v.method}", m["pass@1"], v.bits)
+        writer.close()
+    return metrics
 
 
 def _run(ctx: StageContext) -> dict:
@@ -64,8 +77,11 @@ def _run(ctx: StageContext) -> dict:
                                                                           "sandbox") if k in result}
             if e.reference_ce and task.source == "demo" and ctx.layout.demo_data() is not None:
                 metrics[name][task.name].update(_reference_ce(ctx, path, ctx.layout.eval_ce(v, task.name), task))
+            what = "the teacher" if v == BF16 else "/".join(Path(path).parts[-2:])  # e.g. w4-gptq/dequantized
             print(f"  {name:>18} {task.name}: pass@1 {result['pass@1']:.3f} ± {result['ci95']:.3f}"
-                  + (f", held-out CE {metrics[name][task.name]['ce']:.4f}" if "ce" in metrics[name][task.name] else ""))
+                  + (f", held-out CE {metrics[name][task.name]['ce']:.4f}" if "ce" in metrics[name][task.name] else "")
+                  + f"  [{ENGINE_NAMES.get(result.get('backend'), result.get('backend'))} on {what}]", flush=True)
+    print(f"  per-sample results: {ctx.run_dir / 'eval'}/<variant>/<task>/samples.jsonl", flush=True)
     return metrics
 
 

@@ -32,7 +32,7 @@ from ..quant.fake_quant import train_quantizers, use_compiled_fake_quant
 from ..quant.formats import read_quantized_weights, save_quantized_checkpoint
 from ..quant.runtime import install_quant_spec
 from ..run_layout import Variant, finished_metrics
-from ..training import WeightAveraging, last_checkpoint, quiet_training_args, schedule_args
+from ..training import WeightAveraging, last_checkpoint, quiet_training_args, readable_progress, schedule_args
 from .common import (
     finish_training,
     load_rotated_teacher,
@@ -154,7 +154,7 @@ def choose_recompute(setting, student, tokens: int, device: str, compiled: bool 
     return on, f"auto: ~{need / 2**30:.1f} GiB needed for {tokens} tokens per step, {free / 2**30:.1f} GiB free"
 
 
-def qat_training_args(q, output_dir, seed: int, recompute: bool | None = None):
+def qat_training_args(q, output_dir, seed: int, recompute: bool | None = None, report_to: list[str] = ()):
     """The recipe's qat section as TrainingArguments (schedule, precision, checkpoints, DeepSpeed)."""
     on_gpu = torch.cuda.is_available()
     return quiet_training_args(
@@ -170,7 +170,7 @@ def qat_training_args(q, output_dir, seed: int, recompute: bool | None = None):
         bf16=q.bf16 and on_gpu,
         save_steps=q.save_steps,
         logging_steps=q.logging_steps,
-        report_to=q.report_to,
+        report_to=list(dict.fromkeys([*report_to, *q.report_to])),  # the run's and the stage's own
         deepspeed=q.deepspeed,
         # The output head runs after the wrapped forward (chunked loss): DDP's unused-parameter search
         # would mark it unused at the end of forward and then fail when its gradient arrives.
@@ -197,14 +197,15 @@ def train_one(ctx: StageContext, bits: int) -> None:
         compile_decoder_layers(teacher)
     recompute, why = choose_recompute(q.gradient_checkpointing, student, q.batch_size * q.data.max_length, device,
                                       compile_enabled(q.compile, device))
-    print(f"qat: gradient checkpointing {'on' if recompute else 'off'} ({why})", flush=True)
-    args = qat_training_args(q, ctx.layout.trainer(v), r.seed, recompute)
+    print(f"qat w{bits}: gradient checkpointing {'on' if recompute else 'off'} ({why})", flush=True)
+    args = qat_training_args(q, ctx.layout.trainer(v), r.seed, recompute, r.report_to)
     averaging = WeightAveraging.from_config(q)
     trainer = KDTrainer(
         model=student, args=args, train_dataset=dataset, data_collator=qat_collator(q.packing, tok.pad_token_id),
         teacher=teacher, kd=kd_spec(r), latent_lr=q.latent_lr, scale_lr=q.scale_lr,
         callbacks=[averaging.callback] if averaging else None,
     )
+    readable_progress(trainer, f"qat w{bits}")
     resume = last_checkpoint(args.output_dir)
     if averaging:
         averaging.load(resume, device)

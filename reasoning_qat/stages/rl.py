@@ -23,7 +23,13 @@ from ..pipeline import StageContext
 from ..quant.fake_quant import fake_quant_modules, frozen_fake_quant, train_quantizers
 from ..quant.formats import load_quantized_checkpoint, save_quantized_checkpoint
 from ..run_layout import Variant, finished_metrics
-from ..training import grouped_optimizer, last_checkpoint, quiet_training_args, skip_nonfinite_steps
+from ..training import (
+    grouped_optimizer,
+    last_checkpoint,
+    quiet_training_args,
+    readable_progress,
+    skip_nonfinite_steps,
+)
 from .common import (
     finish_training,
     load_teacher_tokenizer,
@@ -211,6 +217,7 @@ def run(ctx: StageContext) -> dict:
         args = quiet_training_args(
             GRPOConfig,
             output_dir=str(ctx.layout.trainer(v)),
+            report_to=r.report_to,
             max_steps=cfg.max_steps,
             learning_rate=cfg.lr,
             per_device_train_batch_size=cfg.batch_size,
@@ -228,6 +235,7 @@ def run(ctx: StageContext) -> dict:
         with _syncable_cpu_weights(cfg.use_vllm):  # the colocated engine is built here
             trainer = _trainer_class(cfg.latent_lr)(model=student, reward_funcs=funcs, args=args, train_dataset=data,
                                                     processing_class=tok)
+        readable_progress(trainer, f"rl w{bits}")
         resumed_at = last_checkpoint(args.output_dir)
         result = trainer.train(resume_from_checkpoint=resumed_at)
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]

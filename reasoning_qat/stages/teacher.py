@@ -14,7 +14,7 @@ from ..data.reasoning import PadCollator, ReasoningSFTDataset, write_jsonl
 from ..data.tokenizer import build_char_tokenizer
 from ..models import demo_config, load_config
 from ..pipeline import StageContext
-from ..training import WeightAveraging, last_checkpoint, quiet_training_args, schedule_args
+from ..training import WeightAveraging, last_checkpoint, quiet_training_args, readable_progress, schedule_args
 from .specs import recipe_keys
 
 
@@ -83,6 +83,7 @@ def _train_demo_teacher(ctx: StageContext) -> dict:
     dataset = ReasoningSFTDataset(to_records(train), tokenizer, max_length=demo.max_length)
     args = quiet_training_args(
         output_dir=str(ctx.layout.teacher_trainer()),
+        report_to=ctx.recipe.report_to,
         max_steps=demo.train_steps,
         per_device_train_batch_size=demo.batch_size,
         learning_rate=demo.lr,
@@ -97,6 +98,7 @@ def _train_demo_teacher(ctx: StageContext) -> dict:
     averaging = WeightAveraging.from_config(demo)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=PadCollator(tokenizer.pad_token_id),
                       callbacks=[averaging.callback] if averaging else None)
+    readable_progress(trainer, "teacher")
     resume = last_checkpoint(args.output_dir)
     if averaging:
         averaging.load(resume, trainer.args.device)

@@ -102,7 +102,7 @@ def test_pass_at_1_and_interval():
 
 def test_unknown_task_is_a_clear_error():
     """The library names its own key; a recipe reads it as eval.tasks, `rqat eval` as --task."""
-    from reasoning_qat.cli import flag_names
+    from reasoning_qat.api import flag_names
     from reasoning_qat.errors import SpecError, UserError
     from reasoning_qat.recipe import RecipeError
     from reasoning_qat.stages.specs import recipe_keys
