@@ -82,11 +82,8 @@ def cmd_status(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from .api import flag_names
-
-
-
     """`rqat eval MODEL --task T`: one model on one task; metrics printed and written under --out."""
+    from .api import flag_names
     from .models import resolve_model
 
     resolve_model(a.model, "model", a.trust_remote_code)  # one line, before any engine starts

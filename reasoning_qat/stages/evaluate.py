@@ -23,7 +23,6 @@ from ..serving import vllm_refuses_packed
 from .common import teacher_path, tensorboard_writer
 from .specs import engine_settings, recipe_keys
 
-
 ENGINE_NAMES = {"VLLMBackend": "vLLM", "TransformersBackend": "transformers"}
 
 
