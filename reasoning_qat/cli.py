@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from .errors import UserError
@@ -30,13 +31,35 @@ def _console():
 def cmd_run(a) -> int:
     """`rqat run RECIPE [KEY=VALUE ...]`: check the recipe (preflight), print the plan, run it. Exit 0;
     UserError -> 2."""
+    from . import launch
     from .api import prepare
 
+    rank = launch.set_aside() if launch.launched_by_user() else None  # torchrun / accelerate launch: launch.py
+    started = time.time()
     # the schema, overrides and every file, directory, task and layer width the recipe names: checked before
     # anything is created, and before the heavy imports below (a schema error costs no torch import)
     recipe, notes = prepare(a.recipe, a.overrides, a.run_root)
+    if rank not in (None, 0):  # only global rank 0 writes the run; the others train when it asks them to
+        return 0 if a.dry_run else launch.follow(recipe.run_dir, started)
+    if rank == 0 and not a.dry_run:
+        recipe.run_dir.mkdir(parents=True, exist_ok=True)
+        launch.start_session(recipe.run_dir)
+        status = 1
+        try:
+            status = _run_pipeline(a, recipe, notes)
+            return status
+        except UserError:
+            status = 2
+            raise
+        finally:
+            launch.end_session(recipe.run_dir, status)
+    return _run_pipeline(a, recipe, notes)
+
+
+def _run_pipeline(a, recipe, notes) -> int:
     from .pipeline import Pipeline
     from .stages import STAGES
+
     console = _console()
     pipe = Pipeline(recipe, STAGES, console)
     only = [s.strip() for s in a.stages.split(",") if s.strip()] if a.stages else None

@@ -50,8 +50,15 @@ def _launched() -> bool:
 def run(ctx: StageContext) -> dict:
     """The qat stage: KD-QAT per bit width (re-launched in N processes when asked); returns each variant's
     metrics."""
+    from .. import launch
+
     q = ctx.recipe.qat
-    if (q.num_processes > 1 or q.deepspeed) and not _launched():
+    if launch.SAVED is not None:  # `rqat run` under the user's torchrun / accelerate launch: every rank trains
+        status = launch.train_everywhere(ctx)
+        if status != 0:
+            raise StageFailed(f"qat: the training worker exited with status {status} (its log is above); re-run the "
+                              "same launch to resume from its last checkpoint")
+    elif (q.num_processes > 1 or q.deepspeed) and not _launched():
         _launch(ctx)
     else:
         for bits in ctx.recipe.quant.bits:

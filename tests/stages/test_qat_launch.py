@@ -58,19 +58,37 @@ def test_two_process_qat_with_checkpoints_and_teacher_data(tmp_path):
     assert meta["bits"] == 2 and len(qws) == 2 * 7  # every Linear of both blocks, saved once by rank 0
 
 
+CLI = [sys.executable, "-m", "reasoning_qat.cli", "run"]
+FMT = dict(responses="dataset", packing="false", steps=15, save=5)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Run a: teacher to qat, the qat stage in 2 processes it launches itself (15 steps, checkpoints every 5)."""
+    tmp = tmp_path_factory.mktemp("straight")
+    rec = write_recipe(tmp / "a.yaml", MP_RECIPE.format(name="a", root=tmp / "runs", procs=2, **FMT))
+    subprocess.run([*CLI, str(rec), "--stages", "teacher,calibrate,ptq,qat"], check=True, capture_output=True)
+    return tmp / "runs" / "a"
+
+
+def _losses(run):
+    log = json.loads((run / "qat" / "w2-qat" / "log_history.json").read_text())
+    return [h["loss"] for h in log if "loss" in h and not h.get("initial")]
+
+
+def _copy_inputs(a, run):
+    for stage in ("teacher", "calibrate", "ptq"):  # the same recipe hashes: the run takes them as done
+        shutil.copytree(a / stage, run / stage)
+
+
 @pytest.mark.slow
-def test_two_process_qat_killed_then_resumed(tmp_path):
+def test_two_process_qat_killed_then_resumed(tmp_path, straight):
     """SIGKILL of `rqat run` must take the launched workers down too (they run in sessions of their
     own), keep the checkpoint, and the re-run must continue from it to the uninterrupted result."""
-    cli = [sys.executable, "-m", "reasoning_qat.cli", "run"]
-    fmt = dict(root=tmp_path / "runs", responses="dataset", procs=2, packing="false", steps=15, save=5)
-    straight = write_recipe(tmp_path / "a.yaml", MP_RECIPE.format(name="a", **fmt))
-    subprocess.run([*cli, str(straight), "--stages", "teacher,calibrate,ptq,qat"], check=True, capture_output=True)
-
-    rec = write_recipe(tmp_path / "b.yaml", MP_RECIPE.format(name="b", **fmt))
+    cli = CLI
+    rec = write_recipe(tmp_path / "b.yaml", MP_RECIPE.format(name="b", root=tmp_path / "runs", procs=2, **FMT))
     run = tmp_path / "runs" / "b"
-    for stage in ("teacher", "calibrate", "ptq"):  # the same recipe hashes: run b takes them as done
-        shutil.copytree(tmp_path / "runs" / "a" / stage, run / stage)
+    _copy_inputs(straight, run)
     proc = subprocess.Popen([*cli, str(rec), "--stages", "qat"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     ckpt = run / ".qat.partial" / "w2-qat" / "trainer" / "checkpoint-5" / "trainer_state.json"
@@ -90,10 +108,50 @@ def test_two_process_qat_killed_then_resumed(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "resuming" in out.stdout
 
-    def losses(name):
-        log = json.loads((tmp_path / "runs" / name / "qat" / "w2-qat" / "log_history.json").read_text())
-        return [h["loss"] for h in log if "loss" in h and not h.get("initial")]
+    assert len(_losses(run)) == 15
+    assert _losses(run)[-1] == pytest.approx(_losses(straight)[-1], rel=1e-5)
 
-    assert len(losses("b")) == 15
-    assert losses("b")[-1] == pytest.approx(losses("a")[-1], rel=1e-5)
 
+@pytest.mark.slow
+def test_two_nodes_started_by_the_user(tmp_path, straight):
+    """`torchrun --nnodes 2` (one process each, loopback rendezvous) running `rqat run` as users start it:
+    rank 0 alone writes the run and takes the lock, rank 1 only trains when rank 0's qat stage asks, and the
+    data-parallel training ends at the loss of the 2 processes `rqat run` launches itself."""
+    import socket
+
+    rec = write_recipe(tmp_path / "c.yaml", MP_RECIPE.format(name="c", root=tmp_path / "runs", procs=1, **FMT))
+    run = tmp_path / "runs" / "c"
+    _copy_inputs(straight, run)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               "-m", "reasoning_qat.cli", "run", str(rec), "--stages", "qat"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [n.communicate(timeout=900)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "run c in" in outs[0] and "run c in" not in outs[1]  # only rank 0 plans and reports
+    assert len(_losses(run)) == 15
+    assert _losses(run)[-1] == pytest.approx(_losses(straight)[-1], rel=1e-5)
+    (finished,) = run.glob(".launch/*/finished.json")
+    assert json.loads(finished.read_text()) == {"status": 0}
+
+
+
+def test_a_follower_stops_when_rank_0_is_gone(tmp_path, monkeypatch):
+    """A rank other than 0 waits on rank 0's heartbeat in the shared run folder; when it stops (rank 0 killed
+    on another node), the follower exits 1 instead of waiting for ever."""
+    from reasoning_qat import launch
+
+    monkeypatch.setattr(launch, "SAVED", {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "WORLD_SIZE": "2"})
+    monkeypatch.setattr(launch, "HEARTBEAT_S", 0.05)
+    started = time.time()
+    d = launch.session_dir(tmp_path)
+    d.mkdir(parents=True)
+    (d / "heartbeat").touch()
+    assert launch.follow(tmp_path, started, timeout_s=30) == 1
+    assert time.time() - started < 10
+    launch.end_session(tmp_path, 0)
+    (d / "heartbeat").touch()
+    assert launch.follow(tmp_path, started, timeout_s=30) == 0  # rank 0 said it finished
