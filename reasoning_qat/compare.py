@@ -23,10 +23,11 @@ def collect(run_dirs: list[str | Path], unfinished: bool = False) -> list[dict]:
     stage's partial directory; such rows carry "unfinished_eval": True), instead of an error."""
     rows = []
     for layout in map(RunLayout, run_dirs):
-        partial = layout.manifest("eval") is None and unfinished
-        if layout.manifest("eval") is None and not partial:
+        ev = layout.manifest("eval")
+        partial = ev is None and unfinished
+        if ev is None and not partial:
             raise UserError(f"{layout.root}: no finished eval stage; run `rqat run RECIPE --stages eval` first")
-        evaluated = _finished_variants(layout) if partial else layout.stage_metrics("eval")
+        evaluated = _finished_variants(layout) if partial else ev.get("metrics", {})
         sizes, qat, rl, ptq = (layout.stage_metrics(s) for s in ("export", "qat", "rl", "ptq"))
         calib_domain = layout.stage_metrics("calibrate").get("domain", "reasoning")
         teacher_model = layout.teacher_model_dir()

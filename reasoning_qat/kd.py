@@ -48,9 +48,10 @@ class KDSpec:
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise SpecError("loss", f"{self.loss!r} (allowed: {', '.join(LOSSES)})")
-        if self.temperature <= 0 or not 0 < self.jsd_beta < 1 or self.chunk_size < 1:
-            raise SpecError("temperature" if self.temperature <= 0 else "jsd_beta" if not 0 < self.jsd_beta < 1
-                            else "chunk_size", "out of range (temperature > 0, 0 < jsd_beta < 1, chunk_size >= 1)")
+        for key, ok in (("temperature", self.temperature > 0), ("jsd_beta", 0 < self.jsd_beta < 1),
+                        ("chunk_size", self.chunk_size >= 1)):
+            if not ok:
+                raise SpecError(key, "out of range (temperature > 0, 0 < jsd_beta < 1, chunk_size >= 1)")
 
 
 # ---- per-token losses on [n, vocab] logits; each returns the summed loss over the n tokens ---------

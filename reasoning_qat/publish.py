@@ -9,34 +9,23 @@ uploaded through `HfApi.create_repo` + `upload_folder` (token from the environme
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 from .errors import UserError
-from .run_layout import BF16, RunLayout, Variant
+from .run_layout import RunLayout, Variant
 
 FORMATS = ("auto", "compressed-tensors", "dequantized")
-LABELS = {"bf16": "BF16", "rtn": "RTN", "gptq": "GPTQ", "gptq_generic": "GPTQ (generic calibration)", "qat": "KD-QAT",
-          "qat_rl": "KD-QAT + GRPO", "ptq_rl": "GRPO from PTQ"}
-
-
-def hub_is_off() -> bool:
-    """True when huggingface_hub is told to stay offline (HF_HUB_OFFLINE), as on the project's CI and GPUs."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false")
 
 
 def pick_format(layout: RunLayout, v: Variant, recipe, fmt: str = "auto") -> str:
     """The export to publish: `auto` takes the packed compressed-tensors export where vLLM serves the scheme
     packed, else the dequantized one. Raises UserError when the run has no such export."""
-    from .serving import vllm_refuses_packed
+    from .serving import vllm_refuses_variant
 
     if fmt == "auto":
-        bits = sorted({v.bits} | recipe.quant.override_bits)
-        packed = layout.export(v, "compressed-tensors").is_dir() and not any(
-            vllm_refuses_packed(b, recipe.quant.symmetric) for b in bits)
+        packed = layout.export(v, "compressed-tensors").is_dir() and not vllm_refuses_variant(
+            v.bits, recipe.quant.override_bits, recipe.quant.symmetric)
         fmt = "compressed-tensors" if packed else "dequantized"
     if not layout.export(v, fmt).is_dir():
         have = sorted(p.name for p in layout.export(v).iterdir()) if layout.export(v).is_dir() else []
@@ -63,6 +52,7 @@ def model_card(run_dir: str | Path, variant: str | Variant, fmt: str, repo_id: s
     Raises UserError when the run has not evaluated the variant."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+    from .compare import collect
     from .pipeline import recipe_from_run
 
     layout, v = RunLayout(run_dir), variant if isinstance(variant, Variant) else Variant.parse(variant)
@@ -81,10 +71,13 @@ def model_card(run_dir: str | Path, variant: str | Variant, fmt: str, repo_id: s
         tags=["reasoning-qat", "quantized", f"{v.bits}-bit", scheme.lower(), fmt,
               *(["symmetric"] if q.symmetric else ["asymmetric"]), *([] if v.method in ("rtn", "gptq") else ["qat"])],
         eval_results=results)
-    rows = [f"| {LABELS.get(w.method, w.method)} | {w.bits if w != BF16 else 16} | {task} | {m['pass@1']:.3f} ± {m['ci95']:.3f} |"
-            for w in sorted(map(Variant.parse, evals), key=lambda w: (w != v, w != BF16, -w.bits, w.method))
-            if w in (v, BF16) or (w.bits == v.bits and w.method in ("rtn", "gptq", "gptq_generic"))
-            for task, m in evals[str(w)].items()]
+    # the compare table's rows (its labels: calibration domain, KD or CE, init) of this variant, BF16 and the
+    # PTQ baselines at the same bit width
+    shown = [r for r in collect([run_dir]) if r["method"] == "bf16" or
+             (r["bits"] == v.bits and r["method"] in (v.method, "rtn", "gptq", "gptq_generic"))]
+    label = next(r["label"] for r in shown if r["method"] == v.method)
+    rows = [f"| {r['label']} | {16 if r['method'] == 'bf16' else r['bits']} | {r['task']} | {r['pass@1']:.3f} ± "
+            f"{r['ci95']:.3f} |" for r in shown]
     qat = layout.stage_metrics("qat").get(str(Variant(v.bits, "qat")), {})
     lineage = "\n".join(f"- {stage}: `{m['fingerprint']}` ({m.get('finished_at', '?')})" for stage in
                         ("teacher", "calibrate", "ptq", "qat", "rl", "export", "eval") if (m := layout.manifest(stage)))
@@ -97,7 +90,7 @@ def model_card(run_dir: str | Path, variant: str | Variant, fmt: str, repo_id: s
 # {name}
 
 {f"`{recipe.model.id}`" if recipe.model.id else "The reasoning-qat demo teacher"} quantized to **{scheme}**
-({'symmetric' if q.symmetric else 'asymmetric'}) by reasoning-qat: {LABELS.get(v.method, v.method)}, stored as `{fmt}`.
+({'symmetric' if q.symmetric else 'asymmetric'}) by reasoning-qat: {label}, stored as `{fmt}`.
 
 ## How it was made
 
@@ -132,10 +125,12 @@ def publish(run_dir: str | Path, variant: str, to: str | Path, fmt: str = "auto"
     """Write the variant's export and its model card into `to` (atomically: a `.partial` folder renamed into
     place), and upload it to `repo_id` when given. Refuses before writing anything when an upload is asked
     for while the hub is off, when `to` exists, or when the run lacks the export or the evaluation."""
+    from huggingface_hub import constants
+
     from .pipeline import recipe_from_run
 
     to = Path(to)
-    if repo_id and hub_is_off():
+    if repo_id and constants.HF_HUB_OFFLINE:  # as models.resolve_model reads it
         raise UserError(f"--repo-id {repo_id}: the hub is off (HF_HUB_OFFLINE); publish to a folder with --to alone, "
                         "then upload it where the hub can be reached")
     if to.exists():

@@ -45,12 +45,11 @@ def finish(directory: Path, metrics_file: Path | None = None, metrics: dict | No
     (directory / DONE_MARKER).write_text("")
 
 
-def finished_metrics(directory: Path, metrics_file: Path | None = None) -> dict | None:
+def finished_metrics(directory: Path, metrics_file: Path | None = None, marker: Path | None = None) -> dict | None:
     """The record of a finished unit of work ({} when it keeps none), or None when it has to be (re)done.
-    Finished: `directory` holds the marker `finish` wrote; an eval directory, whose runner writes its
-    metrics.json last, is finished when that file exists."""
-    if not (directory / DONE_MARKER).is_file() and not (metrics_file is not None and metrics_file.name == EVAL_METRICS
-                                                         and metrics_file.is_file()):
+    Finished: `marker` exists, by default the `.done` that `finish` writes in `directory` (the eval runner
+    writes its metrics.json last, so eval passes that file as the marker)."""
+    if not (marker or directory / DONE_MARKER).is_file():
         return None
     return json.loads(metrics_file.read_text()) if metrics_file is not None else {}
 

@@ -36,3 +36,8 @@ def vllm_refuses_gptq(bits: set[int], symmetric: bool) -> str | None:
                 f"symmetric {symmetric})")
     return None
 
+
+def vllm_refuses_variant(bits: int, override_bits: set[int], symmetric: bool) -> str | None:
+    """Why vLLM cannot serve one variant's compressed-tensors export packed (its own bit width, or a width
+    some layers' overrides set), or None."""
+    return next((why for b in sorted({bits} | override_bits) if (why := vllm_refuses_packed(b, symmetric))), None)

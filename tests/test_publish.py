@@ -37,7 +37,8 @@ def test_published_folder_loads_alone_and_its_card_carries_the_evaluation(run_w4
     assert result.metric_value == round(ev["w4-gptq"]["demo_arith"]["pass@1"], 4)
     assert "model-index" in card.data.to_dict() and "4-bit" in card.data.tags and "compressed-tensors" in card.data.tags
     text = card.text
-    assert "| GPTQ | 4 | demo_arith |" in text and "| BF16 | 16 | demo_arith |" in text and "| RTN | 4 | demo_arith |" in text
+    assert "| GPTQ (domain calib) | 4 | demo_arith |" in text and "| BF16 | 16 | demo_arith |" in text
+    assert "| RTN | 4 | demo_arith |" in text and "by reasoning-qat: GPTQ (domain calib)" in text
     assert "vllm serve" in text and "temperature" in text and "- teacher: `" in text
     with torch.no_grad():
         ids = torch.randint(3, 40, (1, 12))
@@ -50,7 +51,9 @@ def test_publish_refuses_before_writing(run_w4, tmp_path, monkeypatch):
     from reasoning_qat.errors import UserError
     from reasoning_qat.publish import publish
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 in the environment sets it
     with pytest.raises(UserError, match="--repo-id org/name: the hub is off"):
         publish(run_w4, "w4-gptq", tmp_path / "a", repo_id="org/name")
     with pytest.raises(UserError, match="the run has no dequantized export of w4-qat"):  # QAT is off in this run

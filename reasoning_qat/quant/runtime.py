@@ -28,7 +28,7 @@ def install_quant_spec(model, spec: QuantSpec | None) -> bool:
 
     if spec is None:
         return False
-    if getattr(model, "quant_spec", None) is not None and getattr(model, "_quant_spec_installed", False):
+    if getattr(model, "_quant_spec_installed", False):
         return False
     model.quant_spec = spec
     if not spec.online:
@@ -54,11 +54,10 @@ def activation_targets(model, spec: QuantSpec) -> dict:
 
     from .fake_quant import FakeQuantLinear
 
-    fq = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
     if spec.act_modules is not None:
         names = set(spec.act_modules)
         return {n: m for n, m in model.named_modules() if n in names}
-    if fq:
+    if fq := {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}:
         return fq
     return {n: m for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and spec.weights.scheme_for(n, "Linear") is not None}

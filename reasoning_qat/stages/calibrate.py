@@ -49,7 +49,7 @@ def build_qat_data(ctx: StageContext, tok):
     from datasets import Dataset
 
     data = ctx.recipe.qat.data
-    timing = {}
+    spec, timing = trace_spec(data), {}
     if data.responses == "teacher":
         rows = write_teacher_data(ctx, timing)
         traces = Dataset.from_list([{"prompt": x["prompt"], "response": x["response"], "answer": x.get("answer"),
@@ -57,9 +57,9 @@ def build_qat_data(ctx: StageContext, tok):
     else:
         ds = open_source(ctx, data)
         with recipe_keys("qat.data"):
-            traces = select_traces(ds, trace_spec(data), tokenizer=tok)
+            traces = select_traces(ds, spec, tokenizer=tok)
     with recipe_keys("qat.data"):
-        tokenized, stats = tokenize_traces(traces, tok, trace_spec(data))
+        tokenized, stats = tokenize_traces(traces, tok, spec)
     if data.responses == "teacher":
         stats["teacher_responses"] = {"rows": len(rows), "kept_by": data.generation.keep, **timing}
     return tokenized, stats

@@ -18,8 +18,8 @@ from ..evaluation.backends import pick_backend
 from ..evaluation.runner import evaluate
 from ..evaluation.tasks import expand_tasks, load_task
 from ..pipeline import StageContext
-from ..run_layout import BF16, Variant, finished_metrics
-from ..serving import vllm_refuses_packed
+from ..run_layout import BF16, EVAL_SAMPLES, RunLayout, Variant, finished_metrics
+from ..serving import vllm_refuses_variant
 from .common import teacher_path, tensorboard_writer
 from .specs import engine_settings, recipe_keys
 
@@ -51,10 +51,10 @@ def _run(ctx: StageContext) -> dict:
         fmt = "compressed-tensors" if packed else "dequantized"
     for v in ctx.layout.exported_variants():
         v_fmt = fmt
-        refused = [why for b in sorted({v.bits} | r.quant.override_bits) if (why := vllm_refuses_packed(b, r.quant.symmetric))]
+        refused = vllm_refuses_variant(v.bits, r.quant.override_bits, r.quant.symmetric)
         if fmt == "compressed-tensors" and e.export_format == "auto" and refused:
             v_fmt = "dequantized"  # what vLLM cannot serve packed is evaluated as the same function, dequantized
-            print(f"  {v}: the dequantized export is evaluated ({refused[0]})")
+            print(f"  {v}: the dequantized export is evaluated ({refused})")
         if ctx.layout.export(v, v_fmt).is_dir():
             models[v] = str(ctx.layout.export(v, v_fmt))
     if e.methods is not None:
@@ -64,7 +64,8 @@ def _run(ctx: StageContext) -> dict:
         name = str(v)
         for task in tasks:
             out = ctx.layout.eval(v, task.name)
-            result = finished_metrics(out, ctx.layout.eval_metrics(v, task.name))
+            done = ctx.layout.eval_metrics(v, task.name)
+            result = finished_metrics(out, done, marker=done)
             if result is None:
                 result = evaluate(path, task, out, backend=e.backend, samples=e.samples, limit=e.limit,
                              demo_dir=ctx.layout.demo_data(), batch_size=e.batch_size,
@@ -80,7 +81,7 @@ def _run(ctx: StageContext) -> dict:
             print(f"  {name:>18} {task.name}: pass@1 {result['pass@1']:.3f} ± {result['ci95']:.3f}"
                   + (f", held-out CE {metrics[name][task.name]['ce']:.4f}" if "ce" in metrics[name][task.name] else "")
                   + f"  [{ENGINE_NAMES.get(result.get('backend'), result.get('backend'))} on {what}]", flush=True)
-    print(f"  per-sample results: {ctx.run_dir / 'eval'}/<variant>/<task>/samples.jsonl", flush=True)
+    print(f"  per-sample results: {RunLayout(ctx.run_dir).stage('eval')}/<variant>/<task>/{EVAL_SAMPLES}", flush=True)
     return metrics
 
 
