@@ -7,13 +7,18 @@ is 151k): the vocabulary projection runs in chunks of positions. Two implementat
   of the hidden states and of the head are computed in the forward pass, so nothing is recomputed.
 - `chunked_distill_loss`: autograd through each chunk under activation checkpointing (the logits
   are recomputed in the backward pass); used for top-k KD, heads with a bias or quantized heads,
-  and ZeRO-3-partitioned heads, and as the reference the fused path is tested against.
+  and as the reference the fused path is tested against.
 Only response tokens (labels != -100) enter the loss.
+
+The loss runs inside the student's own forward, in place of its output head (`loss_through_head`): there
+FSDP2 holds the root's parameters unsharded and ZeRO-3's hooks on the head gather its weight once per step,
+so the fused path runs sharded too, and the head's gradient reaches its shard the framework's own way.
 """
 
 from __future__ import annotations
 
 import math
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -198,11 +203,13 @@ class _FusedLinearDistill(torch.autograd.Function):
 
 
 def can_fuse(head_s: nn.Module, head_t: nn.Module | None, kd) -> bool:
-    """The fused path needs plain bias-free Linear heads whose full weights this process holds
-    (not ZeRO-3 shards) and a loss it has a closed-form gradient for (not top-k)."""
+    """The fused path needs plain bias-free Linear heads (gathered, when sharded: see loss_through_head) and a
+    loss it has a closed-form gradient for (not top-k)."""
     heads = [head_s] + ([head_t] if kd.loss != "ce" else [])
+    # isinstance, not type(): FSDP2 swaps a sharded head's class for a subclass (FSDPLinear) with Linear's forward;
+    # a subclass with a forward of its own (ActQuantLinear) computes something else.
     return kd.fused and not kd.top_k and all(
-        type(h) is nn.Linear and h.bias is None and not hasattr(h.weight, "ds_id") for h in heads)
+        isinstance(h, nn.Linear) and type(h).forward is nn.Linear.forward and h.bias is None for h in heads)
 
 
 def fused_distill_loss(h_s, h_t, head_s: nn.Linear, head_t: nn.Linear | None, targets, kd, chunk_size: int,
@@ -229,17 +236,18 @@ def naive_distill_loss(s_logits_full, t_logits_full, labels, kd):
 
 
 class _HiddenOnly:
-    """Temporarily swap a causal LM's output head for identity, so the wrapped forward (DDP,
-    DeepSpeed) returns final hidden states and the vocabulary projection can run chunked."""
+    """Temporarily swap a causal LM's output head for `stand_in` (identity: the forward returns the final hidden
+    states), so the vocabulary projection can run chunked."""
 
     IDENTITY = nn.Identity()  # one instance: a compiled forward then sees the same module every step
 
-    def __init__(self, model):
+    def __init__(self, model, stand_in: nn.Module | None = None):
         self.model = model
         self.head = model.get_output_embeddings()
+        self.stand_in = stand_in or self.IDENTITY
 
     def __enter__(self):
-        self.model.set_output_embeddings(self.IDENTITY)
+        self.model.set_output_embeddings(self.stand_in)
         return self.head
 
     def __exit__(self, *exc):
@@ -256,6 +264,121 @@ def hidden_and_head(model, unwrapped, input_ids, attention_mask, position_ids=No
     return hidden, head
 
 
+class _HeadLoss(nn.Module):
+    """Stands in for the output head during the student's forward and returns `loss_fn(hidden, head)` instead
+    of logits. It calls the real head module with its forward replaced by the loss, so whatever hooks the
+    training framework put on the head run around the loss: ZeRO-3 gathers the head's weight (and again for
+    the backward pass), and under FSDP2 the loss runs while the root's parameters are unsharded. Inside,
+    `head` is the module with its ordinary forward (for the chunked path's projections)."""
+
+    def __init__(self, head: nn.Module, loss_fn):
+        super().__init__()
+        self.__dict__["head"] = head  # not a submodule: the model's parameters must not be listed twice
+        self.loss_fn = loss_fn
+
+    def forward(self, hidden):
+        head = self.head
+        plain = _PlainForward(head)
+        head.forward = lambda h: self.loss_fn(h, plain)
+        try:
+            return head(hidden)
+        finally:
+            del head.forward
+
+
+class _PlainForward(nn.Module):
+    """The head's own forward without its hooks (the enclosing call ran them once); `.head` is the module."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.__dict__["head"] = head
+
+    def forward(self, h):
+        return type(self.head).forward(self.head, h)
+
+    def parameters(self, recurse=True):
+        return self.head.parameters(recurse)
+
+
+def loss_through_head(model, unwrapped, input_ids, attention_mask, position_ids, loss_fn):
+    """Run the causal LM's forward with its output head replaced by `loss_fn(hidden [batch, seq, hidden], head)`
+    (a scalar); returns that scalar. See _HeadLoss for why the loss runs inside the forward."""
+    head = unwrapped.get_output_embeddings()
+    with _HiddenOnly(unwrapped, _HeadLoss(head, loss_fn)):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.logits
+
+
+@contextlib.contextmanager
+def gathered_head(head: nn.Module | None):
+    """The teacher's output head with its full weight for the duration (no gradient): ZeRO-3 partitions
+    gathered, an FSDP2 DTensor made whole; otherwise the head itself."""
+    weight = getattr(head, "weight", None)
+    if weight is not None and hasattr(weight, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for p in head.parameters()]):
+            yield head
+        return
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(weight, DTensor):
+        with torch.no_grad():
+            full = nn.Linear(weight.shape[1], weight.shape[0], bias=head.bias is not None, device="meta")
+            full.weight = nn.Parameter(weight.full_tensor(), requires_grad=False)
+            if head.bias is not None:
+                full.bias = nn.Parameter(head.bias.full_tensor(), requires_grad=False)
+        yield full
+        return
+    yield head
+
+
+def batch_loss(student, teacher, inputs: dict, kd: KDSpec, compute_dtype: torch.dtype | None = None,
+               unwrap=lambda m: m, paths: set | None = None) -> torch.Tensor:
+    """Mean per-token loss `kd.loss` of one batch over its response tokens (labels != -100): inputs hold
+    input_ids and labels [batch, seq] (attention_mask, position_ids optional). The teacher's final hidden
+    states come first (no gradient); the student's loss then runs inside its forward (loss_through_head),
+    fused where can_fuse allows, the projections in `compute_dtype` (None: the head's dtype). `unwrap` maps a
+    wrapped model (DDP, DeepSpeed) to the module whose head is swapped; `paths` collects which loss ran
+    ("fused" or "chunked")."""
+    ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
+    pos = inputs.get("position_ids")
+    sel = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
+    targets = labels[:, 1:][sel]
+    h_t, head_t = None, None
+    if kd.loss != "ce":
+        with torch.no_grad():
+            h_t, head_t = hidden_and_head(teacher, unwrap(teacher), ids, mask, pos)
+        h_t = h_t[:, :-1][sel]
+
+    def loss_fn(hidden, plain_head):
+        h_s, head_s = hidden[:, :-1][sel], plain_head.head
+        with gathered_head(head_t) as t_head:
+            fused = can_fuse(head_s, t_head, kd)
+            if paths is not None:
+                paths.add("fused" if fused else "chunked")
+            if fused:
+                return fused_distill_loss(h_s, h_t, head_s, t_head, targets, kd, kd.chunk_size, compute_dtype)
+            return chunked_distill_loss(h_s, h_t, plain_head, t_head, targets, kd, kd.chunk_size)
+
+    return loss_through_head(student, unwrap(student), ids, mask, pos, loss_fn)
+
+
+def shard_frozen(model: nn.Module) -> nn.Module:
+    """Shard a frozen model (the teacher) with FSDP2's fully_shard over all ranks: each decoder layer a unit of
+    its own, gathered for its forward and freed after it; the root (embeddings, final norm, output head) stays
+    gathered after the first forward, so the loss reads the teacher's head with no gather per step. No
+    optimizer state, no gradients. (TRL's prepare_fsdp shards the whole model as one unit, which gathers the
+    entire teacher at every forward.)"""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(model.get_decoder(), "layers", [])
+    for layer in layers:
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=False)
+    return model
+
+
 class KDTrainer(Trainer):
     """Trainer whose loss is distillation from a frozen teacher (or plain CE, for comparison).
 
@@ -265,8 +388,10 @@ class KDTrainer(Trainer):
     """
 
     def __init__(self, *args, teacher=None, kd: KDSpec | None = None, latent_lr: float | None = None, scale_lr: float | None = None,
-                 **kwargs):
+                 autocast_dtype: torch.dtype | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.autocast_dtype = autocast_dtype
+        self.loss_paths: set[str] = set()  # "fused" / "chunked": what compute_loss ran (the qat metrics record it)
         self.latent_lr = latent_lr
         # The loss below is a per-batch mean; let the Trainer average it over accumulation steps.
         self.model_accepts_loss_kwargs = False
@@ -279,6 +404,8 @@ class KDTrainer(Trainer):
                 from trl.models.utils import prepare_deepspeed
 
                 self.teacher = prepare_deepspeed(teacher, self.accelerator)
+            elif self.is_fsdp_enabled:
+                self.teacher = shard_frozen(teacher)
             else:
                 self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
@@ -302,32 +429,26 @@ class KDTrainer(Trainer):
                 losses.append(self.compute_loss(self.model, self._prepare_inputs(batch)).item())
         return sum(losses) / len(losses)
 
-    def _compute_dtype(self, head) -> torch.dtype:
+    def _compute_dtype(self) -> torch.dtype | None:
         """The dtype the body's matmuls run in (mixed precision), for the head's too: without it the
-        float32 master copy of the head made the loss's GEMMs the slowest part of a step."""
-        if head.weight.device.type == "cuda" and (self.args.bf16 or self.args.fp16):
-            return torch.bfloat16 if self.args.bf16 else torch.float16
-        return head.weight.dtype
+        float32 master copy of the head made the loss's GEMMs the slowest part of a step. None: the head's."""
+        if self.accelerator.device.type == "cuda" and (self.args.bf16 or self.args.fp16 or self.autocast_dtype):
+            return self.autocast_dtype or (torch.bfloat16 if self.args.bf16 else torch.float16)
+        return None
+
+    def _autocast(self):
+        """The stage's own autocast where Accelerate's mixed precision is off on purpose (FSDP2: its
+        MixedPrecisionPolicy would hand the fake-quant layers bf16 latents, rounding them before the
+        quantizer does; the parameters stay float32 as on one GPU, the matmuls run in bf16)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.accelerator.device.type, dtype=self.autocast_dtype)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The per-batch mean distillation loss (kd.loss) over response tokens; fused where can_fuse allows."""
-        ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
-        pos = inputs.get("position_ids")
-        unwrapped = self.accelerator.unwrap_model(model)
-        h_s, head_s = hidden_and_head(model, unwrapped, ids, mask, pos)
-        sel = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
-        targets = labels[:, 1:][sel]
-        h_t, head_t = None, None
-        if self.kd.loss != "ce":
-            with torch.no_grad():
-                t_model = self.teacher
-                h_t, head_t = hidden_and_head(t_model, self.accelerator.unwrap_model(t_model), ids, mask, pos)
-            h_t = h_t[:, :-1][sel]
-        if can_fuse(head_s, head_t, self.kd):
-            loss = fused_distill_loss(h_s[:, :-1][sel], h_t, head_s, head_t, targets, self.kd, self.kd.chunk_size,
-                                      self._compute_dtype(head_s))
-        else:
-            loss = chunked_distill_loss(h_s[:, :-1][sel], h_t, head_s, head_t, targets, self.kd, self.kd.chunk_size)
+        """The per-batch mean distillation loss (kd.loss) over response tokens (batch_loss)."""
+        with self._autocast():
+            loss = batch_loss(model, self.teacher, inputs, self.kd, self._compute_dtype(), self.accelerator.unwrap_model,
+                              self.loss_paths)
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"qat: the loss became {loss.item()} at step {self.state.global_step + 1}; the last good checkpoint is "

@@ -247,8 +247,8 @@ class KDConfig(_Section):
     top_k: int | None = Field(None, ge=1, description="restrict the loss to the teacher's top-k tokens (none: full vocabulary)")
     chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the vocabulary projection")
     fused: bool = Field(True, description=(
-        "projection + loss + gradient in one pass per chunk (kd.py); false (or top_k, a head with a bias, a quantized "
-        "head, ZeRO-3): autograd through checkpointed chunks"))
+        "projection + loss + gradient in one pass per chunk (kd.py), sharded heads included (FSDP2, ZeRO-3); false "
+        "(or top_k, a head with a bias, a quantized head): autograd through checkpointed chunks"))
 
 
 class QATConfig(_TrainingDynamics):
@@ -273,7 +273,13 @@ class QATConfig(_TrainingDynamics):
     logging_steps: int = Field(10, ge=1, description="steps between log lines")
     report_to: list[str] = Field(default_factory=list, description="transformers `report_to` integrations (tensorboard, wandb, ...)")
     num_processes: int = Field(1, ge=1, description="> 1: the stage re-launches itself data-parallel (accelerate; gloo on CPU)")
-    deepspeed: str | None = Field(None, description="path to a DeepSpeed config, e.g. recipes/accelerate/zero2.json")
+    distributed: Literal["ddp", "fsdp2", "deepspeed"] = Field("ddp", description=(
+        "how the processes share the model: `ddp` (a full copy each), `fsdp2` (PyTorch's fully_shard through "
+        "Accelerate, GPUs only: parameters, quantizer state, gradients and optimizer state sharded per decoder layer, "
+        "the teacher sharded too, checkpoints sharded through torch.distributed.checkpoint), `deepspeed` "
+        "(qat.deepspeed's ZeRO config)"))
+    deepspeed: str | None = Field(None, description=(
+        "path to a DeepSpeed config, e.g. recipes/accelerate/zero2.json (implies distributed: deepspeed)"))
     gradient_checkpointing: bool | Literal["auto"] = Field("auto", description=(
         "recompute activations in the backward pass (~1/3 more compute); `auto`: only when the step's estimated "
         "activations would not fit in the GPU's free memory"))
@@ -282,6 +288,26 @@ class QATConfig(_TrainingDynamics):
         "one row per batch, examples concatenated: no padding, no attention across examples"))
     compile: bool | Literal["auto"] = Field("auto", description=(
         "torch.compile each decoder layer of student and teacher, fake-quant included (`auto`: on a GPU)"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deepspeed_implies_distributed(cls, data):
+        # Recipes written before `distributed` existed name only the DeepSpeed config.
+        if isinstance(data, dict) and data.get("deepspeed") and "distributed" not in data:
+            data = {**data, "distributed": "deepspeed"}
+        return data
+
+    @model_validator(mode="after")
+    def _distributed_consistent(self):
+        if self.distributed == "deepspeed" and not self.deepspeed:
+            raise ValueError("distributed: deepspeed needs `deepspeed`, the path of a ZeRO config "
+                             "(recipes/accelerate/zero2.json or zero3.json)")
+        if self.distributed != "deepspeed" and self.deepspeed:
+            raise ValueError(f"deepspeed: set with distributed: {self.distributed}; drop one of them")
+        if self.distributed == "fsdp2" and self.averaging != "none":
+            raise ValueError("averaging: not supported with distributed: fsdp2 (the averaged copy would not be "
+                             "sharded); use ddp or deepspeed, or averaging: none")
+        return self
 
 
 class RLConfig(_Section):

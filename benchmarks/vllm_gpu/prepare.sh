@@ -17,6 +17,17 @@ PIPDL="python3 -m pip download -q --no-deps --only-binary=:all: --python-version
   --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_31_x86_64 --platform any"
 ROOT=$PWD
 mkdir -p "$W"
+wheels() {  # the project's dependencies the image lacks; compressed-tensors 0.17.0 is the one vLLM 0.26 pins
+  rm -rf .whl && mkdir -p .whl
+  $PIPDL -d .whl trl==1.16.0 datasets==5.2.0 math-verify==0.9.0 latex2sympy2_extended==1.11.0 \
+    antlr4-python3-runtime==4.13.2 multiprocess==0.70.19 dill==0.4.1 pydantic==2.14.3 pydantic_core==2.50.4 \
+    annotated-types==0.8.0 typing-inspection==0.4.5 compressed-tensors==0.17.0 loguru==0.7.3
+  # DeepSpeed ships as source only; benchmarks/gpu_suite.sh builds it without ops (DS_BUILD_OPS=0) on the GPU.
+  [ -n "${DEEPSPEED:-}" ] && python3 -m pip download -q --no-deps --no-binary=:all: -d .whl "deepspeed==$DEEPSPEED"
+  du -sh .whl
+}
+# WHEELS_ONLY=1: only .whl (no vLLM), e.g. for the multi-GPU qat runs (DEEPSPEED=0.18.2 adds DeepSpeed's source).
+if [ -n "${WHEELS_ONLY:-}" ]; then wheels; exit 0; fi
 ls "$W"/vllm-0.26.0-*.whl >/dev/null 2>&1 || $PIPDL -d "$W" vllm==0.26.0
 # Trimmed: FA2 (Hopper runs FA3), the Rust serving frontend (offline LLM never runs it), the MoE ops (imported under
 # suppress(ImportError); dense Qwen3 never calls them), DeepGEMM's builds for other Pythons. 304 MB -> 72.5 MB.
@@ -39,9 +50,5 @@ $PIPDL -d .vl/p2/wheels msgspec==0.23.0 pyzmq==27.3.0 pybase64==1.5.1 cbor2==6.3
   openai-harmony==0.0.8 openai==2.54.0 sniffio==1.3.1 distro==1.9.0 jiter==0.19.0 llguidance==1.7.6 \
   xgrammar==0.2.7 apache-tvm-ffi==0.1.10 fastapi==0.136.3 starlette==1.10.0 partial-json-parser==0.2.1.1.post7 \
   depyf==0.20.0 astor==0.8.1 setproctitle==1.3.8 pyelftools==0.33 humming-kernels==0.1.10
-# The project's dependencies the image lacks; compressed-tensors 0.17.0 is the one vLLM 0.26 pins.
-rm -rf .whl && mkdir -p .whl
-$PIPDL -d .whl trl==1.16.0 datasets==5.2.0 math-verify==0.9.0 latex2sympy2_extended==1.11.0 \
-  antlr4-python3-runtime==4.13.2 multiprocess==0.70.19 dill==0.4.1 pydantic==2.14.3 pydantic_core==2.50.4 \
-  annotated-types==0.8.0 typing-inspection==0.4.5 compressed-tensors==0.17.0 loguru==0.7.3
-du -sh .vl/p1 .vl/p2 .whl
+wheels
+du -sh .vl/p1 .vl/p2

@@ -4,7 +4,9 @@ Student: the teacher's architecture with fake-quant Linear layers, initialised f
 (`qat.init: ptq`), from round-to-nearest (`rtn`) or from the BF16 weights as latents (`bf16`).
 Teacher: the BF16 model, frozen. Training is `KDTrainer` (a transformers.Trainer), so a killed run
 resumes from its last checkpoint, quantizer state included. With `qat.num_processes > 1` the stage
-re-launches itself through `accelerate launch` (DeepSpeed when `qat.deepspeed` names a config).
+re-launches itself through `accelerate launch`: DDP, FSDP2 (`qat.distributed: fsdp2`, Accelerate's FSDP
+plugin version 2 set through its environment variables, as `recipes/accelerate/fsdp2.yaml` sets them for a
+user's own `accelerate launch`) or DeepSpeed (`qat.deepspeed` names a ZeRO config).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def run(ctx: StageContext) -> dict:
         if status != 0:
             raise StageFailed(f"qat: the training worker exited with status {status} (its log is above); re-run the "
                               "same launch to resume from its last checkpoint")
-    elif (q.num_processes > 1 or q.deepspeed) and not _launched():
+    elif (q.num_processes > 1 or q.distributed != "ddp") and not _launched():
         _launch(ctx)
     else:
         for bits in ctx.recipe.quant.bits:
@@ -72,6 +74,7 @@ def _launch(ctx: StageContext) -> None:
     qat.deepspeed is set); torch's own launcher on CPU, where `accelerate launch --cpu` starts one
     process only."""
     q = ctx.recipe.qat
+    _check_fsdp2_device(q)
     if torch.cuda.is_available() or q.deepspeed:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(q.num_processes)]
         if q.deepspeed:
@@ -83,10 +86,31 @@ def _launch(ctx: StageContext) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(q.num_processes)]
     cmd += ["-m", "reasoning_qat.stages.qat", "--run-dir", str(ctx.run_dir), "--out", str(ctx.out)]
     cmd += [f"--input={k}={v}" for k, v in ctx.inputs.items()]
-    done = subprocess.run(cmd)
+    done = subprocess.run(cmd, env={**os.environ, **(FSDP2_ENV if q.distributed == "fsdp2" else {})})
     if done.returncode != 0:
         raise StageFailed(f"qat: the {q.num_processes}-process training exited with status {done.returncode} (its log is "
                           f"above); re-run the same command to resume from its last checkpoint")
+
+
+# Accelerate's FSDP plugin, version 2, as environment variables (what `accelerate launch --config_file
+# recipes/accelerate/fsdp2.yaml` exports; tests/stages/test_qat.py checks the two agree): fully_shard on each
+# decoder layer (the model's _no_split_modules) and on the root, parameters freed after each layer's forward,
+# checkpoints sharded through torch.distributed.checkpoint.
+FSDP2_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
+    "FSDP_RESHARD_AFTER_FORWARD": "true",
+    "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
+}
+
+
+def _check_fsdp2_device(q) -> None:
+    # Off a GPU, Accelerate would quietly run plain data parallelism instead.
+    if q.distributed == "fsdp2" and not torch.cuda.is_available():
+        raise StageFailed("qat.distributed: fsdp2 needs CUDA GPUs (Accelerate runs FSDP on GPUs only); use "
+                          "distributed: ddp on this machine")
 
 
 def qat_collator(packing: bool, pad_token_id: int):
@@ -100,7 +124,7 @@ def qat_collator(packing: bool, pad_token_id: int):
     return PadCollator(pad_token_id)
 
 
-def _init_student(ctx: StageContext, bits: int, device: str):
+def _init_student(ctx: StageContext, bits: int, device: str, compile: bool = True):
     r = ctx.recipe
     spec = quant_spec(r, bits)
     student = load_rotated_teacher(ctx, device)  # float32 master weights (bf16 autocast on GPU), ptq's rotation
@@ -110,7 +134,7 @@ def _init_student(ctx: StageContext, bits: int, device: str):
     else:
         swap_in_fake_quant(student, spec.weights, keep_latent=r.qat.init == "bf16")
     install_quant_spec(student, spec)  # activation/KV fake-quant and online Hadamards (W4A4KV4)
-    if compile_enabled(r.qat.compile, device):
+    if compile and compile_enabled(r.qat.compile, device):
         use_compiled_fake_quant(student)
         compile_decoder_layers(student)
     if r.qat.scale_lr == 0:  # the one place `scale_lr: 0` means frozen quantizers
@@ -162,7 +186,8 @@ def choose_recompute(setting, student, tokens: int, device: str, compiled: bool 
 
 
 def qat_training_args(q, output_dir, seed: int, recompute: bool | None = None, report_to: list[str] = ()):
-    """The recipe's qat section as TrainingArguments (schedule, precision, checkpoints, DeepSpeed)."""
+    """The recipe's qat section as TrainingArguments (schedule, precision, checkpoints, DeepSpeed). Under FSDP2
+    Accelerate's bf16 is off and KDTrainer autocasts itself (see KDTrainer._autocast)."""
     on_gpu = torch.cuda.is_available()
     return quiet_training_args(
         output_dir=str(output_dir),
@@ -174,7 +199,7 @@ def qat_training_args(q, output_dir, seed: int, recompute: bool | None = None, r
         optim=q.optimizer,
         **schedule_args(q.schedule, q.max_steps, q.decay_ratio),
         warmup_steps=int(q.warmup_ratio * q.max_steps),
-        bf16=q.bf16 and on_gpu,
+        bf16=q.bf16 and on_gpu and q.distributed != "fsdp2",
         save_steps=q.save_steps,
         logging_steps=q.logging_steps,
         report_to=list(dict.fromkeys([*report_to, *q.report_to])),  # the run's and the stage's own
@@ -194,6 +219,10 @@ def train_one(ctx: StageContext, bits: int) -> None:
     v = Variant(bits, "qat")
     if finished_metrics(ctx.layout.trained(v)) is not None:
         return
+    _check_fsdp2_device(q)
+    if q.distributed == "fsdp2":  # before the Trainer's Accelerator reads them; under the user's torchrun too
+        for key, value in FSDP2_ENV.items():
+            os.environ.setdefault(key, value)
     device = best_device()
     torch.manual_seed(r.seed)
     tok = load_teacher_tokenizer(ctx)
@@ -210,6 +239,7 @@ def train_one(ctx: StageContext, bits: int) -> None:
     trainer = KDTrainer(
         model=student, args=args, train_dataset=dataset, data_collator=qat_collator(q.packing, tok.pad_token_id),
         teacher=teacher, kd=kd_spec(r), latent_lr=q.latent_lr, scale_lr=q.scale_lr,
+        autocast_dtype=torch.bfloat16 if q.distributed == "fsdp2" and q.bf16 and "cuda" in device else None,
         callbacks=[averaging.callback] if averaging else None,
     )
     readable_progress(trainer, f"qat w{bits}")
@@ -219,6 +249,7 @@ def train_one(ctx: StageContext, bits: int) -> None:
     initial = _initial_loss(trainer, ctx.layout.trainer(v) / "initial_loss.json", q.logging_steps * q.grad_accum)
     result = trainer.train(resume_from_checkpoint=resume)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    student = _whole(ctx, bits, trainer, student)
     with _gathered(trainer, student):  # ZeRO-3 holds a shard of each parameter per rank
         averaged = averaging.apply(student) if averaging else 0
         if trainer.is_world_process_zero():
@@ -228,7 +259,9 @@ def train_one(ctx: StageContext, bits: int) -> None:
             metrics = {"train_loss": result.training_loss, "initial_loss": initial,
                        "final_logged_loss": losses[-1] if losses else None,
                        "steps": trainer.state.global_step, "averaged_snapshots": averaged,
-                       "gradient_checkpointing": recompute, "gradient_checkpointing_reason": why, "init": q.init, "loss": q.kd.loss}
+                       "gradient_checkpointing": recompute, "gradient_checkpointing_reason": why, "init": q.init, "loss": q.kd.loss,
+                       "kd_path": sorted(trainer.loss_paths), "distributed": q.distributed,
+                       "processes": trainer.accelerator.num_processes}
             finish_training(ctx, "qat", v, metrics, trainer.state.log_history)
     trainer.accelerator.wait_for_everyone()
 
@@ -252,6 +285,23 @@ def _gathered(trainer, model):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0)
+
+
+def _whole(ctx: StageContext, bits: int, trainer, student):
+    """The trained student with whole parameters, for saving. Under FSDP2 (every rank must call this): its full
+    state dict gathered to rank 0's CPU through torch.distributed.checkpoint (float32: the stage shards without
+    a mixed-precision policy) and loaded into an unsharded student built there; None on the other ranks. FSDP2's
+    own state_dict() hands out shards, which is why the sharded model itself is not saved."""
+    if not trainer.is_fsdp_enabled:
+        return student
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not trainer.is_world_process_zero():
+        return None
+    whole = _init_student(ctx, bits, "cpu", compile=False)
+    whole.load_state_dict(full)
+    return whole
 
 
 def _exit_with_parent() -> None:
