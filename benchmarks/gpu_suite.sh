@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_suite.sh ablations    # $ABLATIONS (recipes/*.yaml names) sharing one teacher, compared
 #   parts qatstep, gen, gptq run one benchmark each (QAT_ARGS, GEN_ARGS, GPTQ_ARGS; T_* timeouts)
 #   part qatstage: the real qat stage vs a naive loop (STAGE_ARGS, e.g. "--arch qwen3-1.7b")
+#   part tests: pytest $TESTS (default tests/stages/test_qat_gpu.py); part multigpu: qat_multi_gpu.py $MULTI_ARGS
 set -uo pipefail
 mkdir -p "${OUT:-/tmp/out}"
 echo "start $(date +%T)" | tee "${OUT:-/tmp/out}/log.txt"
@@ -36,6 +37,8 @@ for part in "$@"; do
        timeout $(t ${T_GEN:-120}) python3 generation.py ${GEN_ARGS:-}) 2>&1 | quiet ;;
     qatstage) (cd benchmarks; timeout $(t ${T_STAGE:-420}) python3 qat_stage.py ${STAGE_ARGS:-}) 2>&1 | quiet ;;
     qatstep) (cd benchmarks; timeout $(t ${T_QAT:-240}) python3 qat_step.py ${QAT_ARGS:-}) 2>&1 | quiet ;;
+    tests) timeout $(t ${T_TESTS:-300}) python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/stages/test_qat_gpu.py} 2>&1 | quiet ;;
+    multigpu) (cd benchmarks; timeout $(t ${T_MULTI:-540}) python3 qat_multi_gpu.py ${MULTI_ARGS:-}) 2>&1 | quiet ;;
     gen) (cd benchmarks; timeout $(t ${T_GEN:-120}) python3 generation.py ${GEN_ARGS:-}) 2>&1 | quiet ;;
     gptq) (cd benchmarks; BENCH_TAG=${GPTQ_TAG:-} timeout $(t ${T_GPTQ:-240}) python3 gptq_time.py ${GPTQ_ARGS:-}) 2>&1 | quiet ;;
     demo) timeout $(t ${T_DEMO:-500}) rqat run recipes/demo-gpu.yaml 2>&1 | quiet ;;

@@ -2,7 +2,10 @@
 
 GPTQ runs one decoder layer at a time on the calibration activations (so only one layer's inputs
 and Hessians are held), quantizes its Linear layers in execution order ("true sequential": q/k/v,
-then o, then gate/up, then down), and feeds the quantized layer's outputs to the next layer.
+then o, then gate/up, then down), and feeds the quantized layer's outputs to the next layer. A model
+that lives on the CPU stays there: what runs before the first layer (embeddings, rotary tables) moves to
+the compute device, and each decoder layer visits it in turn (as GPTQModel and llm-compressor's sequential
+pipeline do), so a model larger than the GPU quantizes on it.
 """
 
 from __future__ import annotations
@@ -22,14 +25,18 @@ from .scheme import QuantScheme
 SEQUENTIAL_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
-def rtn_quantize_model(model: nn.Module, plan: dict[str, QuantScheme]) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
+def rtn_quantize_model(model: nn.Module, plan: dict[str, QuantScheme], device: str | None = None
+                       ) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
     """Round-to-nearest of every planned Linear of `model`: (QuantizedWeight by name, relative weight error by
-    name)."""
+    name). `device`: where each weight is quantized (one at a time; the results come back to the weight's
+    device); default: where it lives."""
     qws, errors = {}, {}
     for name, scheme in plan.items():
-        w = model.get_submodule(name).weight.data
-        qws[name] = QuantizedWeight.rtn(w, scheme)
-        errors[name] = float(((w.float() - qws[name].dequantize()) ** 2).sum() / (w.float() ** 2).sum().clamp_min(1e-12))
+        home = model.get_submodule(name).weight.data
+        w = home.to(device) if device else home
+        qw = QuantizedWeight.rtn(w, scheme)
+        errors[name] = float(((w.float() - qw.dequantize()) ** 2).sum() / (w.float() ** 2).sum().clamp_min(1e-12))
+        qws[name] = qw.to(home.device)
     return qws, errors
 
 
@@ -109,6 +116,30 @@ def _sequential_groups(names: list[str], true_sequential: bool) -> list[list[str
     return groups + ([left] if left else [])
 
 
+def _move_outside_layers(model: nn.Module, layers: nn.ModuleList, device) -> None:
+    """Move every parameter and buffer of `model` that no decoder layer holds to `device` (embeddings, rotary
+    tables, final norm, head), leaving the layers where they are."""
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            p.data = p.data.to(device)
+        for name, b in module.named_buffers(recurse=False):
+            module._buffers[name] = b.to(device)
+
+
+def _states_home(states: list, device) -> torch.device:
+    """Where the calibration activations between layers are kept: on the compute device, or on the CPU
+    (moved in per batch) when they would take more than a quarter of its free memory."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device
+    size = sum(h.numel() * h.element_size() for h, _ in states)
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if size < free / 4 else torch.device("cpu")
+
+
 @contextlib.contextmanager
 def _tf32():
     """TF32 matmuls for the float32 layer forwards that collect Hessians (several times faster on
@@ -137,12 +168,14 @@ def gptq_quantize_model(
     input_ranks: dict[str, float] | None = None,
     dead_columns: dict[str, int] | None = None,
 ) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
-    """Quantize the planned Linear layers with GPTQ; the model's weights are replaced by the
-    dequantized result as it goes (so later layers see quantized inputs). Returns codes and the
-    relative output error of each layer on its calibration inputs; `input_ranks`, when given, is
-    filled with each layer's input participation ratio (effective number of input directions), and
-    `dead_columns` with the number of its input columns the calibration never activated (they keep
-    their RTN value). Raises UserError when a layer's calibration inputs hold inf or nan."""
+    """Quantize the planned Linear layers with GPTQ (Frantar et al. 2023) on `device`; the model's weights
+    are replaced by the dequantized result as it goes (so later layers see quantized inputs). A model on
+    another device (the CPU) stays there, each decoder layer moved to `device` for its turn; its codes then
+    come back on the model's device too. Returns codes and the relative output error of each layer on its
+    calibration inputs; `input_ranks`, when given, is filled with each layer's input participation ratio
+    (effective number of input directions), and `dead_columns` with the number of its input columns the
+    calibration never activated (they keep their RTN value). Raises UserError when a layer's calibration
+    inputs hold inf or nan."""
     model.eval()
     layers = decoder_layers(model)
     by_layer = linears_by_layer(model, layers, plan)
@@ -150,10 +183,18 @@ def gptq_quantize_model(
     if outside:  # before any calibration work: GPTQ runs decoder layer by layer
         raise SpecError("ignore", f"GPTQ quantizes the decoder layers only; {len(outside)} targeted layer(s) are outside "
                                   f"them, e.g. {outside[0]}; add them to ignore, or quantize them with RTN")
+    home = next(model.parameters()).device
+    offload = home != torch.device(device) and not (home.type == torch.device(device).type == "cuda")
+    if offload:
+        _move_outside_layers(model, layers, device)
     states = capture_layer_inputs(model, layers, calib, device, batch_size)
+    keep = _states_home(states, device)
+    states = [(h.to(keep), kw) for h, kw in states]
     qws, errors = {}, {}
     for layer, local in tqdm(zip(layers, by_layer), total=len(layers), desc="gptq layers",
                              disable=not progress, leave=False):
+        if offload:
+            layer.to(device)
         for group in _sequential_groups(local, true_sequential):
             accs = {n: HessianAccumulator(model.get_submodule(n).in_features, device) for n in group}
             # the Hessian of what the layer computes with: its input after its activation quantizer (W4A4)
@@ -161,7 +202,7 @@ def gptq_quantize_model(
                        for n in group]
             with _tf32():
                 for hidden, kwargs in states:
-                    layer(hidden, **kwargs)
+                    layer(hidden.to(device), **kwargs)
             for h in handles:
                 h.remove()
             for n in group:
@@ -177,8 +218,12 @@ def gptq_quantize_model(
                 if input_ranks is not None:
                     input_ranks[n] = participation_ratio(accs[n].H)
                 lin.weight.data.copy_(w_hat.to(lin.weight.dtype))
-                qws[n] = qw
+                qws[n] = qw.to(home) if offload else qw
                 del accs[n]
         with _tf32():
-            states = [(layer_out(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
+            states = [(layer_out(layer(hidden.to(device), **kwargs)).to(keep), kwargs) for hidden, kwargs in states]
+        if offload:
+            layer.to(home)
+    if offload:
+        _move_outside_layers(model, layers, home)
     return qws, errors

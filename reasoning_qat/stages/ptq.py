@@ -6,6 +6,7 @@ on generic text (the domain-matching baseline). Per-layer reconstruction errors 
 
 from __future__ import annotations
 
+import torch
 from safetensors.torch import load_file
 
 from ..models import best_device
@@ -34,13 +35,17 @@ def run(ctx: StageContext) -> dict:
             if (done := finished_metrics(out, ctx.layout.variant_metrics("ptq", v))) is not None:
                 metrics[name] = done["summary"]  # finished before a crash: keep it
                 continue
-            model = load_rotated_teacher(ctx, device)
+            # The model stays in CPU memory and each layer visits the GPU (quant/ptq.py), so a model larger than
+            # the GPU quantizes; the Hadamard rotation (W4A4) still runs on the GPU, with the whole model there.
+            model = load_rotated_teacher(ctx, home := device if r.ptq.rotation != "none" else "cpu")
+            if "cuda" in device:
+                torch.cuda.reset_peak_memory_stats()
             with recipe_keys("quant"):
                 plan = spec.weights.resolve(model)
             ranks: dict[str, float] = {}  # GPTQ's input participation ratio per layer
             dead: dict[str, int] = {}  # input columns the calibration never activated (kept at RTN)
             if method == "rtn":
-                qws, errors = rtn_quantize_model(model, plan)
+                qws, errors = rtn_quantize_model(model, plan, device)
             else:
                 ids = calib["generic" if method == "gptq_generic" else "main"]
                 install_quant_spec(model, spec)  # GPTQ calibrates on what the quantized model will compute
@@ -51,14 +56,16 @@ def run(ctx: StageContext) -> dict:
                     )
                 # how much of each layer's input width the calibration data uses, on average
                 fraction = sum(ranks[n] / model.get_submodule(n).in_features for n in ranks) / max(len(ranks), 1)
-                model = load_rotated_teacher(ctx, device)  # GPTQ overwrote weights in place
+                model = load_rotated_teacher(ctx, home)  # GPTQ overwrote weights in place
             swap_in_fake_quant(model, spec.weights, qws)
             install_quant_spec(model, spec)  # the checkpoint carries its spec (quant_spec.json beside the weights)
             save_quantized_checkpoint(model, out, tok, {"method": method, "bits": bits})
             summary = {"mean_layer_error": sum(errors.values()) / len(errors), "max_layer_error": max(errors.values()),
                        "error_kind": "weight" if method == "rtn" else "output", "rotation": r.ptq.rotation,
                        "activations": r.quant.activations.bits if r.quant.activations else None,
-                       "kv_cache": r.quant.kv_cache.bits if r.quant.kv_cache else None}
+                       "kv_cache": r.quant.kv_cache.bits if r.quant.kv_cache else None,
+                       "model_device": home, "compute_device": device,
+                       "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if "cuda" in device else None}
             if ranks:
                 summary["mean_input_rank_fraction"] = fraction
                 summary["dead_input_columns"] = sum(dead.values())

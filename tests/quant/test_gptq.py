@@ -146,3 +146,36 @@ def test_gptq_driver_counts_dead_columns_and_names_a_layer_with_nan_inputs(tiny_
         tiny_model.model.layers[1].post_attention_layernorm.weight[0] = float("inf")
     with pytest.raises(UserError, match=r"^ptq: the calibration inputs of model\.layers\.1\.mlp\.gate_proj hold inf or nan"):
         gptq_quantize_model(tiny_model, plan, calib, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gptq_of_a_cpu_resident_model_layer_by_layer_equals_gptq_on_the_gpu():
+    """Issue 29 item 4: a model left on the CPU, each decoder layer brought to the GPU for its turn, gets the
+    codes GPTQ gives the same model held on the GPU, stays on the CPU, and holds less GPU memory."""
+    import copy
+
+    from reasoning_qat.quant import QuantScheme, QuantTargets
+    from reasoning_qat.quant.ptq import gptq_quantize_model
+
+    from ..conftest import tiny_qwen3
+
+    model = tiny_qwen3(layers=4, hidden=256, inter=512)
+    plan = QuantTargets(QuantScheme(4, 64)).resolve(model)
+    calib = torch.randint(0, 100, (8, 64))
+    peaks = []
+    results = []
+    for where in ("cuda", "cpu"):
+        m = copy.deepcopy(model).to(where)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        results.append(gptq_quantize_model(m, plan, calib, device="cuda", batch_size=4, progress=False))
+        peaks.append(torch.cuda.max_memory_allocated())
+        if where == "cpu":
+            assert {p.device.type for p in m.parameters()} == {"cpu"}
+            assert {qw.codes.device.type for qw in results[-1][0].values()} == {"cpu"}
+        del m
+    (on_gpu, err_gpu), (offloaded, err_off) = results
+    same = sum((on_gpu[n].codes.cpu() == offloaded[n].codes).sum().item() for n in plan)
+    assert same / sum(offloaded[n].codes.numel() for n in plan) > 0.999
+    assert max(abs(err_gpu[n] - err_off[n]) / err_gpu[n] for n in plan) < 1e-3
+    assert peaks[1] < peaks[0]
