@@ -28,11 +28,13 @@ RESULTS = Path(os.environ.get("BENCH_RESULTS", Path(__file__).parent / "results"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def qwen3(arch: str, dtype=torch.bfloat16, device=DEVICE, seed=0):
+def qwen3(arch: str, dtype=torch.bfloat16, device=DEVICE, seed=0, layers: int | None = None):
+    """A random-init Qwen3 of the named architecture (`layers`: only that many decoder layers)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen3Config(**ARCHS[arch], max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6)
+    shape = {**ARCHS[arch], **({"num_hidden_layers": layers} if layers else {})}
+    cfg = Qwen3Config(**shape, max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6)
     with torch.device(device):
         model = Qwen3ForCausalLM(cfg).to(dtype)
     return model

@@ -17,8 +17,8 @@ from reasoning_qat.quant import QuantScheme, QuantTargets
 from reasoning_qat.quant.ptq import gptq_quantize_model, rtn_quantize_model
 
 
-def run(arch, samples, seq_len, bits=4, offload=False):
-    model = qwen3(arch, torch.float32)  # built on the GPU (fast), then moved to the CPU when offloading
+def run(arch, samples, seq_len, bits=4, offload=False, layers=None):
+    model = qwen3(arch, torch.float32, layers=layers)  # built on the GPU (fast), then moved to the CPU when offloading
     if offload:
         model = model.to("cpu")
         torch.cuda.empty_cache()
@@ -37,9 +37,10 @@ def run(arch, samples, seq_len, bits=4, offload=False):
     sync()
     rtn_s = time.perf_counter() - t
     params = sum(p.numel() for p in model.parameters())
+    model_layers = model.config.num_hidden_layers
     del model
     torch.cuda.empty_cache()
-    return {"arch": arch, "params_M": params / 1e6, "layers_quantized": len(plan), "calib_tokens": samples * seq_len,
+    return {"arch": arch, "layers": model_layers, "params_M": params / 1e6, "layers_quantized": len(plan), "calib_tokens": samples * seq_len,
             "gptq_s": gptq_s, "rtn_s": rtn_s, "gptq_over_rtn_time": gptq_s / rtn_s,
             "peak_gib_above_model": peak, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             "model_gib_fp32": params * 4 / 2**30, "offload": offload,
@@ -52,9 +53,10 @@ if __name__ == "__main__":
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--offload", action="store_true")
+    p.add_argument("--layers", type=int, help="only the first N decoder layers (time scales with N; the peak does not)")
     a = p.parse_args()
     rows = []
     for x in a.archs:  # each result printed as it comes: an 8B run can outlast a device call
-        rows.append(run(x, a.samples, a.seq_len, offload=a.offload))
+        rows.append(run(x, a.samples, a.seq_len, offload=a.offload, layers=a.layers))
         print(rows[-1], flush=True)
-    save("gptq_time" + ("-offload" if a.offload else ""), rows)
+    save("gptq_time" + ("-offload" if a.offload else "") + (f"-{a.layers}layers" if a.layers else ""), rows)
