@@ -437,9 +437,9 @@ class KDTrainer(Trainer):
         return None
 
     def _autocast(self):
-        """The stage's own autocast where Accelerate's mixed precision is off on purpose (FSDP2: its
-        MixedPrecisionPolicy would hand the fake-quant layers bf16 latents, rounding them before the
-        quantizer does; the parameters stay float32 as on one GPU, the matmuls run in bf16)."""
+        """The stage's own autocast where the framework's mixed precision is off on purpose (FSDP2's
+        MixedPrecisionPolicy and DeepSpeed's bf16 mode would hand the fake-quant layers bf16 latents, rounding
+        them before the quantizer does; the parameters stay float32 as on one GPU, the matmuls run in bf16)."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.accelerator.device.type, dtype=self.autocast_dtype)

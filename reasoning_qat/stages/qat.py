@@ -187,7 +187,9 @@ def choose_recompute(setting, student, tokens: int, device: str, compiled: bool 
 
 def qat_training_args(q, output_dir, seed: int, recompute: bool | None = None, report_to: list[str] = ()):
     """The recipe's qat section as TrainingArguments (schedule, precision, checkpoints, DeepSpeed). Under FSDP2
-    Accelerate's bf16 is off and KDTrainer autocasts itself (see KDTrainer._autocast)."""
+    and DeepSpeed the framework's bf16 is off and KDTrainer autocasts itself (see KDTrainer._autocast): both
+    would otherwise keep bf16 copies of the parameters for the forward, and the fake-quant latents, in grid
+    units, would be rounded to bf16 (1/64 of a grid step at 2-3 bits) before the quantizer rounds them."""
     on_gpu = torch.cuda.is_available()
     return quiet_training_args(
         output_dir=str(output_dir),
@@ -199,7 +201,7 @@ def qat_training_args(q, output_dir, seed: int, recompute: bool | None = None, r
         optim=q.optimizer,
         **schedule_args(q.schedule, q.max_steps, q.decay_ratio),
         warmup_steps=int(q.warmup_ratio * q.max_steps),
-        bf16=q.bf16 and on_gpu and q.distributed != "fsdp2",
+        bf16=q.bf16 and on_gpu and q.distributed == "ddp",
         save_steps=q.save_steps,
         logging_steps=q.logging_steps,
         report_to=list(dict.fromkeys([*report_to, *q.report_to])),  # the run's and the stage's own
@@ -239,7 +241,7 @@ def train_one(ctx: StageContext, bits: int) -> None:
     trainer = KDTrainer(
         model=student, args=args, train_dataset=dataset, data_collator=qat_collator(q.packing, tok.pad_token_id),
         teacher=teacher, kd=kd_spec(r), latent_lr=q.latent_lr, scale_lr=q.scale_lr,
-        autocast_dtype=torch.bfloat16 if q.distributed == "fsdp2" and q.bf16 and "cuda" in device else None,
+        autocast_dtype=torch.bfloat16 if q.distributed != "ddp" and q.bf16 and "cuda" in device else None,
         callbacks=[averaging.callback] if averaging else None,
     )
     readable_progress(trainer, f"qat w{bits}")

@@ -127,3 +127,12 @@ def test_zero3_keeps_the_fused_loss(tmp_path, one_process):
     assert _metrics(run)["kd_path"] == ["fused"] and _metrics(run)["distributed"] == "deepspeed"
     assert _losses(run) == pytest.approx(_losses(one_process), rel=2e-2)
     assert _same_codes(one_process, run) > 0.99
+    # the chunked loss under the same ZeRO-3 run: the reference the fused path must match
+    rec = _recipe(tmp_path, "zc", batch_size=8 // gpus, num_processes=gpus, kd={"fused": False},
+                  deepspeed=str(ROOT / "recipes/accelerate/zero3.json"))
+    chunked = tmp_path / "runs" / "zc"
+    _copy_inputs(one_process, chunked)
+    out = subprocess.run([*CLI, str(rec), "--stages", "qat"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _metrics(chunked)["kd_path"] == ["chunked"]
+    assert _losses(run) == pytest.approx(_losses(chunked), rel=1e-2)
