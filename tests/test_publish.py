@@ -1,6 +1,7 @@
 """rqat publish: the folder loads alone in transformers, its model card is huggingface_hub's with the eval
 results as model-index, and an upload while the hub is off stops before anything is written.
-Not exercised: the upload itself (huggingface_hub ships no local hub server to stand up here)."""
+vLLM serving a published dequantized folder: tests/evaluation/test_vllm.py. Not exercised: the upload itself
+(huggingface_hub ships no local hub server to stand up here)."""
 
 import json
 import subprocess

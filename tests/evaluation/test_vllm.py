@@ -90,6 +90,22 @@ def test_sampled_pass_at_1_is_reproducible_per_seed(vllm_run, tmp_path):
     assert any(len(set(s0[i : i + 4])) > 1 for i in range(0, len(s0), 4))
 
 
+@pytest.mark.slow
+def test_a_published_dequantized_folder_serves_alone_in_vllm(vllm_run, tmp_path):
+    """Issue 30: `rqat publish --format dequantized` writes a folder vLLM (its CPU build here) serves as it is,
+    the model card beside the weights: greedy completions equal the eval stage's on the same export."""
+    from reasoning_qat.publish import publish
+
+    out = publish(vllm_run, "w4-gptq", tmp_path / "published", fmt="dequantized")
+    assert (out / "README.md").is_file() and not (out / "quant_meta.json").exists()
+    m = evaluate(str(out), load_task("demo_arith"), tmp_path / "served", backend="vllm", limit=20,
+                 demo_dir=vllm_run / "teacher" / "data", settings=SETTINGS)
+    ours = _samples(tmp_path / "served" / "samples.jsonl")
+    theirs = _samples(vllm_run / "eval" / "w4-gptq" / "demo_arith" / "samples.jsonl")[:20]
+    assert m["backend"] == "VLLMBackend"
+    assert [r["response"] for r in ours] == [r["response"] for r in theirs]
+
+
 def test_request_seeds_differ_per_problem_and_sample():
     seeds = {request_seed(0, p, j) for p in range(50) for j in range(8)}
     assert len(seeds) == 400 and all(0 <= s < 2**63 for s in seeds)
