@@ -139,6 +139,26 @@ def test_two_nodes_started_by_the_user(tmp_path, straight):
 
 
 
+@pytest.mark.slow
+def test_accelerate_launch_started_by_the_user(tmp_path, straight):
+    """`accelerate launch --num_processes 2 -m reasoning_qat.cli run RECIPE`, as users start it (its multi-GPU
+    launcher, torch's elastic agent underneath, runs on CPU too; `--cpu` would start one process): one
+    process plans and writes, both train, and the run ends at the loss of the 2 processes `rqat run`
+    launches itself."""
+    rec = write_recipe(tmp_path / "e.yaml", MP_RECIPE.format(name="e", root=tmp_path / "runs", procs=1, **FMT))
+    run = tmp_path / "runs" / "e"
+    _copy_inputs(straight, run)
+    out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "-m", "reasoning_qat.cli", "run", str(rec), "--stages", "qat"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("run e in") == 1  # rank 0 alone plans and reports
+    metrics = json.loads((run / "qat" / "w2-qat" / "qat_metrics.json").read_text())
+    assert metrics["processes"] == 2
+    assert _losses(run)[-1] == pytest.approx(_losses(straight)[-1], rel=1e-5)
+
+
 def test_a_follower_stops_when_rank_0_is_gone(tmp_path, monkeypatch):
     """A rank other than 0 waits on rank 0's heartbeat in the shared run folder; when it stops (rank 0 killed
     on another node), the follower exits 1 instead of waiting for ever."""
