@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Trainer
 
 from .data.reasoning import IGNORE_INDEX
+from .data.teacher_cache import KEYS as CACHED_TEACHER
 from .errors import SpecError, TrainingDiverged
 from .training import grouped_optimizer
 
@@ -73,6 +74,23 @@ def forward_kl(s_logits, t_logits, temperature=1.0, top_k=None):
     return (t_logp.exp() * (t_logp - s_logp)).sum() * temperature**2
 
 
+def cached_forward_kl(s_logits, values, indices, tail, temperature=1.0):
+    """Forward KL against a cached teacher (data/teacher_cache.py), summed over n tokens: the teacher kept as its
+    top-k log-probabilities `values` [n, k] at token ids `indices` [n, k] plus the log of the rest of its mass
+    `tail` [n]; the student's [n, vocab] logits are read the same way (its top-k-set log-probabilities and the
+    log of its mass outside that set). The KL between the two distributions over k + 1 outcomes (the k tokens,
+    the rest): zero only where they agree, never above the full forward KL, equal to it when k is the
+    vocabulary. Scaled by T^2 like the others."""
+    s_logp = F.log_softmax(s_logits.float() / temperature, dim=-1)
+    s_top = s_logp.gather(-1, indices)
+    s_rest = s_logp.scatter(-1, indices, float("-inf")).logsumexp(-1)
+    top = (values.exp() * (values - s_top)).sum()
+    # a tail of zero mass (k = vocabulary) adds nothing; where() keeps 0 * (-inf) out of value and gradient
+    has_tail = torch.isfinite(tail)
+    rest = torch.where(has_tail, tail.exp() * (tail - torch.where(has_tail, s_rest, 0.0)), 0.0).sum()
+    return (top + rest) * temperature**2
+
+
 def reverse_kl(s_logits, t_logits, temperature=1.0, top_k=None):
     """Reverse KL(student || teacher) summed over n tokens of [n, vocab] logits, scaled by T^2."""
     s_logp = F.log_softmax(s_logits / temperature, dim=-1)
@@ -90,10 +108,12 @@ def jsd(s_logits, t_logits, temperature=1.0, beta=0.5, top_k=None):
     return (beta * kl_t + (1 - beta) * kl_s) * temperature**2
 
 
-def chunked_distill_loss(h_s, h_t, head_s: nn.Module, head_t: nn.Module | None, targets, kd, chunk_size: int):
+def chunked_distill_loss(h_s, h_t, head_s: nn.Module, head_t: nn.Module | None, targets, kd, chunk_size: int,
+                         cached: tuple | None = None):
     """Mean per-token loss over n selected positions from hidden states [n, H].
 
-    kd.loss == "ce" uses `targets` (next tokens) and ignores the teacher.
+    kd.loss == "ce" uses `targets` (next tokens) and ignores the teacher; `cached` (values, indices, tail of the
+    n positions, data/teacher_cache.py) stands in for the teacher's hidden states and head (forward KL only).
     """
     n = h_s.shape[0]
     total = h_s.new_zeros((), dtype=torch.float32)
@@ -103,18 +123,22 @@ def chunked_distill_loss(h_s, h_t, head_s: nn.Module, head_t: nn.Module | None, 
         # head holds bf16 weights: feed each head its own dtype.
         return head(h.to(next(head.parameters()).dtype)).float()
 
-    def piece(hs, ht, tg):
+    def piece(hs, ht, tg, *teacher_rows):
         s_logits = project(head_s, hs)
         if kd.loss == "ce":
             return F.cross_entropy(s_logits, tg, reduction="sum")
+        if teacher_rows:
+            return cached_forward_kl(s_logits, *teacher_rows, kd.temperature)
         with torch.no_grad():
             t_logits = project(head_t, ht)
         return distill_loss(s_logits, t_logits, kd)
 
     for i in range(0, n, chunk_size):
         ht = h_t[i : i + chunk_size] if h_t is not None else None
+        rows = [c[i : i + chunk_size] for c in cached] if cached is not None else []
         # Checkpointing recomputes this chunk's logits in the backward pass instead of storing them.
-        total = total + checkpoint(piece, h_s[i : i + chunk_size], ht, targets[i : i + chunk_size], use_reentrant=False)
+        total = total + checkpoint(piece, h_s[i : i + chunk_size], ht, targets[i : i + chunk_size], *rows,
+                                   use_reentrant=False)
     return total / max(n, 1)
 
 
@@ -338,7 +362,8 @@ def batch_loss(student, teacher, inputs: dict, kd: KDSpec, compute_dtype: torch.
     """Mean per-token loss `kd.loss` of one batch over its response tokens (labels != -100): inputs hold
     input_ids and labels [batch, seq] (attention_mask, position_ids optional). The teacher's final hidden
     states come first (no gradient); the student's loss then runs inside its forward (loss_through_head),
-    fused where can_fuse allows, the projections in `compute_dtype` (None: the head's dtype). `unwrap` maps a
+    fused where can_fuse allows, the projections in `compute_dtype` (None: the head's dtype). Inputs holding a
+    cached teacher's rows (data/teacher_cache.py KEYS) need no teacher model (`teacher` may be None). `unwrap` maps a
     wrapped model (DDP, DeepSpeed) to the module whose head is swapped; `paths` collects which loss ran
     ("fused" or "chunked")."""
     ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
@@ -346,13 +371,21 @@ def batch_loss(student, teacher, inputs: dict, kd: KDSpec, compute_dtype: torch.
     sel = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
     targets = labels[:, 1:][sel]
     h_t, head_t = None, None
-    if kd.loss != "ce":
+    cached = tuple(inputs[k] for k in CACHED_TEACHER) if CACHED_TEACHER[0] in inputs else None
+    if cached is not None and (kd.loss != "forward_kl" or kd.top_k or len(cached[0]) != len(targets)):
+        raise ValueError(f"a cached teacher serves forward_kl without top_k, one row per response token "
+                         f"({len(cached[0])} rows for {len(targets)} tokens, loss {kd.loss})")
+    if kd.loss != "ce" and cached is None:
         with torch.no_grad():
             h_t, head_t = hidden_and_head(teacher, unwrap(teacher), ids, mask, pos)
         h_t = h_t[:, :-1][sel]
 
     def loss_fn(hidden, plain_head):
         h_s, head_s = hidden[:, :-1][sel], plain_head.head
+        if cached is not None:  # the cached teacher's rows instead of its hidden states (autograd path)
+            if paths is not None:
+                paths.add("cached")
+            return chunked_distill_loss(h_s, None, plain_head, None, targets, kd, kd.chunk_size, cached)
         with gathered_head(head_t) as t_head:
             fused = can_fuse(head_s, t_head, kd)
             if paths is not None:

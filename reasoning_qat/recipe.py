@@ -249,6 +249,19 @@ class KDConfig(_Section):
     fused: bool = Field(True, description=(
         "projection + loss + gradient in one pass per chunk (kd.py), sharded heads included (FSDP2, ZeRO-3); false "
         "(or top_k, a head with a bias, a quantized head): autograd through checkpointed chunks"))
+    teacher: Literal["online", "cached"] = Field("online", description=(
+        "`online`: the BF16 teacher runs beside the student at every step; `cached`: the calibrate stage stores the "
+        "teacher's top cache_top_k log-probabilities (plus the tail mass) on every QAT response token once, and the "
+        "qat stage trains from them without loading the teacher (forward_kl only)"))
+    cache_top_k: int = Field(64, ge=1, description="cached teacher: tokens kept per position (~6 bytes each on disk)")
+
+    @model_validator(mode="after")
+    def _cached_needs_forward_kl(self):
+        if self.teacher == "cached" and (self.loss != "forward_kl" or self.top_k):
+            raise ValueError(f"teacher: cached stores the teacher's top-k log-probabilities with their tail mass, "
+                             f"which forward_kl reads; loss {self.loss}{' with top_k' if self.top_k else ''} needs "
+                             "the online teacher (teacher: online)")
+        return self
 
 
 class QATConfig(_TrainingDynamics):

@@ -213,6 +213,10 @@ class RunLayout:
         """The tokenized QAT set (datasets save_to_disk)."""
         return self.stage("calibrate") / "qat_data"
 
+    def teacher_cache(self) -> Path:
+        """The cached teacher's top-k log-probabilities on the QAT set (data/teacher_cache.py)."""
+        return self.stage("calibrate") / "teacher_topk"
+
     def teacher_responses(self) -> Path:
         """The teacher-written responses (JSONL, one line per prompt, resumable)."""
         return self.stage("calibrate") / "qat_data.jsonl"

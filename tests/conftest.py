@@ -23,7 +23,8 @@ MATH500 = ROOT.parent / "shared" / "data" / "math500.jsonl"
 # The files that take longest, started first: pytest-xdist (--dist loadfile) hands out files in collection
 # order, and the longest one started last sets the suite's wall time.
 LONGEST_FIRST = ("test_vllm.py", "test_rl_vllm.py", "test_qat_launch.py", "test_qat.py", "test_demo.py",
-                 "test_pipeline.py", "test_rotation.py", "test_analysis.py", "test_teacher.py")
+                 "test_pipeline.py", "test_fsdp2.py", "test_rotation.py", "test_analysis.py", "test_teacher.py",
+                 "test_teacher_cache.py")
 
 
 def pytest_configure(config):

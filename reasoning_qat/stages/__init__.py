@@ -24,6 +24,14 @@ def _teacher_keys(recipe) -> tuple[str, ...]:
     return ("model",) if demo is not None and demo.seed is not None else ("model", "seed")
 
 
+def _calibrate_keys(recipe) -> tuple[str, ...]:
+    """A cached teacher is written by the calibrate stage: its settings then belong to the stage's inputs."""
+    keys = ("calibration", "qat.data", "ptq.baselines")
+    kd = recipe.qat.kd
+    cached = recipe.qat.enabled and kd.teacher == "cached"
+    return keys + (("qat.kd.teacher", "qat.kd.cache_top_k", "qat.kd.temperature") if cached else ())
+
+
 def _rl_deps(recipe) -> tuple[str, ...]:
     return ("teacher", "ptq") if recipe.rl.init == "ptq" else ("teacher", "qat")
 
@@ -34,8 +42,8 @@ def _rl_keys(recipe) -> tuple[str, ...]:
 
 STAGES = [
     Stage("teacher", _run_of(".teacher"), (), _teacher_keys, help="the BF16 model (trains the demo teacher)"),
-    Stage("calibrate", _run_of(".calibrate"), ("teacher",), ("calibration", "qat.data", "ptq.baselines"),
-          help="domain-matched calibration set"),
+    Stage("calibrate", _run_of(".calibrate"), ("teacher",), _calibrate_keys,
+          help="domain-matched calibration set (and the cached teacher)"),
     Stage("ptq", _run_of(".ptq"), ("teacher", "calibrate"), ("quant", "ptq"), help="RTN / GPTQ checkpoints"),
     Stage("qat", _run_of(".qat"), ("teacher", "calibrate", "ptq"), ("quant", "qat", "seed", "ptq.method"),
           enabled=lambda r: r.qat.enabled, help="KD quantization-aware training"),

@@ -5,7 +5,8 @@ the chat template, length policy) and saved as `qat_data/`; the qat stage trains
 `reasoning` calibration windows are cut from the very same token sequences, so PTQ sees the domain
 and format QAT trains on. `generic` is plain text (the baseline); it is also built when the ptq
 stage is asked for the `gptq_generic` baseline. With `qat.data.responses: teacher` this stage first
-has the teacher write the responses (resumable).
+has the teacher write the responses (resumable); with `qat.kd.teacher: cached` it last stores the teacher's
+top-k log-probabilities on the QAT set (`teacher_topk/`, data/teacher_cache.py).
 """
 
 from __future__ import annotations
@@ -38,10 +39,31 @@ def run(ctx: StageContext) -> dict:
     if c.domain == "generic":
         sets["main"] = sets["generic"].clone()  # safetensors refuses two names for one tensor
     save_file({k: v.contiguous() for k, v in sets.items()}, str(ctx.layout.calibration_file()))
+    if r.qat.enabled and r.qat.kd.teacher == "cached":
+        extra["teacher_cache"] = write_cached_teacher(ctx, qat_data)
     return {
         name: {"shape": list(t.shape), "sha256": hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]}
         for name, t in sets.items()
     } | {"domain": c.domain} | extra
+
+
+def write_cached_teacher(ctx: StageContext, qat_data) -> dict:
+    """The teacher's top-k log-probabilities on every QAT response token (`qat.kd.teacher: cached`), written
+    once here so the qat stage loads no teacher; resumable by shard. Returns the cache's manifest."""
+    import torch
+
+    from ..data.teacher_cache import write_teacher_cache
+    from ..models import best_device
+
+    r, kd = ctx.recipe, ctx.recipe.qat.kd
+    device = best_device()
+    teacher = teacher_source(ctx).model(torch.bfloat16 if "cuda" in device else torch.float32, device).eval()
+    try:
+        return write_teacher_cache(teacher, qat_data, ctx.layout.teacher_cache(), kd.cache_top_k, kd.temperature,
+                                   batch_size=r.qat.batch_size, chunk_size=kd.chunk_size,
+                                   info={"engine": "transformers", "device": device})
+    finally:
+        del teacher
 
 
 def build_qat_data(ctx: StageContext, tok):

@@ -25,6 +25,7 @@ import torch
 
 from ..architecture import head_dim
 from ..data.qat_data import load_tokenized
+from ..data.teacher_cache import CachedTeacherCollator, CachedTeacherDataset, TeacherCache
 from ..data.reasoning import PadCollator
 from ..kd import KDTrainer
 from ..models import best_device
@@ -229,8 +230,14 @@ def train_one(ctx: StageContext, bits: int) -> None:
     torch.manual_seed(r.seed)
     tok = load_teacher_tokenizer(ctx)
     dataset = load_tokenized(ctx.layout.qat_data())  # built once by the calibrate stage (data/qat_data.py)
+    collator = qat_collator(q.packing, tok.pad_token_id)
+    cached = q.kd.teacher == "cached" and q.kd.loss != "ce"
+    if cached:  # the teacher's top-k rows the calibrate stage stored: no teacher model in memory
+        dataset = CachedTeacherDataset(dataset, TeacherCache(ctx.layout.teacher_cache()))
+        collator = CachedTeacherCollator(collator)
     student = _init_student(ctx, bits, device)
-    teacher = None if q.kd.loss == "ce" else load_teacher(ctx, torch.bfloat16 if "cuda" in device else torch.float32, device)
+    teacher = None if q.kd.loss == "ce" or cached else \
+        load_teacher(ctx, torch.bfloat16 if "cuda" in device else torch.float32, device)
     if teacher is not None and compile_enabled(q.compile, device):
         compile_decoder_layers(teacher)
     recompute, why = choose_recompute(q.gradient_checkpointing, student, q.batch_size * q.data.max_length, device,
@@ -239,7 +246,7 @@ def train_one(ctx: StageContext, bits: int) -> None:
     args = qat_training_args(q, ctx.layout.trainer(v), r.seed, recompute, r.report_to)
     averaging = WeightAveraging.from_config(q)
     trainer = KDTrainer(
-        model=student, args=args, train_dataset=dataset, data_collator=qat_collator(q.packing, tok.pad_token_id),
+        model=student, args=args, train_dataset=dataset, data_collator=collator,
         teacher=teacher, kd=kd_spec(r), latent_lr=q.latent_lr, scale_lr=q.scale_lr,
         autocast_dtype=torch.bfloat16 if q.distributed != "ddp" and q.bf16 and "cuda" in device else None,
         callbacks=[averaging.callback] if averaging else None,
