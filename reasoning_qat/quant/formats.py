@@ -151,16 +151,37 @@ def _is_tied(model, key: str) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False)) and key.startswith("lm_head.")
 
 
-def export_dequantized(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype=torch.bfloat16):
-    """Plain transformers checkpoint with the dequantized weights; returns the quantized weights."""
+def export_formats(model: nn.Module, outs: dict[str, str | Path], tokenizer=None, dtype=torch.bfloat16,
+                   act_order: bool = False) -> dict[str, QuantizedWeight]:
+    """Every format in `outs` ({"dequantized" | "compressed-tensors" | "gptq": directory}) from one fake-quant
+    model, its fake-quant layers swapped out once (the model is consumed); returns the quantized weights. The
+    export stage calls this once per variant: loading the checkpoint and recomputing the codes once per format
+    were most of its time."""
+    unknown = set(outs) - {"dequantized", "compressed-tensors", "gptq"}
+    if unknown:
+        raise ValueError(f"export_formats: unknown format(s) {sorted(unknown)}")
+    if "gptq" in outs:  # reads the fake-quant layers and leaves the model as it was
+        export_gptq(model, outs["gptq"], tokenizer, act_order)
     qws = swap_out_fake_quant(model)
     model.to(dtype)
+    if "dequantized" in outs:
+        _write_dequantized(model, outs["dequantized"], tokenizer)
+    if "compressed-tensors" in outs:
+        _write_compressed_tensors(model, qws, outs["compressed-tensors"], tokenizer, dtype)
+    return qws
+
+
+def export_dequantized(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype=torch.bfloat16):
+    """Plain transformers checkpoint with the dequantized weights; returns the quantized weights."""
+    return export_formats(model, {"dequantized": out_dir}, tokenizer, dtype)
+
+
+def _write_dequantized(model: nn.Module, out_dir: str | Path, tokenizer=None) -> None:
     _for_inference(model)
     model.save_pretrained(out_dir)
     write_quant_spec(model, out_dir)  # what it computes beyond these weights (W4A4KV4), for every loader
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    return qws
 
 
 # ---- compressed-tensors pack-quantized ------------------------------------------------------------
@@ -180,14 +201,18 @@ def _ct_args(scheme: QuantScheme, act_order: bool):
 def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype=torch.bfloat16) -> None:
     """compressed-tensors `pack-quantized` checkpoint from a fake-quant model (the model is consumed:
     its fake-quant layers are swapped out). Scales are stored in `dtype`, as llm-compressor does."""
+    export_formats(model, {"compressed-tensors": out_dir}, tokenizer, dtype)
+
+
+def _write_compressed_tensors(model: nn.Module, qws: dict[str, QuantizedWeight], out_dir: str | Path, tokenizer,
+                              dtype) -> None:
+    """The pack-quantized checkpoint of a model whose fake-quant layers were swapped out into `qws`."""
     from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    qws = swap_out_fake_quant(model)
-    model.to(dtype)
     state = dict(model.state_dict())
     groups: dict[tuple, list[str]] = {}
     for name, qw in qws.items():
@@ -218,6 +243,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
     _for_inference(model)
     if not getattr(model.config, "architectures", None):  # save_pretrained sets it; config.save_pretrained does not,
         model.config.architectures = [type(model).__name__]  # and vLLM then resolves a pooling model, not generation
+    model.config.dtype = dtype  # the dtype of the unquantized tensors and scales (save_pretrained would set it too)
     model.config.save_pretrained(out_dir)
     qcfg = QuantizationConfig(config_groups=config_groups, format="pack-quantized", quantization_status="compressed",
                               ignore=ignore)

@@ -10,13 +10,7 @@ from __future__ import annotations
 
 from ..models import resolve_dtype
 from ..pipeline import StageContext
-from ..quant.formats import (
-    directory_size,
-    export_compressed_tensors,
-    export_dequantized,
-    export_gptq,
-    load_quantized_checkpoint,
-)
+from ..quant.formats import directory_size, export_formats, load_quantized_checkpoint
 from ..run_layout import Variant, finish, finished_metrics
 from .common import checkpoint_source, ptq_methods, rl_method
 from .specs import recipe_keys
@@ -35,20 +29,15 @@ def run(ctx: StageContext) -> dict:
     """The export stage: each quantized variant in each of export.formats; sizes in the manifest."""
     r = ctx.recipe
     dtype = resolve_dtype(r.model.dtype)
-    writers = {
-        "dequantized": lambda model, out, tok: export_dequantized(model, out, tok, dtype),
-        "compressed-tensors": lambda model, out, tok: export_compressed_tensors(model, out, tok, dtype),
-        "gptq": lambda model, out, tok: export_gptq(model, out, tok, act_order=r.ptq.act_order),
-    }
     trust = r.model.trust_remote_code
     metrics = {}
     for v in quantized_variants(ctx):
         out, src = ctx.layout.export(v), ctx.layout.checkpoint(v)
         if finished_metrics(out) is None:
             tok = checkpoint_source(ctx, src).tokenizer()
-            for fmt in r.export.formats:  # each writer consumes its own fresh copy of the student
-                with recipe_keys("export"):  # a format that cannot hold this scheme: export.formats
-                    writers[fmt](load_quantized_checkpoint(src, trust_remote_code=trust), out / fmt, tok)
+            with recipe_keys("export"):  # a format that cannot hold this scheme: export.formats
+                export_formats(load_quantized_checkpoint(src, trust_remote_code=trust),
+                               {fmt: out / fmt for fmt in r.export.formats}, tok, dtype, r.ptq.act_order)
             finish(out)
         metrics[str(v)] = {f"{fmt}_bytes": directory_size(out / fmt) for fmt in r.export.formats}
     return metrics

@@ -220,3 +220,24 @@ def test_transformers_loads_the_compressed_tensors_export(tmp_path, bits, gs, sy
             return
         ct = AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()(x).logits
     assert torch.equal(ct, dq)
+
+
+def test_all_formats_from_one_load_equal_one_load_per_format(tmp_path):
+    """The export stage writes every format from one loaded model (export_formats): the same tensors and
+    configs as a fresh load per format."""
+    import copy
+
+    from reasoning_qat.quant.formats import export_compressed_tensors, export_formats
+
+    model = _quantized_tiny(4)
+    export_formats(copy.deepcopy(model), {f: tmp_path / "one" / f for f in ("dequantized", "compressed-tensors", "gptq")})
+    export_dequantized(copy.deepcopy(model), tmp_path / "each" / "dequantized")
+    export_compressed_tensors(copy.deepcopy(model), tmp_path / "each" / "compressed-tensors")
+    export_gptq(copy.deepcopy(model), tmp_path / "each" / "gptq")
+    for fmt in ("dequantized", "compressed-tensors", "gptq"):
+        a = load_file(str(tmp_path / "one" / fmt / "model.safetensors"))
+        b = load_file(str(tmp_path / "each" / fmt / "model.safetensors"))
+        assert a.keys() == b.keys(), fmt
+        assert all(torch.equal(a[k], b[k]) for k in a), fmt
+        ca, cb = (json.loads((tmp_path / d / fmt / "config.json").read_text()) for d in ("one", "each"))
+        assert ca == cb, fmt
