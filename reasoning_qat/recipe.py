@@ -254,6 +254,9 @@ class KDConfig(_Section):
         "teacher's top cache_top_k log-probabilities (plus the tail mass) on every QAT response token once, and the "
         "qat stage trains from them without loading the teacher (forward_kl only)"))
     cache_top_k: int = Field(64, ge=1, description="cached teacher: tokens kept per position (~6 bytes each on disk)")
+    cache_backend: Literal["auto", "transformers", "vllm"] = Field("auto", description=(
+        "cached teacher: what computes it: transformers, or vLLM's prompt_logprobs (temperature 1 only); auto: vLLM "
+        "on a GPU where it runs and the temperature is 1, else transformers"))
 
     @model_validator(mode="after")
     def _cached_needs_forward_kl(self):
@@ -261,6 +264,9 @@ class KDConfig(_Section):
             raise ValueError(f"teacher: cached stores the teacher's top-k log-probabilities with their tail mass, "
                              f"which forward_kl reads; loss {self.loss}{' with top_k' if self.top_k else ''} needs "
                              "the online teacher (teacher: online)")
+        if self.teacher == "cached" and self.cache_backend == "vllm" and self.temperature != 1.0:
+            raise ValueError(f"cache_backend: vllm reports log-probabilities at temperature 1, not {self.temperature}; "
+                             "use cache_backend: transformers (or auto), or temperature: 1")
         return self
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import SpecError, UserError
 from .reasoning import IGNORE_INDEX
 
 MANIFEST = "manifest.json"
@@ -54,11 +54,13 @@ def _shard_path(out: Path, i: int) -> Path:
 def write_teacher_cache(model, dataset, out_dir: str | Path, top_k: int = 64, temperature: float = 1.0,
                         batch_size: int = 8, chunk_size: int = 1024, shard_examples: int = 1024,
                         progress: bool = True, info: dict | None = None) -> dict:
-    """Run `model` (the teacher, in eval mode, on its device) over `dataset` (rows with input_ids and labels)
-    and write its top-k cache into `out_dir`; returns the manifest (rows, tokens, bytes per token, seconds,
-    tokens/s). The vocabulary projection runs `chunk_size` positions at a time (Qwen3's 151k-token logits of
-    a whole batch would not fit). Shards already written are kept (a resumed run). `info` is merged into the
-    manifest. Raises UserError for an empty dataset."""
+    """Run `model` over `dataset` (rows with input_ids and labels) and write its top-k cache into `out_dir`;
+    returns the manifest (rows, tokens, bytes per token, seconds, tokens/s). `model` is the teacher as a
+    transformers model (eval mode, on its device; the vocabulary projection runs `chunk_size` positions at a
+    time, since Qwen3's 151k-token logits of a whole batch would not fit), or an engine with
+    `prompt_top_k(token_ids, k)` (evaluation/backends.VLLMBackend: vLLM's prompt_logprobs, temperature 1 only).
+    Shards already written are kept (a resumed run). `info` is merged into the manifest. Raises UserError for an
+    empty dataset or a temperature the engine cannot apply."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -68,7 +70,11 @@ def write_teacher_cache(model, dataset, out_dir: str | Path, top_k: int = 64, te
     out.mkdir(parents=True, exist_ok=True)
     if len(dataset) == 0:
         raise UserError("qat.kd.teacher: cached, but the QAT set is empty")
-    device = next(model.parameters()).device
+    engine = hasattr(model, "prompt_top_k")
+    if engine and temperature != 1.0:
+        raise SpecError("backend", f"vllm reports log-probabilities at temperature 1, not {temperature}; use the "
+                                   "transformers backend, or temperature 1")
+    device = None if engine else next(model.parameters()).device
     pad = PadCollator(0)
     n_shards = (len(dataset) + shard_examples - 1) // shard_examples
     started, rows_total, tokens_computed = time.time(), 0, 0
@@ -82,6 +88,16 @@ def write_teacher_cache(model, dataset, out_dir: str | Path, top_k: int = 64, te
         values, indices, tails, offsets = [], [], [], [0]
         for b in range(lo, hi, batch_size):
             rows = [dataset[i] for i in range(b, min(hi, b + batch_size))]
+            if engine:
+                for row, (v, idx, t) in zip(rows, model.prompt_top_k([r["input_ids"] for r in rows], top_k)):
+                    pos = response_positions(torch.tensor(row["labels"]))
+                    values.append(v[pos].half())
+                    indices.append(idx[pos].int())
+                    tails.append(t[pos])
+                    offsets.append(offsets[-1] + len(pos))
+                    tokens_computed += len(row["input_ids"])
+                bar.update(len(rows))
+                continue
             batch = pad(rows)
             # the decoder's final (normed) hidden states; the head projects only the response positions
             hidden = model.get_decoder()(input_ids=batch["input_ids"].to(device),
@@ -98,7 +114,7 @@ def write_teacher_cache(model, dataset, out_dir: str | Path, top_k: int = 64, te
                 offsets.append(offsets[-1] + len(pos))
                 tokens_computed += int(batch["attention_mask"][j].sum())
             bar.update(len(rows))
-        k = min(top_k, head.weight.shape[0])
+        k = top_k if engine else min(top_k, model.get_output_embeddings().weight.shape[0])
         tensors = {"values": torch.cat(values) if values else torch.zeros(0, k, dtype=torch.float16),
                    "indices": torch.cat(indices) if indices else torch.zeros(0, k, dtype=torch.int32),
                    "tail": torch.cat(tails) if tails else torch.zeros(0),

@@ -193,7 +193,7 @@ class VLLMBackend:
     tensors (2/3/4/8-bit WNA16, GPU kernels) and symmetric GPTQ 4/8-bit exports."""
 
     def __init__(self, model_path: str, trust_remote_code: bool = False, seed: int = 0,
-                 settings: EngineSettings = EngineSettings()):
+                 settings: EngineSettings = EngineSettings(), max_logprobs: int | None = None):
         on_gpu = torch.cuda.is_available()
         kwargs = dict(
             model=model_path, tensor_parallel_size=settings.tensor_parallel_size, seed=seed,
@@ -201,6 +201,8 @@ class VLLMBackend:
             gpu_memory_utilization=settings.gpu_memory_utilization or (0.9 if on_gpu else 0.3),
             enforce_eager=settings.enforce_eager, max_model_len=settings.max_model_len,
         )
+        if max_logprobs is not None:  # vLLM refuses requests for more log-probabilities than this (default 20)
+            kwargs["max_logprobs"] = max_logprobs
         if not on_gpu:
             # In-process engine: no worker process to spawn (and no __main__ guard needed by callers).
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -221,6 +223,31 @@ class VLLMBackend:
 
         self.end_ids = saved_end_token_ids(model_path, self.tokenizer, trust_remote_code)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+
+    def prompt_top_k(self, token_ids: list[list[int]], k: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The model's top-k next-token log-probabilities at every position of each token sequence, through
+        vLLM's `prompt_logprobs` (at temperature 1: vLLM reports the raw distribution): per sequence of length L,
+        (values [L-1, k] float32, indices [L-1, k] int64, tail [L-1] float32, the log of the mass outside the
+        k), row p being the distribution of token p+1. The engine needs max_logprobs >= k."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, temperature=0)
+        results = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in token_ids], params,
+                                    use_tqdm=sys.stderr.isatty())
+        out = []
+        for r in results:
+            rows = r.prompt_logprobs[1:]  # entry t is the distribution of token t given the tokens before it
+            values = torch.full((len(rows), k), float("-inf"))
+            indices = torch.zeros((len(rows), k), dtype=torch.int64)
+            for p, entry in enumerate(rows):
+                # the top k by rank; vLLM adds the prompt's own token when it ranks below them
+                best = sorted(((lp.rank, tok, lp.logprob) for tok, lp in entry.items() if lp.rank <= k))[:k]
+                for j, (_, tok, lp) in enumerate(best):
+                    values[p, j], indices[p, j] = lp, tok
+            kept = torch.logsumexp(values.double(), -1).clamp(max=0.0)
+            tail = torch.log(-torch.expm1(kept)).float()  # log(1 - sum p_top), -inf where the k hold everything
+            out.append((values, indices, tail))
+        return out
 
     def generate(self, prompts, k, temperature, top_p, top_k, max_new_tokens, seed: int = 0, keys=None):
         """k completions for each chat-formatted prompt (a list of k Completions per prompt), sampled with the

@@ -29,7 +29,8 @@ def _calibrate_keys(recipe) -> tuple[str, ...]:
     keys = ("calibration", "qat.data", "ptq.baselines")
     kd = recipe.qat.kd
     cached = recipe.qat.enabled and kd.teacher == "cached"
-    return keys + (("qat.kd.teacher", "qat.kd.cache_top_k", "qat.kd.temperature") if cached else ())
+    return keys + (("qat.kd.teacher", "qat.kd.cache_top_k", "qat.kd.cache_backend", "qat.kd.temperature")
+                   if cached else ())
 
 
 def _rl_deps(recipe) -> tuple[str, ...]:

@@ -130,6 +130,10 @@ def test_the_recipe_refuses_a_cached_teacher_for_other_losses(tmp_path):
     path.write_text(yaml.safe_dump(r))
     with pytest.raises(RecipeError, match="qat.kd: teacher: cached .* loss jsd needs the online teacher"):
         load_recipe(path)
+    r["qat"]["kd"] = {"teacher": "cached", "cache_backend": "vllm", "temperature": 2.0}
+    path.write_text(yaml.safe_dump(r))
+    with pytest.raises(RecipeError, match="qat.kd: cache_backend: vllm reports log-probabilities at temperature 1"):
+        load_recipe(path)
 
 
 @pytest.mark.slow

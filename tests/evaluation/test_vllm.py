@@ -106,6 +106,33 @@ def test_a_published_dequantized_folder_serves_alone_in_vllm(vllm_run, tmp_path)
     assert [r["response"] for r in ours] == [r["response"] for r in theirs]
 
 
+@pytest.mark.slow
+def test_vllm_prompt_logprobs_write_the_cache_transformers_writes(vllm_run, tmp_path):
+    """Issue 29 item 3: the cached teacher written through vLLM's prompt_logprobs holds what the transformers
+    path computes (same top tokens, log-probabilities within the engines' rounding)."""
+    from reasoning_qat.data.qat_data import load_tokenized
+    from reasoning_qat.data.teacher_cache import TeacherCache, write_teacher_cache
+    from reasoning_qat.models import load_model
+
+    data = load_tokenized(vllm_run / "calibrate" / "qat_data").select(range(12))
+    teacher = str(vllm_run / "teacher" / "model")
+    engine = VLLMBackend(teacher, settings=SETTINGS, max_logprobs=8)
+    try:
+        m = write_teacher_cache(engine, data, tmp_path / "vllm", top_k=8, batch_size=6, shard_examples=5, progress=False)
+    finally:
+        engine.close()
+    write_teacher_cache(load_model(teacher, torch.float32, device="cpu").eval(), data, tmp_path / "tf", top_k=8,
+                        batch_size=6, shard_examples=5, progress=False)
+    a, b = TeacherCache(tmp_path / "vllm"), TeacherCache(tmp_path / "tf")
+    assert m["rows"] == b.manifest["rows"] > 0
+    for i in range(len(data)):
+        (va, ia, ta), (vb, ib, tb) = a.rows(i), b.rows(i)
+        assert torch.equal(ia[:, 0], ib[:, 0])  # the teacher's top token at every position
+        assert torch.allclose(va, vb, atol=2e-2)  # float16 on disk, the engines' own kernels
+        finite = torch.isfinite(tb)
+        assert torch.equal(finite, torch.isfinite(ta)) and torch.allclose(ta[finite], tb[finite], atol=5e-2)
+
+
 def test_request_seeds_differ_per_problem_and_sample():
     seeds = {request_seed(0, p, j) for p in range(50) for j in range(8)}
     assert len(seeds) == 400 and all(0 <= s < 2**63 for s in seeds)
