@@ -52,7 +52,7 @@ def prepare(a, root: Path) -> Path:
 
 def worker(a) -> None:
     """One configuration, inside `accelerate launch`: the qat stage's train_one with a step timer."""
-    import reasoning_qat.kd as kd
+    from reasoning_qat import kd
     from reasoning_qat.pipeline import StageContext, recipe_from_run
     from reasoning_qat.recipe import Recipe, apply_overrides
     from reasoning_qat.stages import qat
@@ -79,7 +79,7 @@ def worker(a) -> None:
     steady = timer.times[4:]
     metrics = json.loads(next(out.glob("*/qat_metrics.json")).read_text()) if trainers[0].is_world_process_zero() else {}
     print("RESULT " + json.dumps({
-        "rank": int(os.environ.get("RANK", 0)), "median_step_s": statistics.median(steady), "steps_timed": len(steady),
+        "rank": int(os.environ.get("RANK", "0")), "median_step_s": statistics.median(steady), "steps_timed": len(steady),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
         "kd_path": ",".join(sorted(trainers[0].loss_paths)),
         "gradient_checkpointing": metrics.get("gradient_checkpointing")}), flush=True)
@@ -98,7 +98,7 @@ def launch(a, run: Path, name: str, nproc: int, distributed: str) -> dict:
     cmd += [__file__, "--worker", "--run-dir", str(run), "--name", name, "--processes", str(nproc), "--distributed", distributed]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(FSDP2_ENV if distributed == "fsdp2" else {})}
     t0 = time.time()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout, check=False)
     ranks = [json.loads(x[7:]) for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode != 0 or len(ranks) != nproc:
         print(done.stdout[-3000:], done.stderr[-6000:], file=sys.stderr)

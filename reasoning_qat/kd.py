@@ -17,8 +17,8 @@ so the fused path runs sharded too, and the head's gradient reaches its shard th
 
 from __future__ import annotations
 
-import math
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch

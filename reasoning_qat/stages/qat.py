@@ -25,8 +25,8 @@ import torch
 
 from ..architecture import head_dim
 from ..data.qat_data import load_tokenized
-from ..data.teacher_cache import CachedTeacherCollator, CachedTeacherDataset, TeacherCache
 from ..data.reasoning import PadCollator
+from ..data.teacher_cache import CachedTeacherCollator, CachedTeacherDataset, TeacherCache
 from ..kd import KDTrainer
 from ..models import best_device
 from ..pipeline import StageContext, StageFailed, recipe_from_run

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from reasoning_qat.data.reasoning import PadCollator
 from reasoning_qat.data.teacher_cache import (
     CachedTeacherCollator,
     CachedTeacherDataset,
@@ -18,7 +19,6 @@ from reasoning_qat.data.teacher_cache import (
     top_k_with_tail,
     write_teacher_cache,
 )
-from reasoning_qat.data.reasoning import PadCollator
 from reasoning_qat.kd import KDSpec, batch_loss, cached_forward_kl, forward_kl
 
 from ..conftest import demo_recipe, tiny_qwen3
@@ -147,7 +147,7 @@ def test_the_qat_stage_trains_from_the_cache_without_a_teacher(tmp_path):
         r["qat"]["kd"] = kd
         path.write_text(yaml.safe_dump(r))
         out = subprocess.run([sys.executable, "-m", "reasoning_qat.cli", "run", str(path), "--stages",
-                              "teacher,calibrate,ptq,qat"], capture_output=True, text=True)
+                              "teacher,calibrate,ptq,qat"], capture_output=True, text=True, check=False)
         assert out.returncode == 0, out.stderr[-3000:]
         runs[name] = tmp_path / "runs" / name
 

@@ -10,7 +10,7 @@ import sys
 import accelerate.state
 from accelerate.utils import DistributedType
 
-import reasoning_qat.stages.qat as qat
+from reasoning_qat.stages import qat
 
 _init = accelerate.state.PartialState.__init__
 

@@ -33,7 +33,7 @@ def test_sharded_loss_and_gradients_equal_the_unsharded_ones(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(ROOT / "tests/stages/fsdp2_worker.py"), str(tmp_path)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     for rank in (0, 1):
         for r in json.loads((tmp_path / f"rank{rank}.json").read_text()):

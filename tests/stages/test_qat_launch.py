@@ -151,7 +151,7 @@ def test_accelerate_launch_started_by_the_user(tmp_path, straight):
     out = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                           "-m", "reasoning_qat.cli", "run", str(rec), "--stages", "qat"],
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=900, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("run e in") == 1  # rank 0 alone plans and reports
     metrics = json.loads((run / "qat" / "w2-qat" / "qat_metrics.json").read_text())
