@@ -203,6 +203,10 @@ class DataConfig(_Section):
     complete_field: str | None = Field(None, description="select: verified: the dataset's per-generation completeness flags "
                                                          "(e.g. OpenR1's is_reasoning_complete)")
     overlength: Literal["drop", "truncate"] = Field("drop", description="what happens to examples longer than max_length")
+    demo_trace: Literal["columns", "compact"] | None = Field(None, description=(
+        "source demo, chain task: the same problems with their traces written in this style instead of the "
+        "teacher's (`model.demo.trace`): data from another generator than the teacher, as the paper's QAT data "
+        "(OpenR1's traces come from DeepSeek-R1, not from Qwen3); none: the teacher's own style"))
     num_proc: int | None = Field(None, ge=1, description="datasets.map workers (none: the cores, for large sets)")
     responses: Literal["dataset", "teacher"] = Field("dataset", description=(
         "`teacher`: keep the prompts, have the BF16 teacher write the responses (generated once, resumably, by the "
@@ -432,6 +436,10 @@ class Recipe(_Section):
         if self.rl.enabled and self.rl.init == "qat" and not self.qat.enabled:
             raise ValueError("rl.enabled needs qat.enabled (RL starts from the QAT student; rl.init: ptq starts "
                              "from the PTQ checkpoint instead)")
+        for key, data in (("qat.data", self.qat.data), ("rl.data", self.rl.data)):
+            if data.demo_trace and (self.model.demo is None or self.model.demo.task != "chain" or data.source != "demo"):
+                raise ValueError(f"{key}.demo_trace: trace styles exist for the demo's chain task only (source: demo, "
+                                 "model.demo.task: chain); drop demo_trace")
         if self.qat.deepspeed is not None and not Path(self.qat.deepspeed).is_file():
             raise ValueError(f"qat.deepspeed: no such DeepSpeed config file {self.qat.deepspeed!r}")
         bits = set(self.quant.bits) | self.quant.override_bits

@@ -53,7 +53,24 @@ def open_source(ctx, data: DataConfig):
     from ..data.qat_data import open_dataset
 
     with recipe_keys(data_prefix(ctx.recipe, data)):
-        return open_dataset(data.source, data.split, data.subset, ctx.layout.demo_data())
+        return open_dataset(data.source, data.split, data.subset, _demo_dir(ctx, data))
+
+
+def _demo_dir(ctx, data: DataConfig):
+    """The demo task's data: the teacher's own, or (`demo_trace` set to another style than the teacher's) the
+    same chain problems re-written in that style, kept in the running stage's folder."""
+    demo = ctx.recipe.model.demo
+    if data.source != "demo" or data.demo_trace is None or demo is None or data.demo_trace == demo.trace:
+        return ctx.layout.demo_data()
+    from ..data.arithmetic import split_chain_problems, to_records
+    from ..data.reasoning import write_jsonl
+
+    seed = ctx.recipe.seed if demo.seed is None else demo.seed  # the teacher's problems, as the teacher stage draws them
+    out = ctx.out / f"demo_{data.demo_trace}"
+    for split, problems in zip(("train", "test"), split_chain_problems(
+            demo.num_problems, demo.test_fraction, seed, demo.min_steps, demo.max_steps, data.demo_trace)):
+        write_jsonl(out / f"{split}.jsonl", to_records(problems))
+    return out
 
 
 def source_rows(ctx, data: DataConfig, tokenizer, prompts_only: bool = False) -> list[dict]:

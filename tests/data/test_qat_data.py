@@ -196,3 +196,55 @@ def test_chain_step_range_and_compact_trace():
             assert line == f"{v}{op}{n}={nxt}"
             v = nxt
         assert len(lines) == len(b.steps) and b.response.endswith(f"\\boxed{{{b.answer}}}.")
+
+
+CHAIN = """
+name: chain
+run_root: {root}
+model:
+  demo: {{task: chain, num_problems: 200, hidden_size: 64, intermediate_size: 128, num_layers: 2, train_steps: 5,
+          batch_size: 8, trace: columns}}
+  dtype: float32
+quant: {{bits: [2], group_size: 32}}
+calibration: {{num_samples: 4, seq_len: 128}}
+ptq: {{method: rtn, baselines: []}}
+qat:
+  data: {{source: demo, demo_trace: {trace}, max_length: 512}}
+export: {{formats: [dequantized]}}
+eval: {{tasks: [demo_arith], backend: transformers, limit: 4}}
+"""
+
+
+def test_qat_data_from_another_generator_than_the_teacher(tmp_path):
+    """Issue 31: `qat.data.demo_trace` writes the teacher's own chain problems in the other trace style (the
+    teacher trains on `columns`, the QAT set is `compact`), the way the paper's QAT data come from another model."""
+    from reasoning_qat.data.qat_data import load_tokenized
+    from reasoning_qat.data.tokenizer import build_char_tokenizer
+
+    rec = tmp_path / "chain.yaml"
+    rec.write_text(CHAIN.format(root=tmp_path / "runs", trace="compact"))
+    subprocess.run([sys.executable, "-m", "reasoning_qat.cli", "run", str(rec), "--stages", "teacher,calibrate"],
+                   check=True, capture_output=True)
+    run = tmp_path / "runs" / "chain"
+    teacher_rows = [json.loads(x) for x in (run / "teacher" / "data" / "train.jsonl").read_text().splitlines()]
+    assert all(" -> " in r["response"] for r in teacher_rows)  # the teacher's columns style
+    tok = build_char_tokenizer()
+    qat = load_tokenized(run / "calibrate" / "qat_data")
+    texts = [tok.decode(row["input_ids"]) for row in qat]
+    assert len(texts) == len(teacher_rows)
+    assert not any(" -> " in t for t in texts)  # compact: each step's result, no column work
+    assert all(r["prompt"] in t for r, t in zip(teacher_rows, texts))  # the same problems, in the same order
+    assert all(f"boxed{{{r['answer']}}}" in t for r, t in zip(teacher_rows, texts))
+
+
+def test_demo_trace_needs_the_chain_task(tmp_path):
+    import yaml
+
+    from reasoning_qat.recipe import RecipeError, load_recipe
+
+    path = demo_recipe(tmp_path)
+    r = yaml.safe_load(path.read_text())
+    r["qat"]["data"]["demo_trace"] = "compact"
+    path.write_text(yaml.safe_dump(r))
+    with pytest.raises(RecipeError, match="qat.data.demo_trace: trace styles exist for the demo's chain task only"):
+        load_recipe(path)
