@@ -333,28 +333,14 @@ def loss_through_head(model, unwrapped, input_ids, attention_mask, position_ids,
     return out.logits
 
 
-@contextlib.contextmanager
 def gathered_head(head: nn.Module | None):
     """The teacher's output head with its full weight for the duration (no gradient): ZeRO-3 partitions
-    gathered, an FSDP2 DTensor made whole; otherwise the head itself."""
-    weight = getattr(head, "weight", None)
-    if weight is not None and hasattr(weight, "ds_id"):
+    gathered. Under FSDP2 the head is whole already (shard_frozen keeps the teacher's root gathered)."""
+    if head is not None and hasattr(head.weight, "ds_id"):
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters([p for p in head.parameters()]):
-            yield head
-        return
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(weight, DTensor):
-        with torch.no_grad():
-            full = nn.Linear(weight.shape[1], weight.shape[0], bias=head.bias is not None, device="meta")
-            full.weight = nn.Parameter(weight.full_tensor(), requires_grad=False)
-            if head.bias is not None:
-                full.bias = nn.Parameter(head.bias.full_tensor(), requires_grad=False)
-        yield full
-        return
-    yield head
+        return deepspeed.zero.GatheredParameters(list(head.parameters()))
+    return contextlib.nullcontext()
 
 
 def batch_loss(student, teacher, inputs: dict, kd: KDSpec, compute_dtype: torch.dtype | None = None,
@@ -365,7 +351,7 @@ def batch_loss(student, teacher, inputs: dict, kd: KDSpec, compute_dtype: torch.
     fused where can_fuse allows, the projections in `compute_dtype` (None: the head's dtype). Inputs holding a
     cached teacher's rows (data/teacher_cache.py KEYS) need no teacher model (`teacher` may be None). `unwrap` maps a
     wrapped model (DDP, DeepSpeed) to the module whose head is swapped; `paths` collects which loss ran
-    ("fused" or "chunked")."""
+    ("fused", "chunked" or "cached")."""
     ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
     pos = inputs.get("position_ids")
     sel = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t+1
@@ -386,13 +372,13 @@ def batch_loss(student, teacher, inputs: dict, kd: KDSpec, compute_dtype: torch.
             if paths is not None:
                 paths.add("cached")
             return chunked_distill_loss(h_s, None, plain_head, None, targets, kd, kd.chunk_size, cached)
-        with gathered_head(head_t) as t_head:
-            fused = can_fuse(head_s, t_head, kd)
+        with gathered_head(head_t):
+            fused = can_fuse(head_s, head_t, kd)
             if paths is not None:
                 paths.add("fused" if fused else "chunked")
             if fused:
-                return fused_distill_loss(h_s, h_t, head_s, t_head, targets, kd, kd.chunk_size, compute_dtype)
-            return chunked_distill_loss(h_s, h_t, plain_head, t_head, targets, kd, kd.chunk_size)
+                return fused_distill_loss(h_s, h_t, head_s, head_t, targets, kd, kd.chunk_size, compute_dtype)
+            return chunked_distill_loss(h_s, h_t, plain_head, head_t, targets, kd, kd.chunk_size)
 
     return loss_through_head(student, unwrap(student), ids, mask, pos, loss_fn)
 
@@ -424,7 +410,7 @@ class KDTrainer(Trainer):
                  autocast_dtype: torch.dtype | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.autocast_dtype = autocast_dtype
-        self.loss_paths: set[str] = set()  # "fused" / "chunked": what compute_loss ran (the qat metrics record it)
+        self.loss_paths: set[str] = set()  # fused / chunked / cached: what compute_loss ran (the qat metrics record it)
         self.latent_lr = latent_lr
         # The loss below is a per-batch mean; let the Trainer average it over accumulation steps.
         self.model_accepts_loss_kwargs = False

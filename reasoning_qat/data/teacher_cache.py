@@ -60,24 +60,19 @@ def write_teacher_cache(model, dataset, out_dir: str | Path, top_k: int = 64, te
     time, since Qwen3's 151k-token logits of a whole batch would not fit), or an engine with
     `prompt_top_k(token_ids, k)` (evaluation/backends.VLLMBackend: vLLM's prompt_logprobs, temperature 1 only).
     Shards already written are kept (a resumed run). `info` is merged into the manifest. Raises UserError for an
-    empty dataset or a temperature the engine cannot apply."""
+    empty dataset, SpecError (`backend`) for a temperature the engine cannot apply."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
-
-    from .reasoning import PadCollator
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if len(dataset) == 0:
         raise UserError("qat.kd.teacher: cached, but the QAT set is empty")
-    engine = hasattr(model, "prompt_top_k")
-    if engine and temperature != 1.0:
+    if hasattr(model, "prompt_top_k") and temperature != 1.0:
         raise SpecError("backend", f"vllm reports log-probabilities at temperature 1, not {temperature}; use the "
                                    "transformers backend, or temperature 1")
-    device = None if engine else next(model.parameters()).device
-    pad = PadCollator(0)
     n_shards = (len(dataset) + shard_examples - 1) // shard_examples
-    started, rows_total, tokens_computed = time.time(), 0, 0
+    started, tokens_computed = time.time(), 0
     bar = tqdm(total=len(dataset), desc="teacher top-k cache", unit="ex", disable=not progress)
     for s in range(n_shards):
         lo, hi = s * shard_examples, min(len(dataset), (s + 1) * shard_examples)
@@ -88,36 +83,14 @@ def write_teacher_cache(model, dataset, out_dir: str | Path, top_k: int = 64, te
         values, indices, tails, offsets = [], [], [], [0]
         for b in range(lo, hi, batch_size):
             rows = [dataset[i] for i in range(b, min(hi, b + batch_size))]
-            if engine:
-                for row, (v, idx, t) in zip(rows, model.prompt_top_k([r["input_ids"] for r in rows], top_k)):
-                    pos = response_positions(torch.tensor(row["labels"]))
-                    values.append(v[pos].half())
-                    indices.append(idx[pos].int())
-                    tails.append(t[pos])
-                    offsets.append(offsets[-1] + len(pos))
-                    tokens_computed += len(row["input_ids"])
-                bar.update(len(rows))
-                continue
-            batch = pad(rows)
-            # the decoder's final (normed) hidden states; the head projects only the response positions
-            hidden = model.get_decoder()(input_ids=batch["input_ids"].to(device),
-                                         attention_mask=batch["attention_mask"].to(device), use_cache=False).last_hidden_state
-            head = model.get_output_embeddings()
-            for j, row in enumerate(batch["labels"]):
-                pos = response_positions(row).to(device)
-                h = hidden[j, pos]
-                for c in range(0, len(h), chunk_size):
-                    v, idx, t = top_k_with_tail(head(h[c : c + chunk_size].to(head.weight.dtype)), top_k, temperature)
-                    values.append(v.half().cpu())
-                    indices.append(idx.int().cpu())
-                    tails.append(t.cpu())
-                offsets.append(offsets[-1] + len(pos))
-                tokens_computed += int(batch["attention_mask"][j].sum())
+            for v, idx, t in _response_rows(model, rows, top_k, temperature, chunk_size):
+                values.append(v.half())
+                indices.append(idx.int())
+                tails.append(t.float())
+                offsets.append(offsets[-1] + len(t))
+            tokens_computed += sum(len(r["input_ids"]) for r in rows)
             bar.update(len(rows))
-        k = top_k if engine else min(top_k, model.get_output_embeddings().weight.shape[0])
-        tensors = {"values": torch.cat(values) if values else torch.zeros(0, k, dtype=torch.float16),
-                   "indices": torch.cat(indices) if indices else torch.zeros(0, k, dtype=torch.int32),
-                   "tail": torch.cat(tails) if tails else torch.zeros(0),
+        tensors = {"values": torch.cat(values), "indices": torch.cat(indices), "tail": torch.cat(tails),
                    "offsets": torch.tensor(offsets, dtype=torch.int64)}
         tmp = path.with_suffix(".tmp")
         save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp))
@@ -134,6 +107,29 @@ def write_teacher_cache(model, dataset, out_dir: str | Path, top_k: int = 64, te
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)
     return manifest
+
+
+def _response_rows(model, rows: list[dict], top_k: int, temperature: float, chunk_size: int):
+    """Per row of the batch, (values [n, k], indices [n, k], tail [n]) on the CPU at its n response positions:
+    from an engine's prompt_top_k, or from a transformers model's final hidden states projected chunk by chunk."""
+    if hasattr(model, "prompt_top_k"):
+        for row, (v, idx, t) in zip(rows, model.prompt_top_k([r["input_ids"] for r in rows], top_k)):
+            pos = response_positions(torch.tensor(row["labels"]))
+            yield v[pos], idx[pos], t[pos]
+        return
+    from .reasoning import PadCollator
+
+    device = next(model.parameters()).device
+    batch = PadCollator(0)(rows)
+    # the decoder's final (normed) hidden states; the head projects only the response positions
+    hidden = model.get_decoder()(input_ids=batch["input_ids"].to(device),
+                                 attention_mask=batch["attention_mask"].to(device), use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    for j, labels in enumerate(batch["labels"]):
+        h = hidden[j, response_positions(labels).to(device)]
+        parts = [top_k_with_tail(head(h[c : c + chunk_size].to(head.weight.dtype)), top_k, temperature)
+                 for c in range(0, len(h), chunk_size) or [0]]  # [0]: an example without response tokens
+        yield tuple(torch.cat(x).cpu() for x in zip(*parts))
 
 
 def _rows_in(path: Path) -> int:

@@ -188,7 +188,7 @@ def gptq_quantize_model(
         raise SpecError("ignore", f"GPTQ quantizes the decoder layers only; {len(outside)} targeted layer(s) are outside "
                                   f"them, e.g. {outside[0]}; add them to ignore, or quantize them with RTN")
     home = next(model.parameters()).device
-    offload = home != torch.device(device) and not (home.type == torch.device(device).type == "cuda")
+    offload = home.type != torch.device(device).type
     if offload:
         _move_outside_layers(model, layers, device)
     states = capture_layer_inputs(model, layers, calib, device, batch_size)

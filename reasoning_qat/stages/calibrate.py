@@ -63,22 +63,21 @@ def write_cached_teacher(ctx: StageContext, qat_data) -> dict:
         from ..evaluation.backends import vllm_problem
 
         backend = "vllm" if "cuda" in device and kd.temperature == 1.0 and vllm_problem() is None else "transformers"
-    if backend == "vllm":
-        from ..evaluation.backends import VLLMBackend
+    with recipe_keys("qat.kd", rename={"backend": "cache_backend"}):  # the engine's errors name the key that chose it
+        if backend == "vllm":
+            from ..evaluation.backends import VLLMBackend
 
-        with recipe_keys("qat.kd", rename={"backend": "cache_backend"}):
             teacher = VLLMBackend(src.id, src.trust_remote_code, r.seed, engine_settings(r), max_logprobs=kd.cache_top_k)
-    else:
-        teacher = src.model(torch.bfloat16 if "cuda" in device else torch.float32, device).eval()
-    try:
-        with recipe_keys("qat.kd", rename={"backend": "cache_backend"}):
+        else:
+            teacher = src.model(torch.bfloat16 if "cuda" in device else torch.float32, device).eval()
+        try:
             return write_teacher_cache(teacher, qat_data, ctx.layout.teacher_cache(), kd.cache_top_k, kd.temperature,
                                        batch_size=r.qat.batch_size if backend == "transformers" else 1024,
                                        chunk_size=kd.chunk_size, info={"engine": backend, "device": device})
-    finally:
-        if hasattr(teacher, "close"):
-            teacher.close()
-        del teacher
+        finally:
+            if hasattr(teacher, "close"):
+                teacher.close()
+            del teacher
 
 
 def build_qat_data(ctx: StageContext, tok):

@@ -37,7 +37,8 @@ def run(ctx: StageContext) -> dict:
                 continue
             # The model stays in CPU memory and each layer visits the GPU (quant/ptq.py), so a model larger than
             # the GPU quantizes; the Hadamard rotation (W4A4) still runs on the GPU, with the whole model there.
-            model = load_rotated_teacher(ctx, home := device if r.ptq.rotation != "none" else "cpu")
+            home = device if r.ptq.rotation != "none" else "cpu"
+            model = load_rotated_teacher(ctx, home)
             if "cuda" in device:
                 torch.cuda.reset_peak_memory_stats()
             with recipe_keys("quant"):

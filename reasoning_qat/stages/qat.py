@@ -87,14 +87,14 @@ def _launch(ctx: StageContext) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(q.num_processes)]
     cmd += ["-m", "reasoning_qat.stages.qat", "--run-dir", str(ctx.run_dir), "--out", str(ctx.out)]
     cmd += [f"--input={k}={v}" for k, v in ctx.inputs.items()]
-    done = subprocess.run(cmd, env={**os.environ, **(FSDP2_ENV if q.distributed == "fsdp2" else {})})
+    done = subprocess.run(cmd)  # each worker's train_one sets FSDP2_ENV itself
     if done.returncode != 0:
         raise StageFailed(f"qat: the {q.num_processes}-process training exited with status {done.returncode} (its log is "
                           f"above); re-run the same command to resume from its last checkpoint")
 
 
 # Accelerate's FSDP plugin, version 2, as environment variables (what `accelerate launch --config_file
-# recipes/accelerate/fsdp2.yaml` exports; tests/stages/test_qat.py checks the two agree): fully_shard on each
+# recipes/accelerate/fsdp2.yaml` exports; tests/stages/test_fsdp2.py checks the two agree): fully_shard on each
 # decoder layer (the model's _no_split_modules) and on the root, parameters freed after each layer's forward,
 # checkpoints sharded through torch.distributed.checkpoint.
 FSDP2_ENV = {
