@@ -70,12 +70,28 @@ def qat_losses(run_dir: Path, variant: str) -> tuple[float | None, float | None,
     return hist[0]["loss"], hist[-1]["loss"], hist[-1].get("step")
 
 
-def build(run_dirs: list[Path], correctness: dict) -> dict:
+def steps_tag(run_dir: Path, method: str, bits: int) -> str:
+    """' [QAT 30 steps, RL 100 steps]' for a QAT(+RL) variant: runs of another training budget get rows of their own."""
+    from reasoning_qat.run_layout import RunLayout
+
+    layout = RunLayout(run_dir)
+    parts = []
+    if method in ("qat", "qat_rl"):
+        parts.append(f"QAT {layout.stage_metrics('qat').get(f'w{bits}-qat', {}).get('steps', '?')} steps")
+    if method in ("qat_rl", "ptq_rl"):
+        parts.append(f"RL {layout.stage_metrics('rl').get(f'w{bits}-{method}', {}).get('steps', '?')} steps")
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
+def build(run_dirs: list[Path], correctness: dict, tag_steps: bool = False) -> dict:
     """{(label, column): {"mean", "ci", "seeds", "loss0", "lossN", "stepN", "unfinished"}} for every row;
-    column = (bits, scheme): scheme "" for weight-only, e.g. "Hadamard, A4, KV4"; BF16 is (16, "")."""
+    column = (bits, scheme): scheme "" for weight-only, e.g. "Hadamard, A4, KV4"; BF16 is (16, "").
+    `tag_steps`: QAT and RL rows carry their step counts in the label (a budget sweep's rows)."""
     groups = defaultdict(list)
     for r in collect(run_dirs, unfinished=True):
         label = r["label"].removesuffix(f" ({r['scheme']})") if r["scheme"] else r["label"]
+        if tag_steps:
+            label += steps_tag(next(d for d in run_dirs if d.name == r["run"]), r["method"], r["bits"])
         column = (16, "") if r["method"] == "bf16" else (r["bits"], r["scheme"])
         groups[(label, column, r["task"])].append(r)
     table = {}
@@ -143,13 +159,16 @@ def scheme(column: tuple[int, str], group_size: int) -> str:
     return name + (f" ({', '.join(notes)})" if notes else "")
 
 
-def findings(table: dict, columns: list[tuple[int, str]], group_size: int = 128) -> list[str]:
+def findings(table: dict, columns: list[tuple[int, str]], group_size: int = 128,
+             pairs: list[tuple[str, str]] = ()) -> list[str]:
+    """The paper's findings per column, then each of `pairs` (row A vs row B), paired per problem."""
     out = []
     for column in columns:
         def t(label, column=column):
-            return table.get((label, column))
+            return table.get((label, column), table.get((label, (16, ""))))
 
         out.append(f"\n**{scheme(column, group_size)}**\n")
+        out += [f"- {a} vs {b}: {compare_rows(t(a), t(b))}" for a, b in pairs if t(a) or t(b)]
         out.append(f"- KD beats CE (KD-QAT vs CE-QAT): {compare_rows(t('KD-QAT'), t('CE-QAT'))}")
         line = f"- PTQ init beats RTN init (KD-QAT vs KD-QAT (RTN init)): {compare_rows(t('KD-QAT'), t('KD-QAT (RTN init)'))}"
         a, b = t("KD-QAT"), t("KD-QAT (RTN init)")
@@ -170,9 +189,12 @@ def main() -> int:
     ap.add_argument("--correctness", type=Path, nargs="*", default=[],
                     help="per-problem correctness files brought back from GPU calls (bg.sh), merged")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--tag-steps", action="store_true", help="QAT/RL rows labelled with their step counts")
+    ap.add_argument("--pair", nargs=2, action="append", default=[], metavar=("ROW_A", "ROW_B"),
+                    help="also compare these two rows (labels as the table prints them), paired per problem")
     a = ap.parse_args()
     correctness = {k: v for f in a.correctness for k, v in json.loads(f.read_text()).items()}
-    table = build(a.runs, correctness)  # a run with nothing evaluated yet gives no rows
+    table = build(a.runs, correctness, a.tag_steps)  # a run with nothing evaluated yet gives no rows
     if not table:
         raise SystemExit("organism_table: none of the runs has an evaluated variant yet (rqat run ... --stages eval)")
     columns = sorted({c for _, c in table if c[0] != 16}, key=lambda c: (c[1] != "", -c[0], c[1]))
@@ -197,7 +219,7 @@ def main() -> int:
     if any(e.get("unfinished") for e in table.values()):
         md += ("\n† from a run whose eval stage did not finish: the variants it did finish (the others are "
                "'-'); no per-problem data came back, so the interval combines the runs' own.\n")
-    md += "\n".join(findings(table, columns, group_size)) + "\n"
+    md += "\n".join(findings(table, columns, group_size, [tuple(x) for x in a.pair])) + "\n"
     print(md)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

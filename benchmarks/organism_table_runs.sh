@@ -10,6 +10,13 @@
 # The runs are named after the teacher's training steps (t350-kd0 ...: bg.sh's UNPACK then names
 # runs/organism-gpu-t350-kd0) and the table goes to benchmarks/results/organism-gpu/table-t350;
 # TEACHER_STEPS=N builds the same table on a teacher trained for N steps instead of the recipe's.
+# Issue 31/29 rows (the same teacher recipe; TAG=t350b- names a table of its own, SOURCE=own0 its teacher):
+#   own0/1  BF16, GPTQ and KD-QAT on the teacher's own traces (the reference rows of that teacher)
+#   kdf0/1, cef0/1  KD-QAT / CE-QAT on the other generator's traces (qat.data.demo_trace: compact)
+#   kds0/1  KD-QAT on the teacher's own sampled responses (qat.data.responses: teacher), self-distillation
+#   kdc0/1  KD-QAT from the cached top-64 teacher (qat.kd.teacher: cached)
+#   e20s0/1, e100s0/1  W2G128: GRPO for 20 / 100 steps from a KD-QAT student stopped early (30 of 300 steps)
+#   f100s0/1           W2G128: GRPO for 100 steps from the finished KD-QAT student
 set -eu
 S1="seed=1 calibration.seed=1 eval.seed=1"
 PTQ="qat.enabled=false rl.enabled=false eval.methods=[bf16,rtn,gptq_generic,gptq]"  # the PTQ rows
@@ -20,15 +27,22 @@ C="qat.kd.loss=ce ptq.baselines=[] rl.enabled=false eval.methods=[qat]"         
 P="qat.enabled=false rl.init=ptq ptq.method=rtn ptq.baselines=[] rl.min_accuracy=0.0 eval.methods=[ptq_rl]"
 A4="quant.bits=[4] quant.preset=w4a4kv4 ptq.rotation=hadamard"
 w23="kd0 kd1 rlptq0 rlptq1 ptq0 ptq1 kdrtn0 kdrtn1 ce0 ce1"  # the order runs start in: longest first
+OWN="ptq.baselines=[] rl.enabled=false eval.methods=[bf16,gptq,qat]"                 # the reference rows
+F="qat.data.demo_trace=compact ptq.baselines=[] rl.enabled=false eval.methods=[gptq,qat]"  # another generator's traces
+SELF="qat.data.responses=teacher qat.data.max_samples=19200 qat.data.generation.batch_size=1200 \
+qat.data.generation.max_new_tokens=640 qat.data.generation.backend=transformers ptq.baselines=[] rl.enabled=false eval.methods=[qat]"
+CACHED="qat.kd.teacher=cached ptq.baselines=[] rl.enabled=false eval.methods=[qat]"
+RLW2="quant.bits=[2] ptq.baselines=[] eval.methods=[qat,qat_rl] rl.save_steps=20"
 w4a4kv4="akd0 akd1 arlptq0 arlptq1 aptq0 aptq1 akdrtn0 akdrtn1 ace0 ace1"
 want=${*:-$w23 $w4a4kv4}
 steps=${TEACHER_STEPS:-$(awk '$1 == "train_steps:" {print $2; exit}' recipes/organism-gpu.yaml)}
 [ -n "$steps" ] || { echo "recipes/organism-gpu.yaml has no model.demo.train_steps: set TEACHER_STEPS" >&2; exit 2; }
-tag="t$steps-"; teacher="model.demo.train_steps=$steps"; out=benchmarks/results/organism-gpu/table-t$steps
+tag=${TAG:-t$steps-}; teacher="model.demo.train_steps=$steps"; out=benchmarks/results/organism-gpu/table-${tag%-}
 args="--base recipes/organism-gpu.yaml --out $out --parallel ${PARALLEL:-8}"
-# kd0's teacher is everyone's: with kd0 in the list the others wait for it (trained there, or put
-# there by bg.sh's UNPACK before the runs start); without, it must already be on disk
-[[ " $want " == *" kd0 "* ]] || args="$args --teacher-from runs/organism-gpu-${tag}kd0"
+# SOURCE's teacher (kd0 unless named) is everyone's: with SOURCE in the list the others wait for it (trained
+# there, or put there by bg.sh's UNPACK before the runs start); without, it must already be on disk
+src=${SOURCE:-kd0}
+[[ " $want " == *" $src "* ]] || args="$args --teacher-from runs/organism-gpu-${tag}$src"
 for v in $want; do
   scheme=""; base=$v
   # W4A4KV4: Hadamard-rotated (as QuaRot runs it) for every method of the column; BF16 is the w23 runs'
@@ -36,10 +50,16 @@ for v in $want; do
   case $base in
     kdrtn[01]) rows=$R ;; kd[01]) rows=$KD ;; rlptq[01]) rows=$P ;; ce[01]) rows=$C ;;
     ptq[01]) rows=$PTQ; [ -n "$scheme" ] && rows=${rows/bf16,/} ;;
-    *) echo "unknown variant $v (one of: $w23 $w4a4kv4)" >&2; exit 2 ;;
+    own[01]) rows=$OWN ;; kdf[01]) rows=$F ;; cef[01]) rows="$F qat.kd.loss=ce" ;; kds[01]) rows=$SELF ;;
+    kdc[01]) rows=$CACHED ;;
+    # the KD-QAT start is evaluated once: by e20s (stopped early) and own (finished, the same recipe)
+    e20s[01]) rows="$RLW2 qat.max_steps=30 rl.max_steps=20" ;;
+    e100s[01]) rows="$RLW2 qat.max_steps=30 rl.max_steps=100 eval.methods=[qat_rl]" ;;
+    f100s[01]) rows="$RLW2 rl.max_steps=100 eval.methods=[qat_rl]" ;;
+    *) echo "unknown variant $v (one of: $w23 $w4a4kv4 own kdf cef kds kdc (then 0 or 1), e20s e100s f100s (then 0 or 1))" >&2; exit 2 ;;
   esac
   seed=""; [ "${v: -1}" = 1 ] && seed=$S1
   args="$args --variant $tag$v $teacher $scheme $rows $seed"
-  [[ " $want " == *" kd0 "* ]] && [ "$v" != kd0 ] && args="$args --share $tag$v ${tag}kd0"
+  [[ " $want " == *" $src "* ]] && [ "$v" != "$src" ] && args="$args --share $tag$v ${tag}$src"
 done
 echo "$args"

@@ -29,7 +29,8 @@ def collect(run_dirs: list[str | Path], unfinished: bool = False) -> list[dict]:
             raise UserError(f"{layout.root}: no finished eval stage; run `rqat run RECIPE --stages eval` first")
         evaluated = _finished_variants(layout) if partial else ev.get("metrics", {})
         sizes, qat, rl, ptq = (layout.stage_metrics(s) for s in ("export", "qat", "rl", "ptq"))
-        calib_domain = layout.stage_metrics("calibrate").get("domain", "reasoning")
+        calib = layout.stage_metrics("calibrate")
+        calib_domain = calib.get("domain", "reasoning")
         teacher_model = layout.teacher_model_dir()
         bf16_bytes = directory_size(teacher_model) if teacher_model.is_dir() else None
         for name, tasks in evaluated.items():
@@ -43,7 +44,7 @@ def collect(run_dirs: list[str | Path], unfinished: bool = False) -> list[dict]:
                 rows.append({"run": layout.name, "task": task, "bits": v.bits, "method": v.method, "pass@1": tm["pass@1"],
                              "ci95": tm["ci95"], "size_bytes": size, "ce": tm.get("ce"),
                              "label": _label(v.method, qat.get(str(Variant(v.bits, "qat")), {}), calib_domain,
-                                             rl.get(name, {})) + scheme,
+                                             rl.get(name, {}), calib) + scheme,
                              "scheme": scheme.strip(" ()"), **({"unfinished_eval": True} if partial else {})})
     for r in rows:
         base = [b for b in rows if b["run"] == r["run"] and b["task"] == r["task"] and b["method"] == "bf16"]
@@ -76,21 +77,35 @@ def _scheme(ptq_metrics: dict, v) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def _label(method: str, qat_metrics: dict, calib_domain: str = "reasoning", rl_metrics: dict | None = None) -> str:
-    """Names variants by how they were made: the main GPTQ's calibration domain, QAT's loss and init,
-    the PTQ checkpoint RL started from."""
+def _label(method: str, qat_metrics: dict, calib_domain: str = "reasoning", rl_metrics: dict | None = None,
+           calib_metrics: dict | None = None) -> str:
+    """Names variants by how they were made: the main GPTQ's calibration domain (and whose responses it
+    was cut from), QAT's loss, init and data, the PTQ checkpoint RL started from."""
     label = METHOD_LABEL.get(method, method)
     if method == "ptq_rl" and (rl_metrics or {}).get("init"):
-        return f"RL from {_label(Variant.parse(rl_metrics['init']).method, {}, calib_domain)}"
+        return f"RL from {_label(Variant.parse(rl_metrics['init']).method, {}, calib_domain, None, calib_metrics)}"
     if method == "gptq" and calib_domain == "generic":
         label = METHOD_LABEL["gptq_generic"]
+    elif method == "gptq" and (origin := _data_origin(calib_metrics or {})):
+        label = label.removesuffix(")") + f", {', '.join(origin)})"
     if method in ("qat", "qat_rl") and qat_metrics:
         if qat_metrics.get("loss") == "ce":
             label = label.replace("KD-QAT", "CE-QAT")
         init = qat_metrics.get("init")
-        if init and init != "ptq":
-            label += f" ({init.upper()} init)"
+        origin = ([f"{init.upper()} init"] if init and init != "ptq" else []) + _data_origin(qat_metrics)
+        if origin:
+            label = label.replace(" + RL", "") + f" ({', '.join(origin)})" + (" + RL" if method == "qat_rl" else "")
     return label
+
+
+def _data_origin(qat_metrics: dict) -> list[str]:
+    """What the QAT student learned from, where not the default (online teacher on the dataset's responses)."""
+    out = [f"cached top-{qat_metrics['cache_top_k']}"] if qat_metrics.get("teacher") == "cached" else []
+    if qat_metrics.get("responses") == "teacher":
+        out.append("teacher's responses")
+    if qat_metrics.get("trace"):
+        out.append(f"{qat_metrics['trace']} traces")
+    return out
 
 
 def to_markdown(rows: list[dict]) -> str:

@@ -71,25 +71,35 @@ def grouped_optimizer(trainer, latent_lr: float | None, scale_lr: float | None):
     return cls([g for g in groups if g["params"]], **kwargs)
 
 
-def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "training"):
+def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "training", names: dict | None = None):
     """Make `optimizer.step` skip a step whose gradients hold a NaN or inf (the gradients are
     dropped, the weights and the optimizer's moments stay as they were) instead of writing NaN into
     the weights: a GRPO step can meet a finite loss with NaN gradients (the GPU organism's RL from
     W3 RTN, seed 1, step 16), and the next rollout's sampling then dies on a device-side assert.
-    `stats["skipped_nonfinite_steps"]` counts the skips; `limit` in a row raise TrainingDiverged."""
+    `stats["skipped_nonfinite_steps"]` counts the skips and `stats["nonfinite_steps"]` says what each
+    held: the optimizer step (1-based), how many parameters had a non-finite gradient, the first few
+    by name (`names`: {id(parameter): name}) and whether NaN, inf or both, to find the cause.
+    `limit` in a row raise TrainingDiverged."""
     import torch
 
     from .errors import TrainingDiverged
 
     stats.setdefault("skipped_nonfinite_steps", 0)
-    in_a_row = 0
+    in_a_row = calls = 0
     step = optimizer.step
 
     def guarded(*args, **kwargs):
-        nonlocal in_a_row
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+        nonlocal in_a_row, calls
+        calls += 1
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if params and not torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params])):
+            bad = [p for p in params if not torch.isfinite(p.grad).all()]
             stats["skipped_nonfinite_steps"] += 1
+            stats.setdefault("nonfinite_steps", []).append({
+                "step": calls, "parameters": len(bad),
+                "first": [(names or {}).get(id(p), f"#{i}") for i, p in enumerate(bad[:6])],
+                "nan": any(bool(torch.isnan(p.grad).any()) for p in bad),
+                "inf": any(bool(torch.isinf(p.grad).any()) for p in bad)})
             in_a_row += 1
             optimizer.zero_grad(set_to_none=True)
             if in_a_row >= limit:

@@ -43,6 +43,34 @@ def test_rows_label_order_and_ratios(tmp_path):
     assert "| a | demo_arith | 2 | KD-QAT (RTN init) | 0.760 | 0.020 | 95.0 | 3.00 | 0.0110 | +10.00 |" in md
 
 
+def test_labels_name_where_the_qat_targets_came_from(tmp_path):
+    """QAT on another generator's traces, on the teacher's own responses or from a cached top-k teacher
+    is a row of its own (the organism's table pools runs by label), also after RL."""
+    origins = {"own": {}, "trace": {"trace": "compact", "responses": "dataset", "teacher": "online"},
+               "self": {"responses": "teacher", "teacher": "online"}, "cached": {"teacher": "cached", "cache_top_k": 64},
+               "both": {"loss": "ce", "init": "rtn", "trace": "compact"}}
+    runs = []
+    for name, origin in origins.items():
+        run = _run(tmp_path, name)
+        _stage(run, "qat", {"w2-qat": {"loss": "forward_kl", "init": "ptq", **origin}})
+        # the domain calibration is cut from the same QAT set: its GPTQ is another row too
+        data = {k: v for k, v in origin.items() if k in ("responses", "trace")}
+        _stage(run, "calibrate", {"domain": "reasoning", **data})
+        (run / "eval" / "manifest.json").write_text(json.dumps({"status": "done", "metrics": {
+            "w2-qat": {"demo_arith": {"pass@1": 0.7, "ci95": 0.02}}, "w2-qat_rl": {"demo_arith": {"pass@1": 0.7, "ci95": 0.02}},
+            "w2-gptq": {"demo_arith": {"pass@1": 0.6, "ci95": 0.02}}}}))
+        runs.append(run)
+    labels = {(r["run"], r["method"]): r["label"] for r in collect(runs)}
+    assert labels[("own", "qat")] == "KD-QAT" and labels[("own", "qat_rl")] == "KD-QAT + RL"
+    assert labels[("trace", "qat")] == "KD-QAT (compact traces)"
+    assert labels[("self", "qat_rl")] == "KD-QAT (teacher's responses) + RL"
+    assert labels[("cached", "qat")] == "KD-QAT (cached top-64)"
+    assert labels[("both", "qat")] == "CE-QAT (RTN init, compact traces)"
+    assert labels[("own", "gptq")] == labels[("cached", "gptq")] == "GPTQ (domain calib)"
+    assert labels[("trace", "gptq")] == "GPTQ (domain calib, compact traces)"
+    assert labels[("self", "gptq")] == "GPTQ (domain calib, teacher's responses)"
+
+
 def test_report_files_and_an_unfinished_eval(tmp_path):
     run = _run(tmp_path, "a")
     rows, md = write_report([run], tmp_path / "out", make_plot=True)

@@ -118,3 +118,18 @@ def test_table_runs_are_named_after_their_teacher_and_share_it():
     steps = yaml.safe_load((ROOT / "recipes" / "organism-gpu.yaml").read_text())["model"]["demo"]["train_steps"]
     b = args("ptq1")
     assert "--share" not in b and b[b.index("--teacher-from") + 1] == f"runs/organism-gpu-t{steps}-kd0"
+
+
+def test_named_pairs_are_read_in_every_column():
+    """--pair A B adds 'A vs B' to each column's findings; BF16 (one column of its own) pairs with any."""
+    t = _module()
+    a = {str(i): 1.0 for i in range(100)}
+    b = {**a, **{str(i): 0.0 for i in range(20)}}
+    e = lambda p: {"mean": sum(p.values()) / len(p), "ci": 0.0, "problems": p}  # noqa: E731
+    table = {("KD-QAT (compact traces)", (2, "")): e(a), ("CE-QAT (compact traces)", (2, "")): e(b), ("BF16", (16, "")): e(b)}
+    lines = t.findings(table, [(2, "")], 128, [("KD-QAT (compact traces)", "CE-QAT (compact traces)"),
+                                               ("BF16", "KD-QAT (compact traces)"), ("KD-QAT", "CE-QAT")])
+    text = "\n".join(lines)
+    assert "- KD-QAT (compact traces) vs CE-QAT (compact traces): 1.000 vs 0.800: +0.200" in text and "holds" in text
+    assert "- BF16 vs KD-QAT (compact traces): 0.800 vs 1.000: -0.200" in text and "reversed" in text
+    assert "- KD-QAT vs CE-QAT:" not in text  # neither row measured: no line

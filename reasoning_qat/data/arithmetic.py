@@ -9,6 +9,7 @@ training inside other problems, so a model that reasons step by step generalises
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 
@@ -96,6 +97,25 @@ class ChainProblem:
             lines.append(f"{v}{op}{n}={nxt}" if self.trace == "compact" else f"{v}{op}{n}: {_columns(v, n, op)} -> {nxt}")
             v = nxt
         return "<think>\n" + "\n".join(lines) + "\n</think>\n\nThe answer is \\boxed{" + self.answer + "}."
+
+
+_COLUMNS_STEP = re.compile(r"^\d+[+-]\d+: .*-> -?\d+$")
+_COMPACT_STEP = re.compile(r"^\d+[+-]\d+=-?\d+$")
+
+
+def trace_style(text: str) -> str:
+    """Which chain-task trace style a response's thinking is written in: "columns" (every step worked
+    column by column, `482+359: 2+9=11 c1, ... -> 841`), "compact" (`482+359=841`), "mixed" (steps of
+    both) or "other" (no step line of either: no thinking, or something else). Reads the lines between
+    `<think>` and `</think>` (to the end when the thinking is not closed); how the eval tells which
+    generator's style a student writes after QAT on another style's traces."""
+    think = text.split("<think>", 1)[-1].split("</think>", 1)[0]
+    lines = [ln.strip() for ln in think.splitlines() if ln.strip()]
+    columns = sum(bool(_COLUMNS_STEP.match(ln)) for ln in lines)
+    compact = sum(bool(_COMPACT_STEP.match(ln)) for ln in lines)
+    if columns and compact:
+        return "mixed"
+    return "columns" if columns else "compact" if compact else "other"
 
 
 def _columns(a: int, b: int, op: str) -> str:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 
+from ..data.arithmetic import trace_style
 from ..data.reasoning import generation_prompt, write_jsonl
 from ..data.thinking import prompt_opens_thinking
 from .backends import EngineSettings, make_backend, request_seed
@@ -92,11 +94,21 @@ def evaluate(model_path: str, task: Task, out_dir: str | Path, *, backend: str =
         "temperature": temp,
         "max_new_tokens": max_new,
         **extra,
+        **_trace_styles(task, rows),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "samples.jsonl", rows)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
+
+
+def _trace_styles(task: Task, rows: list[dict]) -> dict:
+    """The demo's chain task: how many responses use each trace style (`data.arithmetic.trace_style`), so
+    a student trained on another generator's traces shows whose style it writes; {} for other tasks."""
+    if task.source != "demo":
+        return {}
+    styles = Counter(trace_style(r["response"]) for r in rows)
+    return {"trace_styles": dict(sorted(styles.items()))} if set(styles) - {"other"} else {}
 
 
 def _grade(task: Task, problems, prompts, completions, golds) -> tuple[list[list], dict]:

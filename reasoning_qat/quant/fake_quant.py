@@ -230,6 +230,22 @@ def fake_quant_modules(model: nn.Module) -> dict[str, FakeQuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
 
 
+def weight_codes(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{module name: its integer codes} (uint8 [out, in], on the CPU) of every FakeQuantLinear."""
+    return {name: m.export().codes.cpu() for name, m in fake_quant_modules(model).items()}
+
+
+def moved_fraction(before: dict[str, torch.Tensor], model: nn.Module) -> float:
+    """The share of quantized weights whose integer code differs from `before` (`weight_codes` of the
+    same model earlier): how many weights training moved to another grid point. Raises KeyError when
+    the model's quantized layers are not those of `before`."""
+    moved = total = 0
+    for name, codes in weight_codes(model).items():
+        moved += int((codes != before[name]).sum())
+        total += codes.numel()
+    return moved / max(total, 1)
+
+
 def train_quantizers(model: nn.Module, on: bool) -> None:
     """Whether the step sizes and zero points of every FakeQuantLinear train (a symmetric scheme's zero
     point never does: it is fixed at the grid's middle)."""

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from ..data.calibration import domain_calibration, generic_calibration
 from ..data.qat_data import save_tokenized, select_traces, tokenize_traces
 from ..pipeline import StageContext
-from .common import load_teacher_tokenizer, open_source, source_rows, teacher_source
+from .common import load_teacher_tokenizer, open_source, qat_data_origin, source_rows, teacher_source
 from .specs import engine_settings, generation_spec, recipe_keys, trace_spec
 
 
@@ -44,7 +44,7 @@ def run(ctx: StageContext) -> dict:
     return {
         name: {"shape": list(t.shape), "sha256": hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]}
         for name, t in sets.items()
-    } | {"domain": c.domain} | extra
+    } | {"domain": c.domain, **(qat_data_origin(r) if c.domain == "reasoning" else {})} | extra
 
 
 def write_cached_teacher(ctx: StageContext, qat_data) -> dict:

@@ -86,6 +86,16 @@ def source_rows(ctx, data: DataConfig, tokenizer, prompts_only: bool = False) ->
     return [{k: v for k, v in r.items() if v is not None and k != "status"} for r in rows if r["status"] == "kept"]
 
 
+def qat_data_origin(recipe: Recipe) -> dict:
+    """Whose responses the QAT set holds, and with it the domain calibration windows cut from it:
+    `responses` (the dataset's or the teacher's own) and, for the demo's chain task, `trace` when the
+    data are another generator's (a trace style other than the teacher's). Recorded in the calibrate
+    and qat manifests; compare names the rows by it."""
+    q, demo = recipe.qat, recipe.model.demo
+    foreign = q.data.demo_trace if demo is not None and q.data.demo_trace not in (None, demo.trace) else None
+    return {"responses": q.data.responses, **({"trace": foreign} if foreign else {})}
+
+
 def rl_method(recipe: Recipe) -> str:
     """The rl stage's variant method: `qat_rl` (GRPO after QAT) or `ptq_rl` (straight from PTQ)."""
     return f"{recipe.rl.init}_rl"

@@ -270,9 +270,17 @@ def train_one(ctx: StageContext, bits: int) -> None:
                        "steps": trainer.state.global_step, "averaged_snapshots": averaged,
                        "gradient_checkpointing": recompute, "gradient_checkpointing_reason": why, "init": q.init, "loss": q.kd.loss,
                        "kd_path": sorted(trainer.loss_paths), "distributed": q.distributed,
-                       "processes": trainer.accelerator.num_processes}
+                       "processes": trainer.accelerator.num_processes, **_data_origin(ctx.recipe)}
             finish_training(ctx, "qat", v, metrics, trainer.state.log_history)
     trainer.accelerator.wait_for_everyone()
+
+
+def _data_origin(recipe) -> dict:
+    """Where the student's targets came from, for compare's labels: the teacher (online, or its cached
+    top-k) and the data (`common.qat_data_origin`)."""
+    kd = recipe.qat.kd
+    return {"teacher": kd.teacher, **({"cache_top_k": kd.cache_top_k} if kd.teacher == "cached" else {}),
+            **qat_data_origin(recipe)}
 
 
 def _initial_loss(trainer, path: Path, n_batches: int) -> float:

@@ -20,7 +20,7 @@ from ..evaluation.backends import TransformersBackend
 from ..evaluation.grader import grade
 from ..models import best_device
 from ..pipeline import StageContext
-from ..quant.fake_quant import fake_quant_modules, frozen_fake_quant, train_quantizers
+from ..quant.fake_quant import fake_quant_modules, frozen_fake_quant, moved_fraction, train_quantizers, weight_codes
 from ..quant.formats import load_quantized_checkpoint, save_quantized_checkpoint
 from ..run_layout import Variant, finished_metrics
 from ..training import (
@@ -96,8 +96,9 @@ def _trainer_class(latent_lr: float):
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:
+                names = {id(p): n for n, p in self.model.named_parameters()}
                 self.optimizer = skip_nonfinite_steps(grouped_optimizer(self, self.latent_lr, self.args.learning_rate),
-                                                      self.counts, what="rl")
+                                                      self.counts, what="rl", names=names)
             return self.optimizer
 
         def _generate(self, prompts):
@@ -208,6 +209,7 @@ def run(ctx: StageContext) -> dict:
             # vLLM cannot read the fake-quant checkpoint: it starts from the BF16 teacher's (same
             # architecture), and the first rollout already syncs the student's dequantized weights.
             student.name_or_path = student.config._name_or_path = teacher_path(ctx)
+        start_codes = weight_codes(student)
         train_quantizers(student, cfg.train_scales)
         data = Dataset.from_list([{"prompt": generation_prompt(tok, x["prompt"]), "answer": x["answer"]} for x in rows])
         funcs, weights = [correctness_reward], [1.0]
@@ -245,6 +247,8 @@ def run(ctx: StageContext) -> dict:
         record = {"init": str(init), "start_accuracy": acc, "steps": trainer.state.global_step,
                   "mean_reward_first": sum(rewards[:5]) / max(len(rewards[:5]), 1),
                   "mean_reward_last": sum(rewards[-5:]) / max(len(rewards[-5:]), 1), **rollouts,
+                  # the share of weights GRPO moved to another grid point (codes against the start's)
+                  "moved_to_another_grid_point": moved_fraction(start_codes, student),
                   # wall time of the steps this process ran (a resumed run: those after its checkpoint)
                   "train_runtime_s": round(result.metrics["train_runtime"], 2), "resumed": resumed_at is not None}
         finish_training(ctx, "rl", v, record, trainer.state.log_history)

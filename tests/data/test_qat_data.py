@@ -198,6 +198,20 @@ def test_chain_step_range_and_compact_trace():
         assert len(lines) == len(b.steps) and b.response.endswith(f"\\boxed{{{b.answer}}}.")
 
 
+def test_trace_style_tells_the_two_generators_apart():
+    """`trace_style` names the style of a response's thinking: each style's own traces, a thinking left
+    open (cut by max_new_tokens), a mixture, and text with no step line."""
+    from reasoning_qat.data.arithmetic import chain_problems, trace_style
+
+    for p, q in zip(chain_problems(50, 4, 4, 8), chain_problems(50, 4, 4, 8, "compact")):
+        assert trace_style(p.response) == "columns" and trace_style(q.response) == "compact"
+        assert trace_style(p.response.split("</think>")[0]) == "columns"  # unclosed thinking
+        a, b = p.response.split("\n"), q.response.split("\n")
+        assert trace_style("\n".join(a[:2] + b[2:])) == "mixed"
+    assert trace_style("<think>\nI add them up.\n</think>\n\nThe answer is \\boxed{3}.") == "other"
+    assert trace_style("482+359: 2+9=11 c1 ->") == "other"  # a column line cut before its result
+
+
 CHAIN = """
 name: chain
 run_root: {root}
@@ -235,6 +249,9 @@ def test_qat_data_from_another_generator_than_the_teacher(tmp_path):
     assert not any(" -> " in t for t in texts)  # compact: each step's result, no column work
     assert all(r["prompt"] in t for r, t in zip(teacher_rows, texts))  # the same problems, in the same order
     assert all(f"boxed{{{r['answer']}}}" in t for r, t in zip(teacher_rows, texts))
+    # the calibrate manifest says whose traces the set (and the GPTQ calibration cut from it) holds
+    calib = json.loads((run / "calibrate" / "manifest.json").read_text())["metrics"]
+    assert calib["trace"] == "compact" and calib["responses"] == "dataset"
 
 
 def test_demo_trace_needs_the_chain_task(tmp_path):

@@ -276,3 +276,17 @@ def test_recipe_preflight_checks_every_suite_task_source(tmp_path):
     # a year's file is accepted for the suite's combined AIME task
     year = {**base, "eval": {"tasks": ["reasoning"], "data": {"aime24": write_jsonl(tmp_path / "a.jsonl", [{"problem": "p", "answer": "1"}])}}}
     preflight(Recipe.model_validate(year))
+
+
+def test_demo_eval_counts_the_trace_styles_students_write():
+    """The eval's metrics of the demo task say whose trace style the responses use (issue 31: a student
+    trained on another generator's traces); other tasks, or demo responses with no step line, get none."""
+    from reasoning_qat.data.arithmetic import chain_problems
+    from reasoning_qat.evaluation.runner import _trace_styles
+    from reasoning_qat.evaluation.tasks import load_task
+
+    cols, compact = chain_problems(3, 0), chain_problems(2, 0, trace="compact")
+    rows = [{"response": p.response} for p in cols + compact] + [{"response": "The answer is \\boxed{1}."}]
+    assert _trace_styles(load_task("demo_arith"), rows) == {"trace_styles": {"columns": 3, "compact": 2, "other": 1}}
+    assert _trace_styles(load_task("demo_arith"), rows[-1:]) == {}
+    assert _trace_styles(load_task("math500"), rows) == {}

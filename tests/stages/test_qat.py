@@ -156,7 +156,8 @@ def test_a_step_with_nan_gradients_is_skipped_and_three_in_a_row_stop_training()
     model = tiny_qwen3()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     stats = {}
-    skip_nonfinite_steps(opt, stats, limit=3, what="rl")
+    names = {id(p): n for n, p in model.named_parameters()}
+    skip_nonfinite_steps(opt, stats, limit=3, what="rl", names=names)
     ids = torch.randint(0, model.config.vocab_size, (2, 8))
 
     def backward(poison: bool):
@@ -171,6 +172,10 @@ def test_a_step_with_nan_gradients_is_skipped_and_three_in_a_row_stop_training()
     backward(poison=True)
     opt.step()
     assert stats["skipped_nonfinite_steps"] == 1
+    # what the skipped step held: every parameter's gradient NaN (the poisoned loss), named
+    (record,) = stats["nonfinite_steps"]
+    assert record["step"] == 2 and record["parameters"] == len(names) and record["nan"] and not record["inf"]
+    assert record["first"] == [n for n, _ in model.named_parameters()][:6]
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert all(torch.equal(s["exp_avg"], moments[id(p)]) for p, s in opt.state.items())
     backward(poison=False)
