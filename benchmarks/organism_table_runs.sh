@@ -15,8 +15,8 @@
 #   kdf0/1, cef0/1  KD-QAT / CE-QAT on the other generator's traces (qat.data.demo_trace: compact)
 #   kds0/1  KD-QAT on the teacher's own sampled responses (qat.data.responses: teacher), self-distillation
 #   kdc0/1  KD-QAT from the cached top-64 teacher (qat.kd.teacher: cached)
-#   e20s0/1, e100s0/1  W2G128: GRPO for 20 / 100 steps from a KD-QAT student stopped early (30 of 300 steps)
-#   f100s0/1           W2G128: GRPO for 100 steps from the finished KD-QAT student
+#   e20s0/1, eNs0/1    W2G128: GRPO for 20 / N steps from a KD-QAT student stopped early (30 of 300 steps)
+#   fNs0/1             W2G128: GRPO for N steps from the finished KD-QAT student
 set -eu
 S1="seed=1 calibration.seed=1 eval.seed=1"
 PTQ="qat.enabled=false rl.enabled=false eval.methods=[bf16,rtn,gptq_generic,gptq]"  # the PTQ rows
@@ -28,10 +28,11 @@ P="qat.enabled=false rl.init=ptq ptq.method=rtn ptq.baselines=[] rl.min_accuracy
 A4="quant.bits=[4] quant.preset=w4a4kv4 ptq.rotation=hadamard"
 w23="kd0 kd1 rlptq0 rlptq1 ptq0 ptq1 kdrtn0 kdrtn1 ce0 ce1"  # the order runs start in: longest first
 OWN="ptq.baselines=[] rl.enabled=false eval.methods=[bf16,gptq,qat]"                 # the reference rows
-F="qat.data.demo_trace=compact ptq.baselines=[] rl.enabled=false eval.methods=[gptq,qat]"  # another generator's traces
+F="qat.data.demo_trace=compact ptq.baselines=[] rl.enabled=false eval.methods=[qat]"  # another generator's traces (GPTQ: own0's)
 SELF="qat.data.responses=teacher qat.data.max_samples=19200 qat.data.generation.batch_size=1200 \
 qat.data.generation.max_new_tokens=640 qat.data.generation.backend=transformers ptq.baselines=[] rl.enabled=false eval.methods=[qat]"
-CACHED="qat.kd.teacher=cached ptq.baselines=[] rl.enabled=false eval.methods=[qat]"
+# the cache covers the QAT set: its first 19,200 rows, the examples 300 steps x 64 read (as SELF's)
+CACHED="qat.kd.teacher=cached qat.data.max_samples=19200 ptq.baselines=[] rl.enabled=false eval.methods=[qat]"
 RLW2="quant.bits=[2] ptq.baselines=[] eval.methods=[qat,qat_rl] rl.save_steps=20"
 w4a4kv4="akd0 akd1 arlptq0 arlptq1 aptq0 aptq1 akdrtn0 akdrtn1 ace0 ace1"
 want=${*:-$w23 $w4a4kv4}
@@ -54,9 +55,9 @@ for v in $want; do
     kdc[01]) rows=$CACHED ;;
     # the KD-QAT start is evaluated once: by e20s (stopped early) and own (finished, the same recipe)
     e20s[01]) rows="$RLW2 qat.max_steps=30 rl.max_steps=20" ;;
-    e100s[01]) rows="$RLW2 qat.max_steps=30 rl.max_steps=100 eval.methods=[qat_rl]" ;;
-    f100s[01]) rows="$RLW2 rl.max_steps=100 eval.methods=[qat_rl]" ;;
-    *) echo "unknown variant $v (one of: $w23 $w4a4kv4 own kdf cef kds kdc (then 0 or 1), e20s e100s f100s (then 0 or 1))" >&2; exit 2 ;;
+    e[0-9]*s[01]) n=${base#e}; rows="$RLW2 qat.max_steps=30 rl.max_steps=${n%s?} eval.methods=[qat_rl]" ;;
+    f[0-9]*s[01]) n=${base#f}; rows="$RLW2 rl.max_steps=${n%s?} eval.methods=[qat_rl]" ;;
+    *) echo "unknown variant $v (one of: $w23 $w4a4kv4 own kdf cef kds kdc (then 0 or 1), e20s eNs fNs (then 0 or 1))" >&2; exit 2 ;;
   esac
   seed=""; [ "${v: -1}" = 1 ] && seed=$S1
   args="$args --variant $tag$v $teacher $scheme $rows $seed"

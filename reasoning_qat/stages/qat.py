@@ -41,6 +41,7 @@ from .common import (
     load_rotated_teacher,
     load_teacher,
     load_teacher_tokenizer,
+    qat_data_origin,
 )
 from .specs import kd_spec, quant_spec
 
