@@ -102,10 +102,11 @@ def test_grpo_straight_from_a_ptq_checkpoint(tmp_path):
     # RL changed the weights it started from (a w4 start solves some prompts: the rewards differ)
     start, after = (load_quantized_checkpoint(p) for p in (run / "ptq" / "w4-rtn", run / "rl" / "w4-ptq_rl" / "model"))
     # the recorded share of weights moved to another grid point is the one the two checkpoints' codes show
+    # (two small steps here move the step sizes, not a code: test_quantizer checks a positive share)
     codes = [{k: v for k, v in load_file(str(d / "model.safetensors")).items() if k.endswith(".codes")}
              for d in (run / "ptq" / "w4-rtn", run / "rl" / "w4-ptq_rl" / "model")]
     moved = sum(int((codes[0][k] != codes[1][k]).sum()) for k in codes[0]) / sum(v.numel() for v in codes[0].values())
-    assert m["moved_to_another_grid_point"] == pytest.approx(moved) and 0 < moved < 0.5
+    assert m["moved_to_another_grid_point"] == pytest.approx(moved) and moved < 0.5
     x = torch.randint(0, 100, (1, 20))
     with torch.no_grad():
         assert not torch.allclose(start(x).logits, after(x).logits)

@@ -12,6 +12,7 @@ from reasoning_qat.quant import (
     swap_in_fake_quant,
     swap_out_fake_quant,
 )
+from reasoning_qat.quant.fake_quant import moved_fraction, weight_codes
 from reasoning_qat.quant.quantizer import default_g_idx, fake_quantize, find_group_params
 
 from ..conftest import tiny_qwen3
@@ -125,6 +126,21 @@ def test_swap_in_and_out(tiny_model):
     assert not any(isinstance(m, FakeQuantLinear) for m in tiny_model.modules())
     with torch.no_grad():
         assert torch.equal(tiny_model(x).logits, fq_logits)
+
+
+def test_moved_fraction_counts_weights_pushed_to_another_grid_point(tiny_model):
+    # the latent weight lives in grid units: +1 moves a code one grid point up (below the top of the grid)
+    swap_in_fake_quant(tiny_model, QuantTargets(QuantScheme(4, 32)))
+    before = weight_codes(tiny_model)
+    total = sum(c.numel() for c in before.values())
+    name = "model.layers.1.mlp.up_proj"
+    fq = tiny_model.get_submodule(name)
+    below_top = (before[name] < fq.scheme.maxq).flatten().nonzero().flatten()[:5]
+    with torch.no_grad():
+        fq.weight.view(-1)[below_top] += 1.0
+    assert moved_fraction(before, tiny_model) == pytest.approx(5 / total)
+    with pytest.raises(KeyError):
+        moved_fraction({k: v for k, v in before.items() if k != name}, tiny_model)
 
 
 def test_bad_group_size_fails_before_work(tiny_model):
