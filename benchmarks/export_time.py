@@ -3,7 +3,8 @@ ptq stage's own work on the same model.
 
 The export stage loads each variant's rqat checkpoint and writes each format (formats.py). This times, in one
 run: one load per format with each format's own writer (the stage before `export_formats`), one load for all
-formats (`export_formats`, the stage now), and the ptq stage's RTN of the same model plus its checkpoint write.
+formats (`export_formats`), both formats straight from the checkpoint's codes (`export_checkpoint`, the stage
+now), and the ptq stage's RTN of the same model plus its checkpoint write.
 Earlier before/after runs: run it on each checkout, e.g.
 
     python benchmarks/export_time.py [--arch qwen3-0.6b] [--layers 4] [--bits 4] --label after
@@ -62,6 +63,11 @@ def main() -> None:
                                                          dtype=torch.bfloat16))
         rows.append({"code": a.label, "how": "one load for all formats (export_formats)", "load_s": round(load3_s, 2),
                      "dequantized_write_s": "", "compressed_tensors_write_s": "", "stage_s": round(load3_s + both_s, 2)})
+    if hasattr(formats, "export_checkpoint"):  # the stage since 2026-12-03: no fake-quant model at all
+        _, direct_s = timed(lambda: formats.export_checkpoint(tmp / "ckpt", {"dequantized": tmp / "dq3",
+                                                                             "compressed-tensors": tmp / "ct3"}))
+        rows.append({"code": a.label, "how": "straight from the checkpoint (export_checkpoint)", "load_s": "",
+                     "dequantized_write_s": "", "compressed_tensors_write_s": "", "stage_s": round(direct_s, 2)})
     for r in rows:
         print(r, flush=True)
     params = sum(p.numel() for p in model.parameters()) / 1e6

@@ -154,21 +154,70 @@ def _is_tied(model, key: str) -> bool:
 def export_formats(model: nn.Module, outs: dict[str, str | Path], tokenizer=None, dtype=torch.bfloat16,
                    act_order: bool = False) -> dict[str, QuantizedWeight]:
     """Every format in `outs` ({"dequantized" | "compressed-tensors" | "gptq": directory}) from one fake-quant
-    model, its fake-quant layers swapped out once (the model is consumed); returns the quantized weights. The
-    export stage calls this once per variant: loading the checkpoint and recomputing the codes once per format
-    were most of its time."""
+    model, its fake-quant layers swapped out once (the model is consumed); returns the quantized weights.
+    Raises ValueError for an unknown format, SpecError for a scheme a format cannot hold."""
+    _check_formats(outs)
+    qws = swap_out_fake_quant(model)
+    _write_formats(model, qws, outs, tokenizer, dtype, act_order)
+    return qws
+
+
+def export_checkpoint(path: str | Path, outs: dict[str, str | Path], tokenizer=None, dtype=torch.bfloat16,
+                      act_order: bool = False, trust_remote_code: bool = False) -> dict[str, QuantizedWeight]:
+    """Every format in `outs` straight from the rqat checkpoint at `path` (what the export stage calls): the
+    stored integer codes are packed as they are and dequantized once into a plain model, where loading the
+    checkpoint as a fake-quant model (`load_quantized_checkpoint`) and swapping it out would recompute every
+    code from its latent weight and dequantize twice. The files equal `export_formats(load_quantized_checkpoint
+    (path), ...)`'s (tests/quant/test_formats.py). Returns the quantized weights; raises as export_formats and,
+    for a checkpoint that does not match its config's architecture, UserError."""
+    _check_formats(outs)
+    qws, rest, _ = read_quantized_weights(path)
+    # GPTQ stores the unquantized tensors in float16: cast from the float32 model, as export_formats does
+    model = _dequantized_model(path, qws, rest, torch.float32 if "gptq" in outs else dtype, trust_remote_code)
+    _write_formats(model, qws, outs, tokenizer, dtype, act_order)
+    return qws
+
+
+def _check_formats(outs) -> None:
     unknown = set(outs) - {"dequantized", "compressed-tensors", "gptq"}
     if unknown:
         raise ValueError(f"export_formats: unknown format(s) {sorted(unknown)}")
-    if "gptq" in outs:  # reads the fake-quant layers and leaves the model as it was
-        export_gptq(model, outs["gptq"], tokenizer, act_order)
-    qws = swap_out_fake_quant(model)
+
+
+def _dequantized_model(path: Path, qws: dict[str, QuantizedWeight], rest: dict[str, torch.Tensor], dtype,
+                       trust_remote_code: bool) -> nn.Module:
+    """The plain transformers model of an rqat checkpoint: its quantized Linears hold the dequantized weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with _no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    state = dict(rest)
+    for name, qw in qws.items():
+        if not isinstance(model.get_submodule(name), nn.Linear):
+            raise UserError(f"{path}: {name} is not a Linear layer in this architecture")
+        state[f"{name}.weight"] = qw.dequantize().to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not _is_tied(model, k)]
+    if missing or unexpected:
+        raise UserError(f"{path}: checkpoint does not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    install_quant_spec(model, read_quant_spec(path))  # the spec the dequantized export writes beside its weights
+    return model
+
+
+def _write_formats(model: nn.Module, qws: dict[str, QuantizedWeight], outs: dict[str, str | Path], tokenizer,
+                   dtype, act_order: bool) -> None:
+    """Write `outs` from a plain model (no fake-quant layers) whose quantized Linears `qws` names."""
+    if "gptq" in outs:
+        quantized = {f"{n}.weight" for n in qws}
+        _write_gptq(model, {k: v for k, v in model.state_dict().items() if k not in quantized}, qws, outs["gptq"],
+                    tokenizer, act_order)
     model.to(dtype)
     if "dequantized" in outs:
         _write_dequantized(model, outs["dequantized"], tokenizer)
     if "compressed-tensors" in outs:
         _write_compressed_tensors(model, qws, outs["compressed-tensors"], tokenizer, dtype)
-    return qws
 
 
 def export_dequantized(model: nn.Module, out_dir: str | Path, tokenizer=None, dtype=torch.bfloat16):
@@ -351,25 +400,31 @@ def gptq_config(schemes: dict[str, QuantScheme], act_order: bool = False) -> dic
 
 def export_gptq(model: nn.Module, out_dir: str | Path, tokenizer=None, act_order: bool = False,
                 dtype=torch.float16) -> None:
-    """GPTQ v1 checkpoint from a fake-quant model (the model is left unchanged)."""
+    """GPTQ v1 checkpoint from a fake-quant model (the model is left unchanged). Raises SpecError where a
+    layer's width does not pack into whole 32-bit words or a zero point is 0."""
+    fq = fake_quant_modules(model)
+    skip = tuple(f"{n}.{p}" for n in fq for p in FakeQuantLinear.STATE)
+    state = {k: v for k, v in model.state_dict().items() if k not in skip}
+    _write_gptq(model, state, {name: m.export() for name, m in fq.items()}, out_dir, tokenizer, act_order, dtype)
+
+
+def _write_gptq(model: nn.Module, state: dict[str, torch.Tensor], qws: dict[str, QuantizedWeight], out_dir,
+                tokenizer, act_order: bool, dtype=torch.float16) -> None:
+    """The GPTQ v1 files: `state` (the model's tensors but the quantized weights) in `dtype` plus each of `qws` packed."""
+    for name, qw in qws.items():
+        out_f, in_f = qw.codes.shape
+        for what, width in (("input", in_f), ("output", out_f)):
+            if (width * qw.scheme.bits) % 32:
+                raise SpecError("formats", f"gptq packs {qw.scheme.bits}-bit codes into 32-bit words, but {name} has "
+                                 f"{what} width {width}; drop gptq from export.formats (the dequantized export works)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fq = fake_quant_modules(model)
-    for name, m in fq.items():
-        for what, width in (("input", m.in_features), ("output", m.out_features)):
-            if (width * m.scheme.bits) % 32:
-                raise SpecError("formats", f"gptq packs {m.scheme.bits}-bit codes into 32-bit words, but {name} has "
-                                 f"{what} width {width}; drop gptq from export.formats (the dequantized export works)")
-    skip = tuple(f"{n}.{p}" for n in fq for p in FakeQuantLinear.STATE)
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items() if k not in skip}
-    schemes = {}
-    for name, m in fq.items():
-        qw = m.export()
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    for name, qw in qws.items():
         for k, v in gptq_tensors(qw).items():
             state[f"{name}.{k}"] = v
-        schemes[name] = qw.scheme
     save_file(_dedup_shared(state), str(out_dir / WEIGHTS), metadata={"format": "pt"})
-    qcfg = gptq_config(schemes, act_order)
+    qcfg = gptq_config({name: qw.scheme for name, qw in qws.items()}, act_order)
     _for_inference(model)
     config = model.config.to_dict()
     config["quantization_config"] = qcfg

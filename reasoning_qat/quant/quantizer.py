@@ -90,7 +90,16 @@ def quantize_weight(weight: torch.Tensor, scale, zero, g_idx, maxq: int) -> torc
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
-    """w_hat = (q - zero) * scale in float32; the one definition every consumer shares."""
+    """w_hat = (q - zero) * scale in float32; the one definition every consumer shares.
+
+    codes [out, in], scale and zero [out, groups], g_idx [in] (column -> group). Contiguous groups
+    (no act-order) broadcast per group instead of gathering a full [out, in] scale and zero: the same
+    products, a third of the memory traffic (most of the export stage's dequantize time)."""
+    out, n = codes.shape
+    groups = scale.shape[1]
+    if n % groups == 0 and is_contiguous_groups(g_idx, groups):
+        q = codes.float().view(out, groups, n // groups)
+        return ((q - zero.float()[..., None]) * scale.float()[..., None]).view(out, n)
     g = g_idx.long()
     return (codes.float() - zero[:, g].float()) * scale[:, g].float()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..models import resolve_dtype
 from ..pipeline import StageContext
-from ..quant.formats import directory_size, export_formats, load_quantized_checkpoint
+from ..quant.formats import directory_size, export_checkpoint
 from ..run_layout import Variant, finish, finished_metrics
 from .common import checkpoint_source, ptq_methods, rl_method
 from .specs import recipe_keys
@@ -36,8 +36,8 @@ def run(ctx: StageContext) -> dict:
         if finished_metrics(out) is None:
             tok = checkpoint_source(ctx, src).tokenizer()
             with recipe_keys("export"):  # a format that cannot hold this scheme: export.formats
-                export_formats(load_quantized_checkpoint(src, trust_remote_code=trust),
-                               {fmt: out / fmt for fmt in r.export.formats}, tok, dtype, r.ptq.act_order)
+                export_checkpoint(src, {fmt: out / fmt for fmt in r.export.formats}, tok, dtype, r.ptq.act_order,
+                                  trust_remote_code=trust)
             finish(out)
         metrics[str(v)] = {f"{fmt}_bytes": directory_size(out / fmt) for fmt in r.export.formats}
     return metrics

@@ -241,3 +241,40 @@ def test_all_formats_from_one_load_equal_one_load_per_format(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), fmt
         ca, cb = (json.loads((tmp_path / d / fmt / "config.json").read_text()) for d in ("one", "each"))
         assert ca == cb, fmt
+
+
+@pytest.mark.parametrize("bits,sym,tie", [(3, False, False), (4, True, True)])
+def test_export_straight_from_the_checkpoint_equals_a_fake_quant_load(tmp_path, bits, sym, tie):
+    """The export stage writes from the checkpoint's stored codes (export_checkpoint) without building a
+    fake-quant model: every tensor and config equals what a fake-quant load swapped out writes, act-order
+    layers and a tied head included."""
+    from torch import nn
+
+    from reasoning_qat.quant.fake_quant import FakeQuantLinear, QuantizedWeight, _set_module
+    from reasoning_qat.quant.formats import export_checkpoint, export_formats
+    from reasoning_qat.quant.quantizer import default_g_idx, find_group_params, quantize_weight
+
+    torch.manual_seed(0)
+    model = _quantized_tiny(bits, sym=sym, tie=tie)
+    name = "model.layers.0.mlp.down_proj"  # in act-order: its columns' groups permuted, as GPTQ's act_order leaves them
+    fq = model.get_submodule(name)
+    w, s = fq.latent_weight().detach(), fq.scheme
+    g = default_g_idx(w.shape[1], s)[torch.randperm(w.shape[1])]
+    scale, zero = find_group_params(w, s)
+    linear = nn.Linear(fq.in_features, fq.out_features, bias=False)
+    _set_module(model, name, FakeQuantLinear(linear, QuantizedWeight(quantize_weight(w, scale, zero, g, s.maxq),
+                                                                     scale, zero, g, s)))
+    save_quantized_checkpoint(model, tmp_path / "ckpt")
+    fmts = ("dequantized", "compressed-tensors", *(("gptq",) if sym else ()))
+    direct = export_checkpoint(tmp_path / "ckpt", {f: tmp_path / "direct" / f for f in fmts}, act_order=True)
+    loaded = export_formats(load_quantized_checkpoint(tmp_path / "ckpt"), {f: tmp_path / "loaded" / f for f in fmts},
+                            act_order=True)
+    assert direct.keys() == loaded.keys() and all(torch.equal(direct[k].codes, loaded[k].codes) for k in direct)
+    for fmt in fmts:
+        a = load_file(str(tmp_path / "direct" / fmt / "model.safetensors"))
+        b = load_file(str(tmp_path / "loaded" / fmt / "model.safetensors"))
+        assert a.keys() == b.keys(), fmt
+        assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a), fmt
+        ca, cb = (json.loads((tmp_path / d / fmt / "config.json").read_text()) for d in ("direct", "loaded"))
+        assert ca == cb, fmt
+    assert "model.layers.0.mlp.down_proj.weight_g_idx" in load_file(str(tmp_path / "direct" / "compressed-tensors" / "model.safetensors"))
