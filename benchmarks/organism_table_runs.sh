@@ -17,6 +17,10 @@
 #   kdc0/1  KD-QAT from the cached top-64 teacher (qat.kd.teacher: cached)
 #   e20s0/1, eNs0/1    W2G128: GRPO for 20 / N steps from a KD-QAT student stopped early (30 of 300 steps)
 #   fNs0/1             W2G128: GRPO for N steps from the finished KD-QAT student
+# Issue 31 item 4, the training-dynamics rows (each trains its own teacher of the recipe's length; the digit
+# is the teacher's seed, model.demo.seed, which also draws its problems): W3G128 RTN and GPTQ after
+#   dcos0/1  the recipe's cosine schedule     dwsd0/1  warmup-stable-decay (last 20% decays)
+#   dlawa0/1 WSD + LAWA (the last 5 snapshots, 20 steps apart, averaged into the saved teacher)
 set -eu
 S1="seed=1 calibration.seed=1 eval.seed=1"
 PTQ="qat.enabled=false rl.enabled=false eval.methods=[bf16,rtn,gptq_generic,gptq]"  # the PTQ rows
@@ -34,6 +38,7 @@ qat.data.generation.max_new_tokens=640 qat.data.generation.backend=transformers 
 # the cache covers the QAT set: its first 19,200 rows, the examples 300 steps x 64 read (as SELF's)
 CACHED="qat.kd.teacher=cached qat.data.max_samples=19200 ptq.baselines=[] rl.enabled=false eval.methods=[qat]"
 RLW2="quant.bits=[2] ptq.baselines=[] eval.methods=[qat,qat_rl] rl.save_steps=20"
+DYN="qat.enabled=false rl.enabled=false quant.bits=[3] ptq.baselines=[rtn] eval.methods=[bf16,rtn,gptq]"
 w4a4kv4="akd0 akd1 arlptq0 arlptq1 aptq0 aptq1 akdrtn0 akdrtn1 ace0 ace1"
 want=${*:-$w23 $w4a4kv4}
 steps=${TEACHER_STEPS:-$(awk '$1 == "train_steps:" {print $2; exit}' recipes/organism-gpu.yaml)}
@@ -43,9 +48,10 @@ args="--base recipes/organism-gpu.yaml --out $out --parallel ${PARALLEL:-8}"
 # SOURCE's teacher (kd0 unless named) is everyone's: with SOURCE in the list the others wait for it (trained
 # there, or put there by bg.sh's UNPACK before the runs start); without, it must already be on disk
 src=${SOURCE:-kd0}
-[[ " $want " == *" $src "* ]] || args="$args --teacher-from runs/organism-gpu-${tag}$src"
+shared=$(for v in $want; do [[ $v == d* ]] || echo "$v"; done)  # the dynamics rows train their own teachers
+[ -z "$shared" ] || [[ " $want " == *" $src "* ]] || args="$args --teacher-from runs/organism-gpu-${tag}$src"
 for v in $want; do
-  scheme=""; base=$v
+  scheme=""; base=$v; own=""
   # W4A4KV4: Hadamard-rotated (as QuaRot runs it) for every method of the column; BF16 is the w23 runs'
   [ "${v:0:1}" = a ] && { scheme=$A4; base=${v:1}; }
   case $base in
@@ -53,14 +59,17 @@ for v in $want; do
     ptq[01]) rows=$PTQ; [ -n "$scheme" ] && rows=${rows/bf16,/} ;;
     own[01]) rows=$OWN ;; kdf[01]) rows=$F ;; cef[01]) rows="$F qat.kd.loss=ce" ;; kds[01]) rows=$SELF ;;
     kdc[01]) rows=$CACHED ;;
+    dcos[01]) own=1; rows="$DYN model.demo.seed=${v: -1}" ;;
+    dwsd[01]) own=1; rows="$DYN model.demo.schedule=wsd model.demo.seed=${v: -1}" ;;
+    dlawa[01]) own=1; rows="$DYN model.demo.schedule=wsd model.demo.averaging=lawa model.demo.lawa_interval=20 model.demo.seed=${v: -1}" ;;
     # the KD-QAT start is evaluated once: by e20s (stopped early) and own (finished, the same recipe)
     e20s[01]) rows="$RLW2 qat.max_steps=30 rl.max_steps=20" ;;
     e[0-9]*s[01]) n=${base#e}; rows="$RLW2 qat.max_steps=30 rl.max_steps=${n%s?} eval.methods=[qat_rl]" ;;
     f[0-9]*s[01]) n=${base#f}; rows="$RLW2 rl.max_steps=${n%s?} eval.methods=[qat_rl]" ;;
-    *) echo "unknown variant $v (one of: $w23 $w4a4kv4 own kdf cef kds kdc (then 0 or 1), e20s eNs fNs (then 0 or 1))" >&2; exit 2 ;;
+    *) echo "unknown variant $v (one of: $w23 $w4a4kv4 own kdf cef kds kdc (then 0 or 1), e20s eNs fNs dcos dwsd dlawa (then 0 or 1))" >&2; exit 2 ;;
   esac
-  seed=""; [ "${v: -1}" = 1 ] && seed=$S1
+  seed=""; [ "${v: -1}" = 1 ] && [ -z "$own" ] && seed=$S1
   args="$args --variant $tag$v $teacher $scheme $rows $seed"
-  [[ " $want " == *" $src "* ]] && [ "$v" != "$src" ] && args="$args --share $tag$v ${tag}$src"
+  [ -z "$own" ] && [[ " $want " == *" $src "* ]] && [ "$v" != "$src" ] && args="$args --share $tag$v ${tag}$src"
 done
 echo "$args"

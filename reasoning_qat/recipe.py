@@ -258,6 +258,11 @@ class KDConfig(_Section):
         "teacher's top cache_top_k log-probabilities (plus the tail mass) on every QAT response token once, and the "
         "qat stage trains from them without loading the teacher (forward_kl only)"))
     cache_top_k: int = Field(64, ge=1, description="cached teacher: tokens kept per position (~6 bytes each on disk)")
+    teacher_placement: Literal["auto", "shard", "offload"] = Field("auto", description=(
+        "online teacher under distributed: fsdp2: `shard` (its layers sharded over the GPUs, no optimizer state), "
+        "`offload` (its shards in CPU memory, each layer copied to the GPU for its forward: FSDP2's CPUOffloadPolicy), "
+        "or `auto`: shard when the sharded teacher fits beside the sharded student in 90% of a GPU's memory, else "
+        "offload (kd.teacher_placement)"))
     cache_backend: Literal["auto", "transformers", "vllm"] = Field("auto", description=(
         "cached teacher: what computes it: transformers, or vLLM's prompt_logprobs (temperature 1 only); auto: vLLM "
         "on a GPU where it runs and the temperature is 1, else transformers"))
@@ -327,6 +332,9 @@ class QATConfig(_TrainingDynamics):
                              "(recipes/accelerate/zero2.json or zero3.json)")
         if self.distributed != "deepspeed" and self.deepspeed:
             raise ValueError(f"deepspeed: set with distributed: {self.distributed}; drop one of them")
+        if self.distributed != "fsdp2" and self.kd.teacher_placement != "auto":
+            raise ValueError(f"kd.teacher_placement: {self.kd.teacher_placement} places the teacher's FSDP2 shards, "
+                             f"but distributed is {self.distributed}; use distributed: fsdp2 or teacher_placement: auto")
         if self.distributed == "fsdp2" and self.averaging != "none":
             raise ValueError("averaging: not supported with distributed: fsdp2 (the averaged copy would not be "
                              "sharded); use ddp or deepspeed, or averaging: none")

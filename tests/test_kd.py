@@ -206,3 +206,30 @@ def test_fused_and_chunked_losses_train_the_same_student(tmp_path, tokenizer, lo
     diff = (runs[True][1] - runs[False][1]).abs()
     assert diff.max() < 2e-4 and diff.mean() < 5e-7, (diff.max(), diff.mean())  # Adam amplifies float noise of ~0 gradients
 
+
+
+def test_teacher_placement_shards_what_fits_and_offloads_what_does_not():
+    """FSDP2's teacher goes sharded when its shard beside the student's fits a GPU, else to CPU memory;
+    more GPUs make the shards smaller, so a teacher offloaded on one GPU is sharded over several."""
+    from reasoning_qat.kd import choose_teacher_placement
+
+    teacher, student = tiny_qwen3(seed=1), tiny_qwen3(seed=2).float()
+    one = choose_teacher_placement(teacher, student, 1, 2**40)
+    assert one[0] == "shard" and one[1]["teacher_bytes_per_gpu"] > 0 and one[1]["gpu_bytes"] == 2**40
+    # a GPU just too small for one process's whole teacher and student, but large enough for half of each
+    need = {w: sum(choose_teacher_placement(teacher, student, w, 2**40)[1][k]
+                   for k in ("teacher_bytes_per_gpu", "student_bytes_per_gpu")) for w in (1, 2)}
+    assert need[2] < need[1]
+    gpu = int((need[1] + need[2]) / 2 / 0.9)
+    assert choose_teacher_placement(teacher, student, 1, gpu)[0] == "offload"
+    assert choose_teacher_placement(teacher, student, 2, gpu)[0] == "shard"
+    assert choose_teacher_placement(teacher, student, 2, gpu, "offload")[0] == "offload"
+    assert choose_teacher_placement(teacher, student, 1, gpu, "shard")[0] == "shard"
+    with pytest.raises(ValueError, match="one of auto, shard, offload"):
+        choose_teacher_placement(teacher, student, 1, gpu, "gpu")
+
+
+def test_teacher_placement_other_than_auto_needs_fsdp2():
+    with pytest.raises(ValueError, match="kd.teacher_placement: offload places the teacher's FSDP2 shards"):
+        QATConfig(kd={"teacher_placement": "offload"})
+    assert QATConfig(kd={"teacher_placement": "offload"}, distributed="fsdp2").kd.teacher_placement == "offload"

@@ -237,8 +237,10 @@ def train_one(ctx: StageContext, bits: int) -> None:
         dataset = CachedTeacherDataset(dataset, TeacherCache(ctx.layout.teacher_cache()))
         collator = CachedTeacherCollator(collator)
     student = _init_student(ctx, bits, device)
+    # under FSDP2 the teacher stays on the CPU until shard_frozen moves (or offloads) it a layer at a time
     teacher = None if q.kd.loss == "ce" or cached else \
-        load_teacher(ctx, torch.bfloat16 if "cuda" in device else torch.float32, device)
+        load_teacher(ctx, torch.bfloat16 if "cuda" in device else torch.float32,
+                     "cpu" if q.distributed == "fsdp2" else device)
     if teacher is not None and compile_enabled(q.compile, device):
         compile_decoder_layers(teacher)
     recompute, why = choose_recompute(q.gradient_checkpointing, student, q.batch_size * q.data.max_length, device,
@@ -248,7 +250,7 @@ def train_one(ctx: StageContext, bits: int) -> None:
     averaging = WeightAveraging.from_config(q)
     trainer = KDTrainer(
         model=student, args=args, train_dataset=dataset, data_collator=collator,
-        teacher=teacher, kd=kd_spec(r), latent_lr=q.latent_lr, scale_lr=q.scale_lr,
+        teacher=teacher, kd=kd_spec(r), latent_lr=q.latent_lr, scale_lr=q.scale_lr, teacher_placement=q.kd.teacher_placement,
         autocast_dtype=torch.bfloat16 if q.distributed != "ddp" and q.bf16 and "cuda" in device else None,
         callbacks=[averaging.callback] if averaging else None,
     )
@@ -271,7 +273,8 @@ def train_one(ctx: StageContext, bits: int) -> None:
                        "steps": trainer.state.global_step, "averaged_snapshots": averaged,
                        "gradient_checkpointing": recompute, "gradient_checkpointing_reason": why, "init": q.init, "loss": q.kd.loss,
                        "kd_path": sorted(trainer.loss_paths), "distributed": q.distributed,
-                       "processes": trainer.accelerator.num_processes, **_data_origin(ctx.recipe)}
+                       "processes": trainer.accelerator.num_processes, **trainer.teacher_placement,
+                       **_data_origin(ctx.recipe)}
             finish_training(ctx, "qat", v, metrics, trainer.state.log_history)
     trainer.accelerator.wait_for_everyone()
 

@@ -147,6 +147,8 @@ def test_the_stage_under_accelerates_fsdp2_trains_what_ddp_trains(ddp_run, fsdp2
     ref_losses, ref_codes, ref_other, _ = _trained(ddp_run / "qat")
     assert metrics["distributed"] == "fsdp2" and metrics["processes"] == 2
     assert metrics["kd_path"] == ["fused"]  # the head is an FSDP unit of its own (FSDPLinear) and still fused
+    # the teacher was loaded on the CPU and sharded, as its size beside the student's chose
+    assert metrics["teacher_placement"] == "shard" and 0 < metrics["teacher_bytes_per_gpu"] < metrics["gpu_bytes"]
     assert losses == pytest.approx(ref_losses, rel=1e-4)
     assert all(torch.equal(codes[k], ref_codes[k]) for k in ref_codes)  # the saved student is the whole one
     assert all(torch.allclose(other[k], ref_other[k], atol=1e-5) for k in ref_other)

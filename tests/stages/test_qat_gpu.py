@@ -94,6 +94,20 @@ def test_fsdp2_trains_what_one_process_trains(one_process, fsdp2):
 
 
 @two_gpus
+def test_an_offloaded_teacher_trains_what_a_sharded_one_trains(tmp_path, one_process, fsdp2):
+    """qat.kd.teacher_placement: offload (FSDP2's CPUOffloadPolicy on the teacher): the same teacher logits, so
+    the same training as the sharded teacher's (auto chose shard for this small one)."""
+    assert _metrics(fsdp2)["teacher_placement"] == "shard"
+    rec = _recipe(tmp_path, "o", batch_size=4, num_processes=2, distributed="fsdp2", kd={"teacher_placement": "offload"})
+    run = tmp_path / "runs" / "o"
+    _copy_inputs(one_process, run)
+    subprocess.run([*CLI, str(rec), "--stages", "qat"], check=True)
+    assert _metrics(run)["teacher_placement"] == "offload"
+    assert _losses(run) == pytest.approx(_losses(fsdp2), rel=1e-3)
+    assert _same_codes(run, fsdp2) > 0.999
+
+
+@two_gpus
 def test_fsdp2_resumes_from_its_sharded_checkpoint_after_a_kill(tmp_path, one_process, fsdp2):
     rec = _recipe(tmp_path, "k", batch_size=4, num_processes=2, distributed="fsdp2")
     run = tmp_path / "runs" / "k"
