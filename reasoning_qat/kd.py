@@ -394,7 +394,8 @@ def shard_frozen(model: nn.Module, offload: bool = False) -> nn.Module:
     (pinned) CPU memory and each unit is copied to the GPU for its forward (FSDP2's CPUOffloadPolicy)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
-    policy = {"offload_policy": CPUOffloadPolicy(pin_memory=True)} if offload else {}
+    # pinned memory (faster copies to the GPU) needs CUDA; a CPU mesh (the tests') offloads unpinned
+    policy = {"offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available())} if offload else {}
     layers = getattr(model.get_decoder(), "layers", [])
     for layer in layers:
         fully_shard(layer, reshard_after_forward=True, **policy)

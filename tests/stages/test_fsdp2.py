@@ -155,6 +155,24 @@ def test_the_stage_under_accelerates_fsdp2_trains_what_ddp_trains(ddp_run, fsdp2
 
 
 @pytest.mark.slow
+def test_an_offloaded_teacher_trains_what_a_sharded_one_trains(ddp_run, fsdp2_out, tmp_path):
+    """qat.kd.teacher_placement: offload keeps the teacher's shards in CPU memory (FSDP2's CPUOffloadPolicy):
+    the same teacher logits, so the same losses and student as the sharded teacher's."""
+    out = _fsdp2_copy(ddp_run, tmp_path / "o")
+    recipe = yaml.safe_load((out.parent / "recipe.yaml").read_text())
+    recipe["qat"]["kd"] = {**recipe["qat"].get("kd", {}), "teacher_placement": "offload"}
+    (out.parent / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    proc = _fsdp2_worker(out.parent, out)
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, log[-4000:]
+    losses, codes, _, metrics = _trained(out)
+    ref_losses, ref_codes, _, _ = _trained(fsdp2_out)
+    assert metrics["teacher_placement"] == "offload"
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert all(torch.equal(codes[k], ref_codes[k]) for k in ref_codes)
+
+
+@pytest.mark.slow
 def test_fsdp2_resumes_from_its_sharded_checkpoint_after_a_kill(ddp_run, fsdp2_out, tmp_path):
     out = _fsdp2_copy(ddp_run, tmp_path / "k")
     proc = _fsdp2_worker(out.parent, out, start_new_session=True)
