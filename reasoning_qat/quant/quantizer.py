@@ -84,7 +84,13 @@ def export_params(scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> tuple[t
 
 
 def quantize_weight(weight: torch.Tensor, scale, zero, g_idx, maxq: int) -> torch.Tensor:
-    """Integer codes (uint8) of `weight` given per-group scale/zero and the column->group map."""
+    """Integer codes (uint8) [out, in] of `weight` [out, in] given per-group scale/zero [out, groups] and the
+    column->group map g_idx [in]. Contiguous groups broadcast per group (as `dequantize`): the same codes."""
+    out, n = weight.shape
+    groups = scale.shape[1]
+    if n % groups == 0 and is_contiguous_groups(g_idx, groups):
+        w = weight.float().reshape(out, groups, n // groups)
+        return quantize_codes(w, scale[..., None], zero[..., None], maxq).reshape(out, n).to(torch.uint8)
     g = g_idx.long()
     return quantize_codes(weight.float(), scale[:, g], zero[:, g], maxq).to(torch.uint8)
 
