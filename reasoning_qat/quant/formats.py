@@ -110,20 +110,31 @@ def read_quantized_weights(path: str | Path) -> tuple[dict[str, QuantizedWeight]
 
 def load_quantized_checkpoint(path: str | Path, dtype=torch.float32, device="cpu", trust_remote_code: bool = False):
     """Load an rqat checkpoint as a fake-quant transformers model (forward = the quantized function)."""
+    qws, rest, _ = read_quantized_weights(path)
+    return _model_from_checkpoint(Path(path), qws, rest, dtype, device, trust_remote_code, fake_quant=True)
+
+
+def _model_from_checkpoint(path: Path, qws: dict[str, QuantizedWeight], rest: dict[str, torch.Tensor], dtype, device,
+                           trust_remote_code: bool, fake_quant: bool) -> nn.Module:
+    """The checkpoint's architecture holding its weights: each quantized Linear a FakeQuantLinear of its codes
+    (`fake_quant`), or a plain Linear of the dequantized weight (what the export writes from); its QuantSpec
+    installed. Raises UserError where the checkpoint does not match the architecture."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(path)
-    qws, rest, meta = read_quantized_weights(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device(device), _no_init_weights():  # every weight is loaded below: random init is wasted time
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    state = dict(rest)
     for name, qw in qws.items():
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise UserError(f"{path}: {name} is not a Linear layer in this architecture")
-        _set_module(model, name, FakeQuantLinear(linear, qw.to(device)))
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    quant_keys = {f"{n}.{p}" for n in qws for p in FakeQuantLinear.STATE}
+        if fake_quant:
+            _set_module(model, name, FakeQuantLinear(linear, qw.to(device)))
+        else:
+            state[f"{name}.weight"] = qw.dequantize().to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    quant_keys = {f"{n}.{p}" for n in qws for p in FakeQuantLinear.STATE} if fake_quant else set()
     missing = [k for k in missing if k not in quant_keys and not _is_tied(model, k)]
     if missing or unexpected:
         raise UserError(f"{path}: checkpoint does not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -173,7 +184,8 @@ def export_checkpoint(path: str | Path, outs: dict[str, str | Path], tokenizer=N
     _check_formats(outs)
     qws, rest, _ = read_quantized_weights(path)
     # GPTQ stores the unquantized tensors in float16: cast from the float32 model, as export_formats does
-    model = _dequantized_model(path, qws, rest, torch.float32 if "gptq" in outs else dtype, trust_remote_code)
+    model = _model_from_checkpoint(Path(path), qws, rest, torch.float32 if "gptq" in outs else dtype, "cpu",
+                                   trust_remote_code, fake_quant=False)
     _write_formats(model, qws, outs, tokenizer, dtype, act_order)
     return qws
 
@@ -182,28 +194,6 @@ def _check_formats(outs) -> None:
     unknown = set(outs) - {"dequantized", "compressed-tensors", "gptq"}
     if unknown:
         raise ValueError(f"export_formats: unknown format(s) {sorted(unknown)}")
-
-
-def _dequantized_model(path: Path, qws: dict[str, QuantizedWeight], rest: dict[str, torch.Tensor], dtype,
-                       trust_remote_code: bool) -> nn.Module:
-    """The plain transformers model of an rqat checkpoint: its quantized Linears hold the dequantized weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    with _no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    state = dict(rest)
-    for name, qw in qws.items():
-        if not isinstance(model.get_submodule(name), nn.Linear):
-            raise UserError(f"{path}: {name} is not a Linear layer in this architecture")
-        state[f"{name}.weight"] = qw.dequantize().to(dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not _is_tied(model, k)]
-    if missing or unexpected:
-        raise UserError(f"{path}: checkpoint does not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    model.tie_weights()
-    install_quant_spec(model, read_quant_spec(path))  # the spec the dequantized export writes beside its weights
-    return model
 
 
 def _write_formats(model: nn.Module, qws: dict[str, QuantizedWeight], outs: dict[str, str | Path], tokenizer,

@@ -85,29 +85,30 @@ def export_params(scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> tuple[t
 
 def quantize_weight(weight: torch.Tensor, scale, zero, g_idx, maxq: int) -> torch.Tensor:
     """Integer codes (uint8) [out, in] of `weight` [out, in] given per-group scale/zero [out, groups] and the
-    column->group map g_idx [in]. Contiguous groups broadcast per group (as `dequantize`): the same codes."""
-    out, n = weight.shape
-    groups = scale.shape[1]
-    if n % groups == 0 and is_contiguous_groups(g_idx, groups):
-        w = weight.float().reshape(out, groups, n // groups)
-        return quantize_codes(w, scale[..., None], zero[..., None], maxq).reshape(out, n).to(torch.uint8)
-    g = g_idx.long()
-    return quantize_codes(weight.float(), scale[:, g], zero[:, g], maxq).to(torch.uint8)
+    column->group map g_idx [in]."""
+    w, s, z = _by_group(weight.float(), g_idx, scale, zero)
+    return quantize_codes(w, s, z, maxq).reshape(weight.shape).to(torch.uint8)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
-    """w_hat = (q - zero) * scale in float32; the one definition every consumer shares.
+    """w_hat = (q - zero) * scale in float32 [out, in]; the one definition every consumer shares. codes
+    [out, in], scale and zero [out, groups], g_idx [in] (column -> group)."""
+    q, s, z = _by_group(codes.float(), g_idx, scale.float(), zero.float())
+    return ((q - z) * s).reshape(codes.shape)
 
-    codes [out, in], scale and zero [out, groups], g_idx [in] (column -> group). Contiguous groups
-    (no act-order) broadcast per group instead of gathering a full [out, in] scale and zero: the same
-    products, a third of the memory traffic (most of the export stage's dequantize time)."""
-    out, n = codes.shape
-    groups = scale.shape[1]
-    if n % groups == 0 and is_contiguous_groups(g_idx, groups):
-        q = codes.float().view(out, groups, n // groups)
-        return ((q - zero.float()[..., None]) * scale.float()[..., None]).view(out, n)
+
+def _by_group(w: torch.Tensor, g_idx: torch.Tensor, *params: torch.Tensor, contiguous: bool | None = None):
+    """`w` [out, in] and `params` ([out, groups] each) lined up to combine elementwise: for contiguous groups
+    (no act-order; `contiguous`, or read from g_idx) w as [out, groups, in / groups] and each param as
+    [out, groups, 1], broadcast; otherwise w as it is and each param gathered to [out, in]. The broadcast
+    moves a third of the memory the gather does (it dominated the QAT step's overhead on GPU and the export
+    stage's dequantize time). Reshape a result to [out, in] afterwards."""
+    out_f, in_f = w.shape
+    groups = params[0].shape[1]
+    if contiguous if contiguous is not None else is_contiguous_groups(g_idx, groups):
+        return w.reshape(out_f, groups, in_f // groups), *(p[:, :, None] for p in params)
     g = g_idx.long()
-    return (codes.float() - zero[:, g].float()) * scale[:, g].float()
+    return w, *(p[:, g] for p in params)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -133,22 +134,12 @@ def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     s = s.clamp_min(MIN_SCALE)
     s = s + (s.half().float() - s).detach()  # float16 grid, straight-through
     z = torch.clamp(round_ste(zero), ZERO_MIN, maxq)
-    out_f, in_f = weight.shape
-    n_groups = s.shape[1]
-    if contiguous if contiguous is not None else is_contiguous_groups(g_idx, n_groups):
-        # Fast path (no act-order): broadcast over [out, groups, group_size] instead of gathering
-        # full-size scale/zero tensors, which dominated the QAT step's overhead on GPU.
-        w = weight.float().reshape(out_f, n_groups, in_f // n_groups)
-        if step is not None:
-            w = w * step[:, :, None]
-        s, z = s[:, :, None], z[:, :, None]
-    else:
-        g = g_idx.long()
-        w, s, z = weight.float(), s[:, g], z[:, g]
-        if step is not None:
-            w = w * step[:, g]
+    w, s, z, *per_group_step = _by_group(weight.float(), g_idx, s, z, *([] if step is None else [step]),
+                                         contiguous=contiguous)
+    if per_group_step:
+        w = w * per_group_step[0]
     q = torch.clamp(round_ste(w / s) + z, 0, maxq)
-    return ((q - z) * s).reshape(out_f, in_f)
+    return ((q - z) * s).reshape(weight.shape)
 
 
 _COMPILED = None
