@@ -7,7 +7,7 @@ formats (`export_formats`), both formats straight from the checkpoint's codes (`
 now), and the ptq stage's RTN of the same model plus its checkpoint write.
 Earlier before/after runs: run it on each checkout, e.g.
 
-    python benchmarks/export_time.py [--arch qwen3-0.6b] [--layers 4] [--bits 4] --label after
+    python benchmarks/export_time.py [--arch qwen3-0.6b] [--layers 4] [--bits 4] [--profile] --label after
     PYTHONPATH=/tmp/before BENCH_TAG=-before python benchmarks/export_time.py --label before
 
 Writes benchmarks/results/export_time.{json,md}.
@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--arch", default="qwen3-0.6b", choices=list(ARCHS))
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--profile", action="store_true", help="also print cProfile's top entries of both export paths")
     p.add_argument("--label", default="current", help="a name for the code measured (run with PYTHONPATH at another checkout for before/after)")
     a = p.parse_args()
     ARCHS[a.arch] = {**ARCHS[a.arch], "num_hidden_layers": a.layers}
@@ -70,6 +71,20 @@ def main() -> None:
                      "dequantized_write_s": "", "compressed_tensors_write_s": "", "stage_s": round(direct_s, 2)})
     for r in rows:
         print(r, flush=True)
+    if a.profile:
+        import cProfile
+        import pstats
+
+        paths = [("export_formats(load_quantized_checkpoint(...))", lambda: formats.export_formats(
+            formats.load_quantized_checkpoint(tmp / "ckpt"), {"dequantized": tmp / "p1", "compressed-tensors": tmp / "p2"}))]
+        if hasattr(formats, "export_checkpoint"):  # absent at the commits before 2026-12-03
+            paths.append(("export_checkpoint(...)", lambda: formats.export_checkpoint(
+                tmp / "ckpt", {"dequantized": tmp / "p3", "compressed-tensors": tmp / "p4"})))
+        for label, fn in paths:
+            prof = cProfile.Profile()
+            prof.runcall(fn)
+            print(f"== {label}")
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(15)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     save("export_time", rows, {"arch": a.arch, "layers": a.layers, "bits": a.bits, "params_M": round(params, 1),
                                "ptq_rtn_s": round(rtn_s, 2), "rqat_checkpoint_write_s": round(save_s, 2),
