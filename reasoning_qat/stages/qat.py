@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -275,8 +276,41 @@ def train_one(ctx: StageContext, bits: int) -> None:
                        "kd_path": sorted(trainer.loss_paths), "distributed": q.distributed,
                        "processes": trainer.accelerator.num_processes, **trainer.teacher_placement,
                        **_data_origin(ctx.recipe)}
+            spike = loss_spike(trainer.state.log_history, initial)
+            metrics.update(spike)
+            if spike["loss_spike"]:
+                print(f"qat w{bits}: warning: the training loss rose to {spike['peak_logged_loss']:.4g} at step "
+                      f"{spike['peak_loss_step']}, {spike['peak_loss_over_initial']:.0f}x its start ({initial:.4g}): training "
+                      f"diverged for a while and the student may be broken even where the loss came back down; "
+                      f"lower qat.latent_lr / qat.lr or raise qat.warmup_ratio", flush=True)
             finish_training(ctx, "qat", v, metrics, trainer.state.log_history)
     trainer.accelerator.wait_for_everyone()
+
+
+LOSS_SPIKE_FACTOR = 10.0
+
+
+def loss_spike(log_history: list[dict], initial: float, factor: float = LOSS_SPIKE_FACTOR) -> dict:
+    """The highest logged training loss and whether it rose above `factor` x the loss of the
+    initialisation (a divergence).
+
+    `log_history` is transformers' `TrainerState.log_history` (dicts with "loss" and "step"); `initial`
+    the loss measured on the initialisation before step 1 (`KDTrainer.initial_loss`), in the same units
+    (nats per token). Returns {"peak_logged_loss", "peak_loss_step", "peak_loss_over_initial",
+    "loss_spike"}; the peak is None without logged losses. Why a peak and not the last loss: on the
+    GPU organism (benchmarks/results/organism-gpu/table-t350b) KD-QAT at W2G128 on foreign traces rose
+    from 0.079 to 1.68 after the warm-up, came back to 0.069 (below its start) and scored 0.000 pass@1.
+    Over the 48 QAT runs of the organism's tables (table-t350, -t350b, -t500) the peak is 0.8-7.2x the
+    start in 42, and 13-21x in six: these two and KD-QAT from RTN at W2G128 (pass@1 0.363 on one
+    teacher, 0.857 against 0.983 from GPTQ on the other): hence 10x."""
+    logged = [(h["loss"], h.get("step")) for h in log_history
+              if "loss" in h and not h.get("initial") and math.isfinite(h["loss"])]
+    if not logged:
+        return {"peak_logged_loss": None, "peak_loss_step": None, "peak_loss_over_initial": None, "loss_spike": False}
+    peak, step = max(logged, key=lambda x: x[0])
+    ratio = peak / initial if initial and initial > 0 else None
+    return {"peak_logged_loss": peak, "peak_loss_step": step, "peak_loss_over_initial": ratio,
+            "loss_spike": bool(ratio is not None and ratio > factor)}
 
 
 def _data_origin(recipe) -> dict:

@@ -133,12 +133,15 @@ def test_kd_qat_from_gptq_never_ends_worse_at_any_bit_width(tmp_path):
     run = tmp_path / "runs" / "inv"
     acc = json.loads((run / "eval" / "manifest.json").read_text())["metrics"]
     trained = {bits: logged(bits) for bits in (2, 3, 4, 8)}
+    peaks = {bits: json.loads((run / "qat" / f"w{bits}-qat" / "qat_metrics.json").read_text()) for bits in (2, 3, 4, 8)}
     frozen = rec.read_text()
     for key in ("  lr: 1.0e-5", "latent_lr: 1.0e-2", "scale_lr: 1.0e-2"):
         frozen = frozen.replace(key, key.split(":")[0] + ": 1.0e-12")
     rec.write_text(frozen)
     cli("run", str(rec), "--stages", "qat")
     for bits in (2, 3, 4, 8):
+        metrics = peaks[bits]  # the log's first entry is the initialisation's loss, not a training window
+        assert metrics["peak_logged_loss"] == max(trained[bits][1:]) and metrics["loss_spike"] is False, (bits, metrics)
         start, end = acc[f"w{bits}-gptq"]["demo_arith"], acc[f"w{bits}-qat"]["demo_arith"]
         assert end["pass@1"] >= start["pass@1"] - start["ci95"], (bits, start, end)
         ours, untouched = trained[bits], logged(bits)
@@ -190,3 +193,35 @@ def test_a_step_with_nan_gradients_is_skipped_and_three_in_a_row_stop_training()
     with pytest.raises(TrainingDiverged, match="rl: 3 steps in a row had NaN/inf gradients"):
         opt.step()
     assert stats["skipped_nonfinite_steps"] == 4
+
+
+@pytest.mark.parametrize("run, bits, spike", [("t350b-kdf0", 2, True), ("t350b-kdf1", 2, True),
+                                               ("t350b-kdf1", 3, False), ("t350b-own0", 2, False),
+                                               ("t350b-cef0", 2, False)])
+def test_loss_spike_flags_the_organism_runs_that_diverged(run, bits, spike):
+    """On the GPU organism's recorded QAT logs (benchmarks/results/organism-gpu/table-t350b): KD on
+    foreign traces at W2G128 rose 16-21x above its start and scored 0.000, yet ended near its start;
+    the same at W3G128 (peak 5.1x, pass@1 0.891) and KD on the teacher's own traces are not flagged."""
+    import json
+    from pathlib import Path
+
+    from reasoning_qat.stages.qat import loss_spike
+
+    root = Path(__file__).parents[2] / "benchmarks/results/organism-gpu/table-t350b/runs"
+    history = json.loads((root / f"organism-gpu-{run}" / "qat" / f"w{bits}-qat" / "log_history.json").read_text())
+    initial = next(h["loss"] for h in history if h.get("initial"))
+    found = loss_spike(history, initial)
+    assert found["loss_spike"] is spike, found
+    if spike:
+        assert found["peak_logged_loss"] > 10 * initial and history[-1]["train_loss"] < 1.0
+        # the last loss alone would not show it: it is back within 10% of the start
+        assert [h["loss"] for h in history if "loss" in h][-1] < 1.1 * initial
+
+
+def test_loss_spike_without_logged_losses_or_with_a_nan():
+    from reasoning_qat.stages.qat import loss_spike
+
+    assert loss_spike([{"step": 0, "loss": 0.1, "initial": True}], 0.1)["peak_logged_loss"] is None
+    found = loss_spike([{"step": 10, "loss": float("nan")}, {"step": 20, "loss": 0.3}], 0.1)
+    assert found == {"peak_logged_loss": 0.3, "peak_loss_step": 20, "peak_loss_over_initial": pytest.approx(3.0),
+                     "loss_spike": False}
