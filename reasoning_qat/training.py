@@ -78,8 +78,8 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
     W3 RTN, seed 1, step 16), and the next rollout's sampling then dies on a device-side assert.
     `stats["skipped_nonfinite_steps"]` counts the skips and `stats["nonfinite_steps"]` says what each
     held: the optimizer step (1-based), how many parameters had a non-finite gradient, the first few
-    by name (`names`: {id(parameter): name}) and whether NaN, inf or both, to find the cause.
-    `limit` in a row raise TrainingDiverged."""
+    by name (`names`: {id(parameter): name}), whether NaN, inf or both, and where it entered
+    (`_where_nonfinite`). `limit` in a row raise TrainingDiverged."""
     import torch
 
     from .errors import TrainingDiverged
@@ -98,6 +98,7 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
             stats.setdefault("nonfinite_steps", []).append({
                 "step": calls, "parameters": len(bad),
                 "first": [(names or {}).get(id(p), f"#{i}") for i, p in enumerate(bad[:6])],
+                **_where_nonfinite(names or {}, {id(p) for p in params}, {id(p) for p in bad}),
                 "nan": any(bool(torch.isnan(p.grad).any()) for p in bad),
                 "inf": any(bool(torch.isinf(p.grad).any()) for p in bad)})
             in_a_row += 1
@@ -112,6 +113,32 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
 
     optimizer.step = guarded
     return optimizer
+
+
+def _where_nonfinite(names: dict, with_grad: set, bad: set) -> dict:
+    """Where a non-finite gradient entered the backward, which runs from the loss down: the
+    parameters above the decoder layers (final norm, head) whose gradient is non-finite
+    (`above_layers`; empty when it entered inside the layers), the highest decoder layer holding
+    one (`deepest_layer`), and that layer's parameters split into non-finite and finite (e.g. q/k/v
+    projections and the input norm non-finite with o_proj and the MLP finite: it entered in that
+    layer's attention backward). Names are those of `model.named_parameters()`."""
+    import re
+
+    def layer(name):
+        m = re.search(r"layers\.(\d+)\.", name)
+        return int(m.group(1)) if m else None
+
+    bad_names = [n for pid, n in names.items() if pid in bad]
+    layers = [layer(n) for n in bad_names if layer(n) is not None]
+    out = {"above_layers": [n for n in bad_names if layer(n) is None and "embed" not in n],
+           "deepest_layer": max(layers) if layers else None}
+    if layers:
+        prefix = re.compile(rf".*layers\.{out['deepest_layer']}\.")
+        inside = [(prefix.sub("", n), pid in bad) for pid, n in names.items()
+                  if pid in with_grad and layer(n) == out["deepest_layer"]]
+        out["deepest_layer_nonfinite"] = [n for n, b in inside if b]
+        out["deepest_layer_finite"] = [n for n, b in inside if not b]
+    return out
 
 
 class WeightAveraging:

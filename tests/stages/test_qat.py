@@ -179,6 +179,7 @@ def test_a_step_with_nan_gradients_is_skipped_and_three_in_a_row_stop_training()
     (record,) = stats["nonfinite_steps"]
     assert record["step"] == 2 and record["parameters"] == len(names) and record["nan"] and not record["inf"]
     assert record["first"] == [n for n, _ in model.named_parameters()][:6]
+    assert record["above_layers"] == ["model.norm.weight", "lm_head.weight"]  # the poisoned loss: from the top
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert all(torch.equal(s["exp_avg"], moments[id(p)]) for p, s in opt.state.items())
     backward(poison=False)
@@ -193,6 +194,32 @@ def test_a_step_with_nan_gradients_is_skipped_and_three_in_a_row_stop_training()
     with pytest.raises(TrainingDiverged, match="rl: 3 steps in a row had NaN/inf gradients"):
         opt.step()
     assert stats["skipped_nonfinite_steps"] == 4
+
+
+def test_a_skipped_step_names_where_the_nan_entered_the_backward():
+    """A NaN put into the gradient of the last layer's q_proj output (as a broken attention backward
+    would): the record names that layer as the deepest with a non-finite gradient, nothing above
+    the layers, and in it q_proj and the input norm below it non-finite, q_norm (after q_proj), k/v/o_proj
+    and the MLP finite."""
+    from reasoning_qat.training import skip_nonfinite_steps
+
+    model = tiny_qwen3()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    stats = {}
+    skip_nonfinite_steps(opt, stats, names={id(p): n for n, p in model.named_parameters()})
+    last = len(model.model.layers) - 1
+    poison = model.model.layers[last].self_attn.q_proj.register_forward_hook(
+        lambda m, a, out: out.register_hook(lambda g: g * float("nan")) and None)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    poison.remove()
+    opt.step()
+    (record,) = stats["nonfinite_steps"]
+    assert record["above_layers"] == [] and record["deepest_layer"] == last, record
+    assert set(record["deepest_layer_nonfinite"]) == {"self_attn.q_proj.weight", "input_layernorm.weight"}, record
+    assert {"self_attn.k_proj.weight", "self_attn.q_norm.weight", "self_attn.o_proj.weight", "mlp.down_proj.weight"} <= \
+        set(record["deepest_layer_finite"]), record
+    assert record["nan"] and record["parameters"] < len(list(model.parameters()))
 
 
 @pytest.mark.parametrize("run, bits, spike", [("t350b-kdf0", 2, True), ("t350b-kdf1", 2, True),
