@@ -17,6 +17,8 @@
 #   kdc0/1  KD-QAT from the cached top-64 teacher (qat.kd.teacher: cached)
 #   e20s0/1, eNs0/1    W2G128: GRPO for 20 / N steps from a KD-QAT student stopped early (30 of 300 steps)
 #   fNs0/1             W2G128: GRPO for N steps from the finished KD-QAT student
+#   rlptqe0/1          rlptq0/1 with eager attention (model.attn_implementation=eager): the NaN-gradient
+#                      GRPO step's candidate cause is the SDPA kernels' backward (rl-nan-cpu/README.md)
 # Issue 31 item 4, the training-dynamics rows (each trains its own teacher of the recipe's length; the digit
 # is the teacher's seed, model.demo.seed, which also draws its problems): W3G128 RTN and GPTQ after
 #   dcos0/1  the recipe's cosine schedule     dwsd0/1  warmup-stable-decay (last 20% decays)
@@ -56,6 +58,7 @@ for v in $want; do
   [ "${v:0:1}" = a ] && { scheme=$A4; base=${v:1}; }
   case $base in
     kdrtn[01]) rows=$R ;; kd[01]) rows=$KD ;; rlptq[01]) rows=$P ;; ce[01]) rows=$C ;;
+    rlptqe[01]) rows="$P model.attn_implementation=eager" ;;
     ptq[01]) rows=$PTQ; [ -n "$scheme" ] && rows=${rows/bf16,/} ;;
     own[01]) rows=$OWN ;; kdf[01]) rows=$F ;; cef[01]) rows="$F qat.kd.loss=ce" ;; kds[01]) rows=$SELF ;;
     kdc[01]) rows=$CACHED ;;
@@ -66,7 +69,7 @@ for v in $want; do
     e20s[01]) rows="$RLW2 qat.max_steps=30 rl.max_steps=20" ;;
     e[0-9]*s[01]) n=${base#e}; rows="$RLW2 qat.max_steps=30 rl.max_steps=${n%s?} eval.methods=[qat_rl]" ;;
     f[0-9]*s[01]) n=${base#f}; rows="$RLW2 rl.max_steps=${n%s?} eval.methods=[qat_rl]" ;;
-    *) echo "unknown variant $v (one of: $w23 $w4a4kv4 own kdf cef kds kdc (then 0 or 1), e20s eNs fNs dcos dwsd dlawa (then 0 or 1))" >&2; exit 2 ;;
+    *) echo "unknown variant $v (one of: $w23 $w4a4kv4 own kdf cef kds kdc rlptqe (then 0 or 1), e20s eNs fNs dcos dwsd dlawa (then 0 or 1))" >&2; exit 2 ;;
   esac
   seed=""; [ "${v: -1}" = 1 ] && [ -z "$own" ] && seed=$S1
   args="$args --variant $tag$v $teacher $scheme $rows $seed"

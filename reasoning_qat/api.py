@@ -72,7 +72,8 @@ def load(run_dir: str | Path, variant: str = "bf16", device: str | None = None, 
     path = layout.checkpoint(v)
     if not path.is_dir():
         raise UserError(f"{run_dir}: no {v} checkpoint ({path}); its stage has not run")
-    return load_quantized_checkpoint(path, dtype or torch.float32, device, recipe.model.trust_remote_code)
+    return load_quantized_checkpoint(path, dtype or torch.float32, device, recipe.model.trust_remote_code,
+                                     recipe.model.attn_implementation)
 
 
 def evaluate(model: str | Path, task: str, out: str | Path | None = None, *, backend: str = "auto",

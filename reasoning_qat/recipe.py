@@ -79,6 +79,12 @@ class ModelConfig(_Section):
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="dtype of the teacher and of the exports")
     trust_remote_code: bool = Field(False, description="run the model repository's own code (only the recipe turns it on)")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) of `id`")
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] | None = \
+        Field(None, description="the attention kernel every stage loads the teacher and its checkpoints with "
+              "(transformers' `attn_implementation`; none: its default, sdpa). Not among any stage's inputs: the "
+              "kernels compute the same function, so changing it marks nothing stale (re-run a stage with --force). "
+              "A kernel this machine lacks is refused before the run; W4A4KV4 and rotated variants compute "
+              "attention through SDPA and refuse the others")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -465,6 +471,9 @@ class Recipe(_Section):
             if self.export.formats != ["dequantized"]:
                 raise ValueError(f"export.formats: {what} needs online operations no serving format carries; "
                                  "use formats: [dequantized] (evaluated through transformers with reasoning_qat's runtime)")
+            if self.model.attn_implementation not in (None, "sdpa"):
+                raise ValueError(f"model.attn_implementation: {what} computes attention through SDPA (with its online "
+                                 f"rotation / K-V fake quant), not {self.model.attn_implementation}; leave it unset or sdpa")
             if self.eval.backend == "vllm" or self.rl.use_vllm:
                 raise ValueError(f"{'eval.backend' if self.eval.backend == 'vllm' else 'rl.use_vllm'}: vLLM cannot run "
                                  f"{what} (int4 activations / online rotations); use the transformers backend")
@@ -483,8 +492,10 @@ class Recipe(_Section):
     def section_hash(self, *keys: str, exclude_defaults: bool = True) -> str:
         """Hash of the recipe sections a stage depends on (dotted keys), for staleness checks. Only
         values that were set count (exclude_defaults), so a field added to the schema with a default
-        changes no hash. A key with '=' is hashed as it is (a stage's version)."""
+        changes no hash. A key with '=' is hashed as it is (a stage's version). `UNHASHED` fields never count."""
         dump = self.model_dump(mode="json", exclude_defaults=exclude_defaults)
+        for section, field in UNHASHED:
+            dump.get(section, {}).pop(field, None)
         picked = {}
         for key in keys:
             if "=" in key:
@@ -495,6 +506,11 @@ class Recipe(_Section):
                 node = node.get(part) if isinstance(node, dict) else None
             picked[key] = node
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Fields that choose how a stage computes, not what: changing one marks no stage stale (a re-run is --force).
+# The attention kernels compute the same function (to rounding).
+UNHASHED = {("model", "attn_implementation")}
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -88,13 +88,15 @@ class ModelSource:
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: str = "bfloat16"
+    attn_implementation: str | None = None  # None: transformers' default
 
     @classmethod
     def teacher(cls, layout: RunLayout, model_cfg) -> ModelSource:
         """The run's teacher with the recipe's loading options (the demo's trained model, or the recorded id)."""
         path = layout.teacher_model()
         local = model_cfg.demo is not None or Path(path).exists()
-        return cls(path, None if local else model_cfg.revision, model_cfg.trust_remote_code, model_cfg.dtype)
+        return cls(path, None if local else model_cfg.revision, model_cfg.trust_remote_code, model_cfg.dtype,
+                   model_cfg.attn_implementation)
 
     def at(self, path: str | Path) -> ModelSource:
         """The same options at another path (one of the run's own checkpoints)."""
@@ -110,7 +112,9 @@ class ModelSource:
         """The causal LM at this source, its QuantSpec installed when it carries one."""
         from .models import load_model, resolve_dtype
 
-        return load_model(self.id, dtype or resolve_dtype(self.dtype), self.trust_remote_code, self.revision, device)
+        attention = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
+        return load_model(self.id, dtype or resolve_dtype(self.dtype), self.trust_remote_code, self.revision, device,
+                          **attention)
 
     def config(self):
         """The model config at this source."""

@@ -91,14 +91,18 @@ def test_grpo_straight_from_a_ptq_checkpoint(tmp_path):
                       shared_teacher=True)
     rec.write_text(rec.read_text().replace("method: gptq", "method: rtn").replace(
         "rl: {enabled: false}", "rl: {enabled: true, init: ptq, min_accuracy: 0.0, data: {source: demo}, max_steps: 2, "
-        "num_generations: 4, batch_size: 4, max_completion_length: 48, save_steps: 1}"))
-    cli("run", str(rec))
+        "num_generations: 4, batch_size: 4, max_completion_length: 48, save_steps: 1}").replace(
+        "  dtype: float32", "  dtype: float32\n  attn_implementation: eager"))  # the kernel is not a stage input:
     run = tmp_path / "runs" / "rlptq"
+    shared = (run / "teacher" / "manifest.json").read_text()
+    cli("run", str(rec))
+    assert (run / "teacher" / "manifest.json").read_text() == shared  # ...the shared teacher stays done
     assert not (run / "qat").exists()
     rl = json.loads((run / "rl" / "manifest.json").read_text())
     assert set(rl["inputs"]) == {"teacher", "ptq"}
     m = rl["metrics"]["w4-ptq_rl"]
     assert m["init"] == "w4-rtn" and m["steps"] == 2 and m["quantized_rollout_batches"] >= 2
+    assert m["attn_implementation"] == "eager"  # the policy ran the recipe's kernel
     # RL changed the weights it started from (a w4 start solves some prompts: the rewards differ)
     start, after = (load_quantized_checkpoint(p) for p in (run / "ptq" / "w4-rtn", run / "rl" / "w4-ptq_rl" / "model"))
     # the recorded share of weights moved to another grid point is the one the two checkpoints' codes show

@@ -41,6 +41,17 @@ def test_bad_references_fail_before_any_work_and_create_nothing(tmp_path, old, n
     assert not (tmp_path / "runs").exists()  # no run directory, no lock file
 
 
+def test_an_attention_kernel_this_machine_lacks_is_refused_before_the_run(tmp_path):
+    from transformers.utils import is_flash_attn_2_available
+
+    if is_flash_attn_2_available():
+        pytest.skip("flash-attn is installed here")
+    rec = _broken(tmp_path, "  dtype: float32", "  dtype: float32\n  attn_implementation: flash_attention_2")
+    one_line_error(cli("run", str(rec)), "model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                                         "and a CUDA GPU, which this machine lacks; use sdpa")
+    assert not (tmp_path / "runs").exists()
+
+
 def _with_model_id(tmp_path, model_id):
     rec = demo_recipe(tmp_path, name="bad")
     text = rec.read_text()  # swap the demo teacher for a model path; the data then comes from a file

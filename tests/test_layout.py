@@ -126,3 +126,40 @@ def test_status_can_tell_a_run_in_progress_from_a_crashed_one(tmp_path):
     with run_lock(tmp_path):
         assert lock_holder(tmp_path) == str(os.getpid())
     assert (tmp_path / ".lock").is_file() and lock_holder(tmp_path) is None
+
+
+def test_the_attention_kernel_changes_how_not_what(small_run):
+    """model.attn_implementation reaches every loader (the teacher, the run's checkpoints, the fake-quant
+    checkpoint, the transformers eval backend), computes the same function to rounding, and marks no
+    finished stage stale."""
+    import torch
+
+    from reasoning_qat.evaluation.backends import EngineSettings, TransformersBackend
+    from reasoning_qat.quant.formats import load_quantized_checkpoint
+    from reasoning_qat.run_layout import ModelSource
+    from reasoning_qat.stages.specs import engine_settings
+
+    rec, run = small_run
+    data = yaml.safe_load(rec.read_text())
+    data["model"]["attn_implementation"] = "eager"
+    recipe = Recipe.model_validate(data)
+    assert Pipeline(recipe, STAGES).plan() == []  # nothing to re-run
+    src = ModelSource.teacher(RunLayout(run), recipe.model)
+    eager = [src.model(torch.float32), src.at(run / "teacher" / "model").model(torch.float32),
+             load_quantized_checkpoint(run / "ptq" / "w4-gptq", attn_implementation="eager"),
+             TransformersBackend(str(run / "export" / "w4-gptq" / "dequantized"), device="cpu",
+                                 settings=engine_settings(recipe)).model]
+    default = [ModelSource.teacher(RunLayout(run), load_recipe(rec).model).model(torch.float32),
+               None, load_quantized_checkpoint(run / "ptq" / "w4-gptq"),
+               TransformersBackend(str(run / "export" / "w4-gptq" / "dequantized"), device="cpu",
+                                   settings=EngineSettings()).model]
+    assert [m.config._attn_implementation for m in eager] == ["eager"] * 4
+    assert {m.config._attn_implementation for m in default if m is not None} == {"sdpa"}
+    x = torch.randint(0, 100, (2, 24))
+    mask = torch.ones_like(x)
+    mask[1, :5] = 0  # left padding: the masked path of both kernels
+    with torch.no_grad():
+        for a, b in zip(eager, default):
+            if b is not None:
+                torch.testing.assert_close(a(x, attention_mask=mask).logits[:, 5:], b(x, attention_mask=mask).logits[:, 5:],
+                                           atol=1e-4, rtol=1e-4)

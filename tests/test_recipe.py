@@ -57,6 +57,11 @@ BAD = [
       "eval": {"export_format": "compressed-tensors"}}, "not 2; symmetric 2-bit is served"),
     (with_("eval.dtype", "fp8"), "eval.dtype: Input should be 'auto', 'bfloat16', 'float16' or 'float32' (got 'fp8')"),
     (with_("eval.gpu_memory_utilization", 1.5), "eval.gpu_memory_utilization: Input should be less than or equal to 1"),
+    (with_("model.attn_implementation", "flash"), "model.attn_implementation: Input should be 'sdpa', 'eager', "),
+    ({"name": "x", "model": {"id": "Qwen/Qwen3-0.6B", "attn_implementation": "eager"}, "quant": {"preset": "w4a4kv4"},
+      "export": {"formats": ["dequantized"]}, "eval": {"backend": "transformers"}},
+     ("model.attn_implementation: quant.activations computes attention through SDPA (with its online rotation / K-V "
+      "fake quant), not eager; leave it unset or sdpa")),
 ]
 
 

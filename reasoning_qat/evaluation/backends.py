@@ -39,6 +39,7 @@ class EngineSettings:
     enforce_eager: bool = False
     max_model_len: int | None = None  # None: the model's own
     static_cache: bool | str = "auto"  # transformers backend only: static KV cache + compiled decode (auto: GPU)
+    attn_implementation: str | None = None  # transformers backend only: the recipe's model.attn_implementation
 
     def torch_dtype(self, on_gpu: bool) -> torch.dtype:
         """The model dtype to run in: the setting, or bf16 on a GPU and fp32 on CPU for `auto`."""
@@ -106,8 +107,9 @@ class TransformersBackend:
         self.device = device or best_device()
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.tokenizer.padding_side = "left"
+        attention = {"attn_implementation": settings.attn_implementation} if settings.attn_implementation else {}
         self.model = load_model(model_path, settings.torch_dtype(self.device != "cpu"), trust_remote_code,
-                                device=self.device).eval()
+                                device=self.device, **attention).eval()
         self.end_ids = end_token_ids(self.tokenizer, self.model.generation_config, self.model.config)
         self.batch_size = batch_size
         self.static_cache = settings.static_cache if settings.static_cache != "auto" else self.device != "cpu"

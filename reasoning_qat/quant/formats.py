@@ -108,22 +108,26 @@ def read_quantized_weights(path: str | Path) -> tuple[dict[str, QuantizedWeight]
     return qws, state, meta
 
 
-def load_quantized_checkpoint(path: str | Path, dtype=torch.float32, device="cpu", trust_remote_code: bool = False):
-    """Load an rqat checkpoint as a fake-quant transformers model (forward = the quantized function)."""
+def load_quantized_checkpoint(path: str | Path, dtype=torch.float32, device="cpu", trust_remote_code: bool = False,
+                              attn_implementation: str | None = None):
+    """Load an rqat checkpoint as a fake-quant transformers model (forward = the quantized function).
+    attn_implementation: transformers' attention kernel (None: its default)."""
     qws, rest, _ = read_quantized_weights(path)
-    return _model_from_checkpoint(Path(path), qws, rest, dtype, device, trust_remote_code, fake_quant=True)
+    return _model_from_checkpoint(Path(path), qws, rest, dtype, device, trust_remote_code, fake_quant=True,
+                                  attn_implementation=attn_implementation)
 
 
 def _model_from_checkpoint(path: Path, qws: dict[str, QuantizedWeight], rest: dict[str, torch.Tensor], dtype, device,
-                           trust_remote_code: bool, fake_quant: bool) -> nn.Module:
+                           trust_remote_code: bool, fake_quant: bool, attn_implementation: str | None = None) -> nn.Module:
     """The checkpoint's architecture holding its weights: each quantized Linear a FakeQuantLinear of its codes
     (`fake_quant`), or a plain Linear of the dequantized weight (what the export writes from); its QuantSpec
     installed. Raises UserError where the checkpoint does not match the architecture."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with torch.device(device), _no_init_weights():  # every weight is loaded below: random init is wasted time
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **attention)
     state = dict(rest)
     for name, qw in qws.items():
         linear = model.get_submodule(name)

@@ -48,6 +48,24 @@ def _check_verifiable(field: str, data) -> None:
                           f"name the dataset's own verified_field / complete_field, or use select: first")
 
 
+def _check_attention(name: str | None) -> None:
+    """A kernel that needs a package (flash-attn 2/3) or a torch (flex attention) this machine lacks is refused
+    here, not when the teacher loads mid-run."""
+    from ..recipe import RecipeError
+
+    if name not in ("flash_attention_2", "flash_attention_3", "flex_attention"):
+        return
+    from transformers import utils
+
+    available = {"flash_attention_2": utils.is_flash_attn_2_available, "flash_attention_3": utils.is_flash_attn_3_available,
+                 "flex_attention": utils.is_torch_flex_attn_available}[name]
+    if not available():
+        needs = "torch's flex attention" if name == "flex_attention" else \
+            f"the {'flash-attn' if name == 'flash_attention_2' else 'flash-attn 3 (hopper)'} package and a CUDA GPU"
+        raise RecipeError(f"model.attn_implementation: {name} needs {needs}, which this machine lacks; "
+                          "use sdpa (or leave it unset)")
+
+
 def _check_run_root(run_root: str) -> None:
     from pathlib import Path
 
@@ -72,6 +90,7 @@ def preflight(recipe) -> list[str]:
 
     model_cfg = recipe.model
     _check_local("model.id", model_cfg.id, "local model directory")
+    _check_attention(model_cfg.attn_implementation)
     _check_run_root(recipe.run_root)
     for field, data in (("qat.data.source", recipe.qat.data), ("rl.data.source", recipe.rl.data)):
         if data.source == "demo" and model_cfg.demo is None and (field.startswith("qat") or recipe.rl.enabled):

@@ -200,7 +200,8 @@ def run(ctx: StageContext) -> dict:
         device = best_device()
         init = Variant(bits, r.ptq.method if cfg.init == "ptq" else "qat")
         student = load_quantized_checkpoint(ctx.layout.checkpoint(init), device=device,
-                                            trust_remote_code=ctx.recipe.model.trust_remote_code)
+                                            trust_remote_code=ctx.recipe.model.trust_remote_code,
+                                            attn_implementation=ctx.recipe.model.attn_implementation)
         acc = student_accuracy(student, tok, rows, max_new_tokens=cfg.max_completion_length)
         if acc < cfg.min_accuracy:
             raise UserError(f"rl: the {init} student solves {acc:.1%} of the first RL prompts, below "
@@ -247,6 +248,8 @@ def run(ctx: StageContext) -> dict:
         record = {"init": str(init), "start_accuracy": acc, "steps": trainer.state.global_step,
                   "mean_reward_first": sum(rewards[:5]) / max(len(rewards[:5]), 1),
                   "mean_reward_last": sum(rewards[-5:]) / max(len(rewards[-5:]), 1), **rollouts,
+                  # the policy's attention kernel: the GPU organism's two NaN-gradient steps ran under sdpa
+                  "attn_implementation": student.config._attn_implementation,
                   # the share of weights GRPO moved to another grid point (codes against the start's)
                   "moved_to_another_grid_point": moved_fraction(start_codes, student),
                   # wall time of the steps this process ran (a resumed run: those after its checkpoint)

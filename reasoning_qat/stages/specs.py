@@ -89,7 +89,7 @@ def engine_settings(recipe: Recipe) -> EngineSettings:
     """The inference engine's settings (eval, teacher-written data, colocated RL rollouts): `eval`'s."""
     from ..evaluation.backends import EngineSettings
 
-    return _copy(EngineSettings, recipe.eval)
+    return _copy(EngineSettings, recipe.eval, attn_implementation=recipe.model.attn_implementation)
 
 
 def data_prefix(recipe: Recipe, data: DataConfig) -> str:

@@ -67,7 +67,7 @@ def _convert_gguf(ctx: StageContext) -> dict:
 
 def _train_demo_teacher(ctx: StageContext) -> dict:
     import torch
-    from transformers import Qwen3ForCausalLM, Trainer
+    from transformers import AutoModelForCausalLM, Trainer
 
     demo = ctx.recipe.model.demo
     seed = ctx.recipe.seed if demo.seed is None else demo.seed
@@ -78,8 +78,10 @@ def _train_demo_teacher(ctx: StageContext) -> dict:
 
     tokenizer = build_char_tokenizer()
     torch.manual_seed(seed)
-    with recipe_keys("model.demo"):
-        model = Qwen3ForCausalLM(demo_config(demo, tokenizer))
+    attention = ctx.recipe.model.attn_implementation
+    with recipe_keys("model.demo"):  # from_config initialises the same weights as the constructor, same seed
+        model = AutoModelForCausalLM.from_config(demo_config(demo, tokenizer),
+                                                 **({"attn_implementation": attention} if attention else {}))
     dataset = ReasoningSFTDataset(to_records(train), tokenizer, max_length=demo.max_length)
     args = quiet_training_args(
         output_dir=str(ctx.layout.teacher_trainer()),
