@@ -32,14 +32,17 @@ def load_tokenizer(path_or_id: str, trust_remote_code: bool = False, revision: s
 
 
 def load_model(path_or_id: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
-               revision: str | None = None, device: str | None = None, **kwargs):
-    """kwargs go to `from_pretrained` (e.g. gguf_file). dtype: a torch dtype; None means bfloat16."""
+               revision: str | None = None, device: str | None = None, attn_implementation: str | None = None,
+               **kwargs):
+    """kwargs go to `from_pretrained` (e.g. gguf_file). dtype: a torch dtype; None means bfloat16.
+    attn_implementation: transformers' attention kernel (None: its default, sdpa)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if dtype is None else dtype
     model = AutoModelForCausalLM.from_pretrained(
-        path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision, **kwargs
+        path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
+        attn_implementation=attn_implementation, **kwargs
     )
     model = model.to(device) if device else model
     # A W4A4KV4 (or rotated) export: its quant_spec.json names the online rotations and activation/KV

@@ -112,9 +112,8 @@ class ModelSource:
         """The causal LM at this source, its QuantSpec installed when it carries one."""
         from .models import load_model, resolve_dtype
 
-        attention = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
         return load_model(self.id, dtype or resolve_dtype(self.dtype), self.trust_remote_code, self.revision, device,
-                          **attention)
+                          self.attn_implementation)
 
     def config(self):
         """The model config at this source."""

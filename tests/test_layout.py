@@ -144,22 +144,23 @@ def test_the_attention_kernel_changes_how_not_what(small_run):
     data["model"]["attn_implementation"] = "eager"
     recipe = Recipe.model_validate(data)
     assert Pipeline(recipe, STAGES).plan() == []  # nothing to re-run
-    src = ModelSource.teacher(RunLayout(run), recipe.model)
-    eager = [src.model(torch.float32), src.at(run / "teacher" / "model").model(torch.float32),
-             load_quantized_checkpoint(run / "ptq" / "w4-gptq", attn_implementation="eager"),
-             TransformersBackend(str(run / "export" / "w4-gptq" / "dequantized"), device="cpu",
-                                 settings=engine_settings(recipe)).model]
-    default = [ModelSource.teacher(RunLayout(run), load_recipe(rec).model).model(torch.float32),
-               None, load_quantized_checkpoint(run / "ptq" / "w4-gptq"),
-               TransformersBackend(str(run / "export" / "w4-gptq" / "dequantized"), device="cpu",
-                                   settings=EngineSettings()).model]
+    export = str(run / "export" / "w4-gptq" / "dequantized")
+
+    def loaded(model_cfg, settings):
+        """The teacher, the teacher again through ModelSource.at, the fake-quant checkpoint, the eval backend's model."""
+        src = ModelSource.teacher(RunLayout(run), model_cfg)
+        return [src.model(torch.float32), src.at(run / "teacher" / "model").model(torch.float32),
+                load_quantized_checkpoint(run / "ptq" / "w4-gptq", attn_implementation=model_cfg.attn_implementation),
+                TransformersBackend(export, device="cpu", settings=settings).model]
+
+    eager = loaded(recipe.model, engine_settings(recipe))
+    default = loaded(load_recipe(rec).model, EngineSettings())
     assert [m.config._attn_implementation for m in eager] == ["eager"] * 4
-    assert {m.config._attn_implementation for m in default if m is not None} == {"sdpa"}
+    assert [m.config._attn_implementation for m in default] == ["sdpa"] * 4
     x = torch.randint(0, 100, (2, 24))
     mask = torch.ones_like(x)
     mask[1, :5] = 0  # left padding: the masked path of both kernels
     with torch.no_grad():
         for a, b in zip(eager, default):
-            if b is not None:
-                torch.testing.assert_close(a(x, attention_mask=mask).logits[:, 5:], b(x, attention_mask=mask).logits[:, 5:],
-                                           atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(a(x, attention_mask=mask).logits[:, 5:], b(x, attention_mask=mask).logits[:, 5:],
+                                       atol=1e-4, rtol=1e-4)

@@ -107,9 +107,8 @@ class TransformersBackend:
         self.device = device or best_device()
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.tokenizer.padding_side = "left"
-        attention = {"attn_implementation": settings.attn_implementation} if settings.attn_implementation else {}
         self.model = load_model(model_path, settings.torch_dtype(self.device != "cpu"), trust_remote_code,
-                                device=self.device, **attention).eval()
+                                device=self.device, attn_implementation=settings.attn_implementation).eval()
         self.end_ids = end_token_ids(self.tokenizer, self.model.generation_config, self.model.config)
         self.batch_size = batch_size
         self.static_cache = settings.static_cache if settings.static_cache != "auto" else self.device != "cpu"

@@ -125,9 +125,9 @@ def _model_from_checkpoint(path: Path, qws: dict[str, QuantizedWeight], rest: di
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with torch.device(device), _no_init_weights():  # every weight is loaded below: random init is wasted time
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **attention)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 attn_implementation=attn_implementation)
     state = dict(rest)
     for name, qw in qws.items():
         linear = model.get_submodule(name)

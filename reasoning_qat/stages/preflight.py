@@ -53,16 +53,16 @@ def _check_attention(name: str | None) -> None:
     here, not when the teacher loads mid-run."""
     from ..recipe import RecipeError
 
-    if name not in ("flash_attention_2", "flash_attention_3", "flex_attention"):
+    needs = {"flash_attention_2": ("is_flash_attn_2_available", "the flash-attn package and a CUDA GPU"),
+             "flash_attention_3": ("is_flash_attn_3_available", "the flash-attn 3 (hopper) package and a CUDA GPU"),
+             "flex_attention": ("is_torch_flex_attn_available", "torch's flex attention")}
+    if name not in needs:
         return
     from transformers import utils
 
-    available = {"flash_attention_2": utils.is_flash_attn_2_available, "flash_attention_3": utils.is_flash_attn_3_available,
-                 "flex_attention": utils.is_torch_flex_attn_available}[name]
-    if not available():
-        needs = "torch's flex attention" if name == "flex_attention" else \
-            f"the {'flash-attn' if name == 'flash_attention_2' else 'flash-attn 3 (hopper)'} package and a CUDA GPU"
-        raise RecipeError(f"model.attn_implementation: {name} needs {needs}, which this machine lacks; "
+    check, what = needs[name]
+    if not getattr(utils, check)():
+        raise RecipeError(f"model.attn_implementation: {name} needs {what}, which this machine lacks; "
                           "use sdpa (or leave it unset)")
 
 

@@ -78,10 +78,9 @@ def _train_demo_teacher(ctx: StageContext) -> dict:
 
     tokenizer = build_char_tokenizer()
     torch.manual_seed(seed)
-    attention = ctx.recipe.model.attn_implementation
     with recipe_keys("model.demo"):  # from_config initialises the same weights as the constructor, same seed
         model = AutoModelForCausalLM.from_config(demo_config(demo, tokenizer),
-                                                 **({"attn_implementation": attention} if attention else {}))
+                                                 attn_implementation=ctx.recipe.model.attn_implementation)
     dataset = ReasoningSFTDataset(to_records(train), tokenizer, max_length=demo.max_length)
     args = quiet_training_args(
         output_dir=str(ctx.layout.teacher_trainer()),
