@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +29,20 @@ ARCHS = {  # from the published Qwen3 configs
 }
 RESULTS = Path(os.environ.get("BENCH_RESULTS", Path(__file__).parent / "results"))  # smoke runs write elsewhere
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def scratch_dir(prefix: str, keep: str | None = None) -> Path:
+    """A working directory: `keep` when given (kept, e.g. to resume on the GPU), else a temporary one removed at exit.
+
+    Why: the export and QAT benchmarks write multi-GB checkpoints; a leaked temporary folder per run filled this
+    machine's disk (and the CI run that followed on it) once.
+    """
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        return Path(keep)
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def qwen3(arch: str, dtype=torch.bfloat16, device=DEVICE, seed=0, layers: int | None = None):

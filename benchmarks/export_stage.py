@@ -14,11 +14,10 @@ Writes benchmarks/results/export_stage.{json,md}.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
-from common import ARCHS, save
+from common import ARCHS, save, scratch_dir
 from qat_stage import make_model_and_data
 
 from reasoning_qat.cli import main as rqat
@@ -60,7 +59,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=28)
     a = p.parse_args()
     ARCHS[a.arch] = {**ARCHS[a.arch], "num_hidden_layers": a.layers}
-    root = Path(tempfile.mkdtemp())
+    root = scratch_dir("export_stage_")
     model_dir, data = make_model_and_data(a.arch, root, 256)
     recipe = root / "recipe.yaml"
     recipe.write_text(recipe_text(model_dir, data))

@@ -14,12 +14,10 @@ Writes benchmarks/results/export_time.{json,md}.
 """
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-from common import ARCHS, qwen3, save
+from common import ARCHS, qwen3, save, scratch_dir
 from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor  # noqa: F401 (import before timing)
 
 from reasoning_qat.quant import QuantScheme, QuantTargets, formats, swap_in_fake_quant
@@ -45,7 +43,7 @@ def main() -> None:
     targets = QuantTargets(QuantScheme(a.bits, 128))
     _, rtn_s = timed(lambda: rtn_quantize_model(model, targets.resolve(model)))
     swap_in_fake_quant(model, targets)
-    tmp = Path(tempfile.mkdtemp())
+    tmp = scratch_dir("export_time_")
     _, save_s = timed(lambda: formats.save_quantized_checkpoint(model, tmp / "ckpt"))
     # warm-up, untimed: the first save_pretrained and the first packing pay one-time import and setup costs
     formats.export_compressed_tensors(formats.load_quantized_checkpoint(tmp / "ckpt"), tmp / "warm-ct")

@@ -25,12 +25,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import ARCHS, DEVICE, bf16_matmul_tflops, save
+from common import ARCHS, DEVICE, bf16_matmul_tflops, save, scratch_dir
 from qat_stage import StepTimer, make_model_and_data, qwen3_params, recipe_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,8 +130,7 @@ def main() -> None:
     a = p.parse_args()
     if a.worker:
         return worker(a)
-    root = Path(a.root or tempfile.mkdtemp(prefix="qat_multi_gpu_"))
-    root.mkdir(parents=True, exist_ok=True)
+    root = scratch_dir("qat_multi_gpu_", a.root)
     run = prepare(a, root)
     params = qwen3_params(a.arch)
     peak = bf16_matmul_tflops() if DEVICE == "cuda" else float("nan")

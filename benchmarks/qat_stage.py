@@ -26,12 +26,11 @@ import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import ARCHS, DEVICE, bf16_matmul_tflops, qwen3, save
+from common import ARCHS, DEVICE, bf16_matmul_tflops, qwen3, save, scratch_dir
 
 CONFIGS = ("stage", "stage_no_recompute", "stage_recompute", "stage_unfused", "stage_no_fq", "naive")
 
@@ -201,7 +200,7 @@ def main() -> None:
     a = p.parse_args()
     if a.worker:
         return worker(a)
-    root = Path(a.root or tempfile.mkdtemp(prefix="qat_stage_"))
+    root = scratch_dir("qat_stage_", a.root)
     make_model_and_data(a.arch, root, a.seq)
     tokens = a.batch * a.seq
     params = qwen3_params(a.arch)
