@@ -43,8 +43,13 @@ for part in "$@"; do
     gptq) (cd benchmarks; BENCH_TAG=${GPTQ_TAG:-} timeout $(t ${T_GPTQ:-240}) python3 gptq_time.py ${GPTQ_ARGS:-}) 2>&1 | quiet ;;
     demo) timeout $(t ${T_DEMO:-500}) rqat run recipes/demo-gpu.yaml 2>&1 | quiet ;;
     organism) timeout $(t ${T_ORG:-540}) rqat run recipes/organism-gpu.yaml 2>&1 | quiet ;;
-    runs)  # benchmarks/organism_runs.py $RUNS_ARGS, stopped (resumable) before the call's deadline
-      python3 benchmarks/organism_runs.py --deadline $(( $(t 9999) - ${RUNS_MARGIN:-45} )) $RUNS_ARGS 2>&1 | quiet ;;
+    runs)  # benchmarks/organism_runs.py $RUNS_ARGS, stopped (resumable) before the call's deadline;
+      # RUNS_ARGS2 (optional): a second set beside it, e.g. runs that train their own teachers and so
+      # must not get the first set's --teacher-from
+      dl=$(( $(t 9999) - ${RUNS_MARGIN:-45} ))
+      if [ -n "${RUNS_ARGS2:-}" ]; then python3 benchmarks/organism_runs.py --deadline $dl $RUNS_ARGS2 2>&1 | quiet & fi
+      python3 benchmarks/organism_runs.py --deadline $dl $RUNS_ARGS 2>&1 | quiet
+      wait ;;
     ablations)
       # Recipes whose model section matches share one teacher: the first run trains it and the
       # others get a copy (the pipeline accepts it only if its recipe hash matches).

@@ -39,6 +39,9 @@ def quiet_training_args(cls=None, **kwargs):
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        # Log the loss the model computed: transformers' default logs the running mean in place of a NaN/inf
+        # loss, which made a NaN forward look like a finite loss with NaN gradients (issue 31's GRPO step)
+        logging_nan_inf_filter=False,
         # Without CUDA, say so: Accelerate then sets up gloo data parallelism (MULTI_CPU) under
         # torchrun instead of leaving every rank to train and checkpoint on its own.
         use_cpu=not torch.cuda.is_available(),
@@ -71,15 +74,21 @@ def grouped_optimizer(trainer, latent_lr: float | None, scale_lr: float | None):
     return cls([g for g in groups if g["params"]], **kwargs)
 
 
-def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "training", names: dict | None = None):
+def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "training", names: dict | None = None,
+                         losses: list | None = None):
     """Make `optimizer.step` skip a step whose gradients hold a NaN or inf (the gradients are
     dropped, the weights and the optimizer's moments stay as they were) instead of writing NaN into
-    the weights: a GRPO step can meet a finite loss with NaN gradients (the GPU organism's RL from
-    W3 RTN, seed 1, step 16), and the next rollout's sampling then dies on a device-side assert.
+    the weights: a GRPO step can end with NaN gradients (the GPU organism's RL from W3 RTN, seed 1,
+    step 16), and the next rollout's sampling then dies on a device-side assert.
     `stats["skipped_nonfinite_steps"]` counts the skips and `stats["nonfinite_steps"]` says what each
     held: the optimizer step (1-based), how many parameters had a non-finite gradient, the first few
     by name (`names`: {id(parameter): name}), whether NaN, inf or both, and where it entered
-    (`_where_nonfinite`). `limit` in a row raise TrainingDiverged."""
+    (`_where_nonfinite`). `losses`: a list the trainer appends each micro-batch's loss to (a float); every
+    step takes and empties it, and a skipped step's record says whether they were finite (`loss_finite`:
+    False means the NaN was already in the forward) and lists them (`micro_batch_losses`, "nan"/"inf"
+    as strings). `limit` in a row raise TrainingDiverged."""
+    import math
+
     import torch
 
     from .errors import TrainingDiverged
@@ -91,12 +100,18 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
     def guarded(*args, **kwargs):
         nonlocal in_a_row, calls
         calls += 1
+        step_losses = list(losses or [])
+        if losses is not None:
+            losses.clear()
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if params and not torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params])):
             bad = [p for p in params if not torch.isfinite(p.grad).all()]
             stats["skipped_nonfinite_steps"] += 1
+            forward = {} if losses is None else {
+                "loss_finite": all(math.isfinite(x) for x in step_losses),
+                "micro_batch_losses": [x if math.isfinite(x) else str(x) for x in step_losses]}
             stats.setdefault("nonfinite_steps", []).append({
-                "step": calls, "parameters": len(bad),
+                "step": calls, "parameters": len(bad), **forward,
                 "first": [(names or {}).get(id(p), f"#{i}") for i, p in enumerate(bad[:6])],
                 **_where_nonfinite(names or {}, {id(p) for p in params}, {id(p) for p in bad}),
                 "nan": any(bool(torch.isnan(p.grad).any()) for p in bad),

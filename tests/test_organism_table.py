@@ -133,3 +133,36 @@ def test_named_pairs_are_read_in_every_column():
     assert "- KD-QAT (compact traces) vs CE-QAT (compact traces): 1.000 vs 0.800: +0.200" in text and "holds" in text
     assert "- BF16 vs KD-QAT (compact traces): 0.800 vs 1.000: -0.200" in text and "reversed" in text
     assert "- KD-QAT vs CE-QAT:" not in text  # neither row measured: no line
+
+
+def test_dynamics_table_pairs_each_teacher_seed_with_its_own_problems():
+    """benchmarks/dynamics_table.py on the recorded 350-step schedule runs (table-dyn350): each teacher seed
+    draws its own problems, so problem 7 of seed 0 and of seed 1 are two problems, and the pass@1 drop of
+    one schedule minus another's pairs the same seed's problems. Checked against the per-problem outcomes."""
+    import gzip
+    import json
+
+    spec = importlib.util.spec_from_file_location("dynamics_table", ROOT / "benchmarks" / "dynamics_table.py")
+    t = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(t)
+    d = ROOT / "benchmarks" / "results" / "organism-gpu" / "table-dyn350"
+    with gzip.open(d / "correctness.json.gz") as f:
+        correctness = json.load(f)
+    lines = t.build(sorted((d / "runs").glob("organism-gpu-dyn350-*")), correctness, bits=3)
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in lines if line.startswith("| ")}
+    assert [k for k in rows if k in ("cosine", "WSD", "WSD + LAWA")] == ["cosine", "WSD", "WSD + LAWA"]
+
+    def outcomes(run, variant):  # {(seed, problem): 0/1}, one sample per problem
+        seed = int(run[-1])
+        return {(seed, pid): ok for pid, _, ok in correctness[f"organism-gpu-dyn350-{run}/{variant}/demo_arith"]}
+
+    def drop(kind):
+        bf16 = {**outcomes(f"{kind}0", "bf16"), **outcomes(f"{kind}1", "bf16")}
+        rtn = {**outcomes(f"{kind}0", "w3-rtn"), **outcomes(f"{kind}1", "w3-rtn")}
+        return {p: bf16[p] - rtn[p] for p in bf16}
+
+    cos, wsd = drop("dcos"), drop("dwsd")
+    assert len(cos) == 2400  # 1,200 problems per seed, none merged across seeds
+    assert rows["cosine"][6].startswith(f"{sum(cos.values()) / len(cos):+.3f} ± ")
+    diff = sum(wsd[p] - cos[p] for p in cos) / len(cos)
+    assert rows["WSD - cosine"][1].startswith(f"{diff:+.3f} ± ")

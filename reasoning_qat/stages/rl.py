@@ -85,6 +85,7 @@ def _trainer_class(latent_lr: float):
             self.latent_lr = latent_lr  # grid steps per update (FakeQuantLinear trains in grid units)
             # what the hooks below and the non-finite-step guard count, reported in rl_metrics
             self.counts = {"quantized_rollout_batches": 0, "dequantized_weight_syncs": 0}
+            self.step_losses = []  # this optimizer step's micro-batch losses, for the non-finite-step guard
             super().__init__(*args, **kwargs)
             gen = getattr(self, "vllm_generation", None)
             if gen is not None:
@@ -98,8 +99,13 @@ def _trainer_class(latent_lr: float):
             if self.optimizer is None:
                 names = {id(p): n for n, p in self.model.named_parameters()}
                 self.optimizer = skip_nonfinite_steps(grouped_optimizer(self, self.latent_lr, self.args.learning_rate),
-                                                      self.counts, what="rl", names=names)
+                                                      self.counts, what="rl", names=names, losses=self.step_losses)
             return self.optimizer
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self.step_losses.append(float(loss))  # the guard says whether a skipped step's forward was finite
+            return loss
 
         def _generate(self, prompts):
             # Rollouts use the quantized weights as they stand at this step, quantized once for

@@ -158,15 +158,17 @@ def test_a_step_with_nan_gradients_is_skipped_and_three_in_a_row_stop_training()
 
     model = tiny_qwen3()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    stats = {}
+    stats, losses = {}, []
     names = {id(p): n for n, p in model.named_parameters()}
-    skip_nonfinite_steps(opt, stats, limit=3, what="rl", names=names)
+    skip_nonfinite_steps(opt, stats, limit=3, what="rl", names=names, losses=losses)
     ids = torch.randint(0, model.config.vocab_size, (2, 8))
 
     def backward(poison: bool):
         opt.zero_grad()
         loss = model(input_ids=ids, labels=ids).loss
-        (loss * float("nan") if poison else loss).backward()
+        loss = loss * float("nan") if poison else loss
+        losses.append(float(loss))  # as the RL trainer's training_step does
+        loss.backward()
 
     backward(poison=False)
     opt.step()
@@ -180,6 +182,8 @@ def test_a_step_with_nan_gradients_is_skipped_and_three_in_a_row_stop_training()
     assert record["step"] == 2 and record["parameters"] == len(names) and record["nan"] and not record["inf"]
     assert record["first"] == [n for n, _ in model.named_parameters()][:6]
     assert record["above_layers"] == ["model.norm.weight", "lm_head.weight"]  # the poisoned loss: from the top
+    assert record["loss_finite"] is False and record["micro_batch_losses"] == ["nan"]  # the forward was NaN already
+    assert losses == []  # each step takes its own losses
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert all(torch.equal(s["exp_avg"], moments[id(p)]) for p, s in opt.state.items())
     backward(poison=False)
@@ -205,16 +209,19 @@ def test_a_skipped_step_names_where_the_nan_entered_the_backward():
 
     model = tiny_qwen3()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    stats = {}
-    skip_nonfinite_steps(opt, stats, names={id(p): n for n, p in model.named_parameters()})
+    stats, losses = {}, []
+    skip_nonfinite_steps(opt, stats, names={id(p): n for n, p in model.named_parameters()}, losses=losses)
     last = len(model.model.layers) - 1
     poison = model.model.layers[last].self_attn.q_proj.register_forward_hook(
         lambda m, a, out: out.register_hook(lambda g: g * float("nan")) and None)
     ids = torch.randint(0, model.config.vocab_size, (2, 8))
-    model(input_ids=ids, labels=ids).loss.backward()
+    loss = model(input_ids=ids, labels=ids).loss
+    losses.append(float(loss))
+    loss.backward()
     poison.remove()
     opt.step()
     (record,) = stats["nonfinite_steps"]
+    assert record["loss_finite"] is True and record["micro_batch_losses"] == [pytest.approx(float(loss))]
     assert record["above_layers"] == [] and record["deepest_layer"] == last, record
     assert set(record["deepest_layer_nonfinite"]) == {"self_attn.q_proj.weight", "input_layernorm.weight"}, record
     assert {"self_attn.k_proj.weight", "self_attn.q_norm.weight", "self_attn.o_proj.weight", "mlp.down_proj.weight"} <= \
