@@ -10,7 +10,6 @@ the pass@1 drop, paired per problem against that teacher and pooled over seeds (
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import defaultdict
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml
-from organism_table import mean_ci, per_problem
+from organism_table import load_correctness, mean_ci, per_problem, run_arguments
 
 TASK = "demo_arith"
 METHODS = [("rtn", "RTN"), ("gptq", "GPTQ (domain calib)"), ("gptq_generic", "GPTQ (generic calib)")]
@@ -105,16 +104,10 @@ def build(run_dirs: list[Path], correctness: dict, bits: int) -> list[str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--correctness", type=Path, nargs="*", default=[],
-                    help="JSON {run/variant/task: [[id, sample, correct], ...]} as bg.sh brings back")
+    ap = run_arguments(__doc__)
     ap.add_argument("--bits", type=int, default=3)
-    ap.add_argument("--out", type=Path)
     a = ap.parse_args()
-    correctness = {}
-    for f in a.correctness:
-        correctness.update(json.loads(f.read_text()))
+    correctness = load_correctness(a.correctness)
     lines = build(a.runs, correctness, a.bits)
     text = "\n".join(lines) + "\n"
     print(text)

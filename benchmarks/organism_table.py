@@ -183,17 +183,28 @@ def findings(table: dict, columns: list[tuple[int, str]], group_size: int = 128,
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_arguments(doc: str) -> argparse.ArgumentParser:
+    """The command line this script and dynamics_table.py share: run directories, --correctness, --out."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--correctness", type=Path, nargs="*", default=[],
                     help="per-problem correctness files brought back from GPU calls (bg.sh), merged")
     ap.add_argument("--out", type=Path)
+    return ap
+
+
+def load_correctness(files: list[Path]) -> dict:
+    """{run/variant/task: [[problem id, sample, correct], ...]} merged from bg.sh's correctness files."""
+    return {k: v for f in files for k, v in json.loads(f.read_text()).items()}
+
+
+def main() -> int:
+    ap = run_arguments(__doc__)
     ap.add_argument("--tag-steps", action="store_true", help="QAT/RL rows labelled with their step counts")
     ap.add_argument("--pair", nargs=2, action="append", default=[], metavar=("ROW_A", "ROW_B"),
                     help="also compare these two rows (labels as the table prints them), paired per problem")
     a = ap.parse_args()
-    correctness = {k: v for f in a.correctness for k, v in json.loads(f.read_text()).items()}
+    correctness = load_correctness(a.correctness)
     table = build(a.runs, correctness, a.tag_steps)  # a run with nothing evaluated yet gives no rows
     if not table:
         raise SystemExit("organism_table: none of the runs has an evaluated variant yet (rqat run ... --stages eval)")
