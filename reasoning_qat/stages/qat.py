@@ -397,6 +397,18 @@ def _worker_main(argv=None) -> None:
     ctx = StageContext(recipe, Path(a.run_dir), Path(a.out), inputs, stage="qat")
     for bits in recipe.quant.bits:
         train_one(ctx, bits)
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group before the interpreter exits: left to exit, gloo's worker threads can abort
+    the process ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489), which
+    failed a finished FSDP2 run on CPU. All ranks meet at a barrier first, so none tears down mid-collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
