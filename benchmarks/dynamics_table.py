@@ -18,8 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import yaml
 from organism_table import load_correctness, mean_ci, per_problem, run_arguments
+
+from reasoning_qat.pipeline import recipe_from_run
 
 TASK = "demo_arith"
 METHODS = [("rtn", "RTN"), ("gptq", "GPTQ (domain calib)"), ("gptq_generic", "GPTQ (generic calib)")]
@@ -28,11 +29,10 @@ METHODS = [("rtn", "RTN"), ("gptq", "GPTQ (domain calib)"), ("gptq_generic", "GP
 def teacher_kind(run_dir: Path) -> tuple[str, int, dict]:
     """(schedule label, teacher seed, teacher metrics) of one run."""
     m = json.loads((run_dir / "teacher" / "manifest.json").read_text())["metrics"]
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     label = {"cosine": "cosine", "wsd": "WSD"}.get(m["schedule"], m["schedule"])
     if m.get("averaging", "none") != "none":
         label += f" + {m['averaging'].upper()}"
-    return label, int(recipe["model"]["demo"].get("seed", 0)), m
+    return label, recipe_from_run(run_dir).model.demo.seed, m
 
 
 def read_ce(run_dir: Path, variant: str) -> float | None:
@@ -52,10 +52,15 @@ def scores(runs: list, variant: str, correctness: dict) -> dict | None:
     return out
 
 
+def signed(values: list[float]) -> str:
+    """Mean with its 95% CI, signed."""
+    m, ci = mean_ci(values)
+    return f"{m:+.3f} ± {ci:.3f}"
+
+
 def paired(a: dict, b: dict) -> str:
     """Mean of a - b over the problems both hold, with its 95% CI."""
-    m, ci = mean_ci([a[p] - b[p] for p in a if p in b])
-    return f"{m:+.3f} ± {ci:.3f}"
+    return signed([a[p] - b[p] for p in a if p in b])
 
 
 def build(run_dirs: list[Path], correctness: dict, bits: int) -> list[str]:
@@ -64,11 +69,12 @@ def build(run_dirs: list[Path], correctness: dict, bits: int) -> list[str]:
         if (d / "eval" / "bf16" / TASK / "metrics.json").is_file():
             label, seed, m = teacher_kind(d)
             groups[label].append((seed, d, m))
+    group = recipe_from_run(run_dirs[0]).quant.group_size  # the runs of one table share their group size
     methods = [(k, name) for k, name in METHODS
                if any((d / "eval" / f"w{bits}-{k}" / TASK).is_dir() for g in groups.values() for _, d, _ in g)]
     head = ["teacher", "seeds", "train loss", "BF16 pass@1", "held-out CE"]
     for _, name in methods:
-        head += [f"W{bits}G128 {name}: CE increase", "pass@1 drop"]
+        head += [f"W{bits}G{group} {name}: CE increase", "pass@1 drop"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = ["cosine", "WSD", "WSD + LAWA"]
     labels = sorted(groups, key=lambda s: (order.index(s) if s in order else len(order), s))
@@ -89,14 +95,14 @@ def build(run_dirs: list[Path], correctness: dict, bits: int) -> list[str]:
                 row.append("-")
                 continue
             drops[label, k] = {p: bf16[p] - quant[p] for p in bf16 if p in quant}
-            row.append(paired(bf16, quant))
+            row.append(signed(list(drops[label, k].values())))
         lines.append("| " + " | ".join(row) + " |")
     # the same teacher seed draws the same problems under every schedule, so drops pair across teachers
     pairs = [(b, a) for i, a in enumerate(labels) for b in labels[i + 1:]
              if all((a, k) in drops and (b, k) in drops for k, _ in methods)]
     if pairs:
         note = "pass@1 drop of one teacher minus another's (paired over the same problems; negative: the first is hurt less):"
-        lines += ["", note, "", "| teachers | " + " | ".join(f"W{bits}G128 {name}" for _, name in methods) + " |",
+        lines += ["", note, "", "| teachers | " + " | ".join(f"W{bits}G{group} {name}" for _, name in methods) + " |",
                   "|---|" + "---|" * len(methods)]
         lines += [f"| {b} - {a} | " + " | ".join(paired(drops[b, k], drops[a, k]) for k, _ in methods) + " |"
                   for b, a in pairs]

@@ -83,8 +83,9 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
     `stats["skipped_nonfinite_steps"]` counts the skips and `stats["nonfinite_steps"]` says what each
     held: the optimizer step (1-based), how many parameters had a non-finite gradient, the first few
     by name (`names`: {id(parameter): name}), whether NaN, inf or both, and where it entered
-    (`_where_nonfinite`). `losses`: a list the trainer appends each micro-batch's loss to (a float); every
-    step takes and empties it, and a skipped step's record says whether they were finite (`loss_finite`:
+    (`_where_nonfinite`). `losses`: a list the trainer appends each micro-batch's loss to (a float or a
+    0-d tensor, read only when a step is skipped, so the hot path waits on no device); every step takes and
+    empties it, and a skipped step's record says whether they were finite (`loss_finite`:
     False means the NaN was already in the forward) and lists them (`micro_batch_losses`, "nan"/"inf"
     as strings). `limit` in a row raise TrainingDiverged."""
     import math
@@ -100,16 +101,17 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
     def guarded(*args, **kwargs):
         nonlocal in_a_row, calls
         calls += 1
-        step_losses = list(losses or [])
+        step_losses = None if losses is None else [*losses]
         if losses is not None:
             losses.clear()
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if params and not torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params])):
             bad = [p for p in params if not torch.isfinite(p.grad).all()]
             stats["skipped_nonfinite_steps"] += 1
-            forward = {} if losses is None else {
-                "loss_finite": all(math.isfinite(x) for x in step_losses),
-                "micro_batch_losses": [x if math.isfinite(x) else str(x) for x in step_losses]}
+            values = [] if step_losses is None else [float(x) for x in step_losses]
+            forward = {} if step_losses is None else {
+                "loss_finite": all(math.isfinite(x) for x in values),
+                "micro_batch_losses": [x if math.isfinite(x) else str(x) for x in values]}
             stats.setdefault("nonfinite_steps", []).append({
                 "step": calls, "parameters": len(bad), **forward,
                 "first": [(names or {}).get(id(p), f"#{i}") for i, p in enumerate(bad[:6])],

@@ -104,7 +104,7 @@ def _trainer_class(latent_lr: float):
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
-            self.step_losses.append(float(loss))  # the guard says whether a skipped step's forward was finite
+            self.step_losses.append(loss.detach())  # the guard says whether a skipped step's forward was finite
             return loss
 
         def _generate(self, prompts):
