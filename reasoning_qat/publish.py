@@ -21,11 +21,12 @@ FORMATS = ("auto", "compressed-tensors", "dequantized")
 def pick_format(layout: RunLayout, v: Variant, recipe, fmt: str = "auto") -> str:
     """The export to publish: `auto` takes the packed compressed-tensors export where vLLM serves the scheme
     packed, else the dequantized one. Raises UserError when the run has no such export."""
-    from .serving import vllm_refuses_variant
+    from .serving import act_ordered_export, vllm_refuses_variant
 
     if fmt == "auto":
-        packed = layout.export(v, "compressed-tensors").is_dir() and not vllm_refuses_variant(
-            v.bits, recipe.quant.override_bits, recipe.quant.symmetric)
+        ct = layout.export(v, "compressed-tensors")
+        packed = ct.is_dir() and not vllm_refuses_variant(v.bits, recipe.quant.override_bits, recipe.quant.symmetric,
+                                                          act_ordered_export(ct))
         fmt = "compressed-tensors" if packed else "dequantized"
     if not layout.export(v, fmt).is_dir():
         have = sorted(p.name for p in layout.export(v).iterdir()) if layout.export(v).is_dir() else []

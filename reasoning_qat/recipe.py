@@ -246,6 +246,11 @@ class PTQConfig(_Section):
         "V/O fused into the weights, online Hadamards on down_proj's input and on q/k (quant/rotation.py)"))
     rotation_seed: int = Field(0, description="seed of the randomised Hadamards")
 
+    @property
+    def gptq_act_order(self) -> bool:
+        """Whether some variant's groups come out act-ordered: act_order on and GPTQ among the methods run."""
+        return self.act_order and bool({self.method, *self.baselines} & {"gptq", "gptq_generic"})
+
 
 class KDConfig(_Section):
     """The distillation objective of the qat stage."""
@@ -462,7 +467,7 @@ class Recipe(_Section):
                              "symmetric, 4/8 with zero points")
         if self.eval.export_format == "compressed-tensors" and self.eval.backend != "transformers":
             for b in sorted(bits):
-                if why := vllm_refuses_packed(b, self.quant.symmetric):
+                if why := vllm_refuses_packed(b, self.quant.symmetric, self.ptq.gptq_act_order):
                     raise ValueError(f"eval.export_format: compressed-tensors under vLLM, but {why}; or evaluate "
                                      "eval.export_format: dequantized (the same function), or eval.backend: transformers")
         q = self.quant

@@ -55,6 +55,10 @@ BAD = [
      "bits, not 3; symmetric 3-bit is served (quant.symmetric: true); or evaluate eval.export_format: dequantized"),
     ({**GOOD, "quant": {"bits": [4], "overrides": [{"pattern": "*.down_proj", "bits": 2}]},
       "eval": {"export_format": "compressed-tensors"}}, "not 2; symmetric 2-bit is served"),
+    ({**GOOD, "quant": {"bits": [3], "symmetric": True}, "ptq": {"act_order": True},
+      "eval": {"export_format": "compressed-tensors", "backend": "vllm"}},
+     "vLLM 0.26 has no 3-bit kernel for act-order groups (only [4, 8] bits); 3-bit without act-order is served "
+     "(ptq.act_order: false)"),
     (with_("eval.dtype", "fp8"), "eval.dtype: Input should be 'auto', 'bfloat16', 'float16' or 'float32' (got 'fp8')"),
     (with_("eval.gpu_memory_utilization", 1.5), "eval.gpu_memory_utilization: Input should be less than or equal to 1"),
     (with_("model.attn_implementation", "flash"), "model.attn_implementation: Input should be 'sdpa', 'eager', "),
@@ -81,6 +85,11 @@ def test_vllm_served_packed_schemes_pass():
     for quant, backend in (({"bits": [2, 3], "symmetric": True}, "vllm"), ({"bits": [4, 8]}, "auto"),
                            ({"bits": [2, 3]}, "transformers")):
         parse_recipe({**GOOD, "quant": quant, "eval": {"export_format": "compressed-tensors", "backend": backend}})
+    # act-order at 4/8 bits is served (Machete); at 2/3 bits it is only refused where GPTQ runs
+    parse_recipe({**GOOD, "quant": {"bits": [4, 8]}, "ptq": {"act_order": True},
+                  "eval": {"export_format": "compressed-tensors", "backend": "vllm"}})
+    parse_recipe({**GOOD, "quant": {"bits": [3], "symmetric": True}, "ptq": {"act_order": True, "method": "rtn"},
+                  "eval": {"export_format": "compressed-tensors", "backend": "vllm"}})
 
 
 def test_not_yaml_and_not_mapping(tmp_path):
@@ -166,3 +175,19 @@ def test_group_size_that_does_not_divide_a_layer_fails_before_any_work(tmp_path,
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "quant.group_size: 128 does not divide the input width 64 of model.layers.0.self_attn.q_proj" in res.stderr
     assert not (tmp_path / "runs" / "x" / "teacher").exists()
+
+
+def test_plan_notes_act_order_exports_vllm_will_not_serve_packed():
+    """An act-order GPTQ export at 2 bits is valid (transformers reads it) but vLLM 0.26 has no kernel for it:
+    one note under the plan; at 4 bits, and with RTN (no act-order groups), none."""
+    from reasoning_qat.stages.preflight import serving_notes
+
+    def notes(bits, method="gptq"):
+        return serving_notes(parse_recipe({**GOOD, "quant": {"bits": bits, "symmetric": True},
+                                           "ptq": {"act_order": True, "method": method, "baselines": []},
+                                           "export": {"formats": ["dequantized", "compressed-tensors"]}}))
+
+    assert notes([2]) == ["export.formats: the 2-bit compressed-tensors export is written, but vLLM 0.26 has no 2-bit "
+                          "kernel for act-order groups (only [4, 8] bits); 2-bit without act-order is served "
+                          "(ptq.act_order: false)"]
+    assert notes([4]) == [] and notes([2], method="rtn") == []

@@ -6,7 +6,10 @@ and the compressed-tensors export, and vLLM loads each in its own process. Both 
 token sequences (teacher-forced `prompt_logprobs`, float16: 8x finer rounding than bf16), so the comparison has no greedy divergence:
 the packed kernel must give the log-probabilities of the same function served dequantized.
 
-    python benchmarks/vllm_gpu/serving_matrix.py OUT_DIR [--schemes 3:sym:128,3:asym:128 ...] [--workers 6]
+    python benchmarks/vllm_gpu/serving_matrix.py OUT_DIR [--schemes 3:sym:128,3:asym:128,3:sym:128:act ...] [--workers 6]
+
+A scheme is bits:sym|asym:group_size, and `:act` for act-order: each Linear's columns are dealt to the groups by a
+random permutation (the layout GPTQ's act-order leaves), so the export carries `weight_g_idx`.
 
 Writes OUT_DIR/matrix.json and matrix.md: load ok / refused (the engine's own last error line), the
 kernel vLLM chose, the largest |logprob difference| against the dequantized export, and load time.
@@ -54,14 +57,41 @@ def build_exports(out: Path, schemes: list[str], layers: int = 2) -> dict[str, d
                 p.normal_(0, 0.06)
     dirs = {}
     for s in schemes:
-        bits, sym, gs = s.split(":")
+        bits, sym, gs, *act = s.split(":")
         model = copy.deepcopy(base)
-        swap_in_fake_quant(model, QuantTargets(QuantScheme(int(bits), int(gs), sym == "sym")))
+        scheme = QuantScheme(int(bits), int(gs), sym == "sym")
+        if act:
+            act_ordered(model, scheme)
+        else:
+            swap_in_fake_quant(model, QuantTargets(scheme))
         d = out / "exports" / s.replace(":", "-")
         export_dequantized(copy.deepcopy(model), d / "dequantized", tokenizer=tok)
         export_compressed_tensors(model, d / "compressed-tensors", tokenizer=tok)
         dirs[s] = {"dequantized": str(d / "dequantized"), "compressed-tensors": str(d / "compressed-tensors")}
     return dirs
+
+
+def act_ordered(model, scheme) -> None:
+    """Swap every decoder Linear for a fake-quant one whose groups are a random permutation of its columns
+    (g_idx [in] = (arange(in) // group_size)[perm], as act-order GPTQ writes it), RTN within each such group."""
+    import torch
+
+    from reasoning_qat.quant.fake_quant import FakeQuantLinear, QuantizedWeight, _set_module
+    from reasoning_qat.quant.quantizer import find_group_params, quantize_weight
+
+    gen = torch.Generator().manual_seed(scheme.bits)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    perms = {}  # one permutation per input: q/k/v (and gate/up) read the same activations, so act-order GPTQ
+    for name, lin in linears:  # gives them one g_idx, and vLLM's fused qkv/gate_up layers hold one g_idx
+        w = lin.weight.data.float()
+        gs = scheme.effective_group_size(w.shape[1])
+        reads = name.rsplit(".", 1)[0] + (".in" if name.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")) else name)
+        perm = perms.setdefault(reads, torch.randperm(w.shape[1], generator=gen))
+        g_idx = (torch.arange(w.shape[1]) // gs)[perm].to(torch.int32)
+        order = torch.argsort(g_idx, stable=True)  # columns sorted by group: contiguous groups for the observer
+        scale, zero = find_group_params(w[:, order], scheme)
+        qw = QuantizedWeight(quantize_weight(w, scale, zero, g_idx, scheme.maxq), scale, zero, g_idx, scheme)
+        _set_module(model, name, FakeQuantLinear(lin, qw))
 
 
 def sequences(vocab: int) -> list[list[int]]:
@@ -145,9 +175,10 @@ def main() -> None:
         results = {k: f.result() for k, f in futs.items()}
     rows = []
     for s in schemes:
-        bits, sym, gs = s.split(":")
+        bits, sym, gs, *act = s.split(":")
         dq, ct = results[(s, "dequantized")], results[(s, "compressed-tensors")]
-        row = {"bits": int(bits), "symmetric": sym == "sym", "group_size": int(gs), "loads": ct["ok"],
+        row = {"bits": int(bits), "symmetric": sym == "sym", "group_size": int(gs), "act_order": bool(act),
+               "loads": ct["ok"],
                "kernel": ct.get("kernel"), "error": ct.get("error"), "load_s": ct.get("load_s"),
                "dequantized_loads": dq["ok"]}
         if ct["ok"] and dq["ok"]:
@@ -158,8 +189,8 @@ def main() -> None:
     meta = {"vllm": _version("vllm"), "torch": _version("torch"), "gpu": _gpu(), "sequences": f"{N_SEQ} x {SEQ_LEN} tokens",
             "model": "random-init Qwen3, 2 layers of Qwen3-0.6B's shapes, RTN", "wall_s": round(time.time() - t0)}
     (out / "matrix.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    head = "| bits | symmetric | group | loads | kernel | max abs dlogprob vs dequantized | mean logprob | load s | error |\n|---|---|---|---|---|---|---|---|---|\n"
-    md = "".join(f"| {r['bits']} | {r['symmetric']} | {r['group_size']} | {r['loads']} | {r['kernel'] or ''} | "
+    head = "| bits | symmetric | group | act-order | loads | kernel | max abs dlogprob vs dequantized | mean logprob | load s | error |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    md = "".join(f"| {r['bits']} | {r['symmetric']} | {r['group_size']} | {r['act_order']} | {r['loads']} | {r['kernel'] or ''} | "
                  f"{r.get('max_abs_dlogprob', '')} | {r.get('mean_logprob', '')} | {r['load_s'] or ''} | {r['error'] or ''} |\n"
                  for r in rows)
     (out / "matrix.md").write_text(f"{json.dumps(meta)}\n\n{head}{md}")

@@ -200,9 +200,35 @@ def _check_formats(outs) -> None:
         raise ValueError(f"export_formats: unknown format(s) {sorted(unknown)}")
 
 
+# Linears that read one input and that engines fuse into one layer (vLLM's qkv_proj / gate_up_proj), which then
+# holds a single column -> group map
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def check_fused_g_idx(qws: dict[str, QuantizedWeight]) -> None:
+    """Raise UserError where Linears an engine fuses (FUSED_SIBLINGS under one parent) have act-order groups that
+    differ: vLLM loads the fused layer's `g_idx` once for all of them, so it would serve another function
+    (measured on vLLM 0.26: log-probabilities off by 3-5 nats). GPTQ's act-order gives them one order: they share
+    the input, so their Hessians are equal."""
+    for name, qw in qws.items():
+        parent, _, leaf = name.rpartition(".")
+        for group in FUSED_SIBLINGS:
+            if leaf != group[0]:
+                continue
+            for other in (f"{parent}.{x}" for x in group[1:]):
+                if other in qws and not torch.equal(qws[other].g_idx.cpu(), qw.g_idx.cpu()):
+                    raise UserError(f"export: {name} and {other} read the same input but have different act-order "
+                                    f"groups (g_idx); engines fuse them into one layer with one g_idx and would compute "
+                                    f"another function. Quantize them with one column order (GPTQ's act_order does) "
+                                    f"or export dequantized only")
+
+
 def _write_formats(model: nn.Module, qws: dict[str, QuantizedWeight], outs: dict[str, str | Path], tokenizer,
                    dtype, act_order: bool) -> None:
-    """Write `outs` from a plain model (no fake-quant layers) whose quantized Linears `qws` names."""
+    """Write `outs` from a plain model (no fake-quant layers) whose quantized Linears `qws` names. Raises
+    UserError for packed formats whose fused layers disagree on their act-order groups (check_fused_g_idx)."""
+    if {"gptq", "compressed-tensors"} & set(outs):
+        check_fused_g_idx(qws)
     if "gptq" in outs:
         quantized = {f"{n}.weight" for n in qws}
         _write_gptq(model, {k: v for k, v in model.state_dict().items() if k not in quantized}, qws, outs["gptq"],

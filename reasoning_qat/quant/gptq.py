@@ -86,7 +86,7 @@ def gptq_quantize(
     # the calibration never saw still get the weights the model had. An all-zero H gives exactly RTN.
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(in_f, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
 
     H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, device=W.device)

@@ -3,7 +3,7 @@
 Quantized variants are evaluated from their compressed-tensors export under vLLM on a GPU (the
 packed checkpoint users serve, through vLLM's low-bit kernels), and from their dequantized export
 elsewhere (the same function; no CPU kernel runs packed weights), and from the dequantized export
-where vLLM cannot serve the scheme packed (`serving.vllm_refuses_packed`: zero points at 2/3 bits).
+where vLLM cannot serve the scheme packed (`serving.vllm_refuses_packed`: zero points or act-order at 2/3 bits).
 `eval.export_format` overrides the choice. Finished (variant, task) pairs are kept across a crash.
 """
 
@@ -19,7 +19,7 @@ from ..evaluation.runner import evaluate
 from ..evaluation.tasks import expand_tasks, load_task
 from ..pipeline import StageContext
 from ..run_layout import BF16, EVAL_SAMPLES, RunLayout, Variant, finished_metrics
-from ..serving import vllm_refuses_variant
+from ..serving import act_ordered_export, vllm_refuses_variant
 from .common import teacher_path, tensorboard_writer
 from .specs import engine_settings, recipe_keys
 
@@ -51,7 +51,8 @@ def _run(ctx: StageContext) -> dict:
         fmt = "compressed-tensors" if packed else "dequantized"
     for v in ctx.layout.exported_variants():
         v_fmt = fmt
-        refused = vllm_refuses_variant(v.bits, r.quant.override_bits, r.quant.symmetric)
+        refused = vllm_refuses_variant(v.bits, r.quant.override_bits, r.quant.symmetric,
+                                       act_ordered_export(ctx.layout.export(v, "compressed-tensors")))
         if fmt == "compressed-tensors" and e.export_format == "auto" and refused:
             v_fmt = "dequantized"  # what vLLM cannot serve packed is evaluated as the same function, dequantized
             print(f"  {v}: the dequantized export is evaluated ({refused})")

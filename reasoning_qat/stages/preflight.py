@@ -205,7 +205,7 @@ def serving_notes(recipe) -> list[str]:
     q = recipe.quant
     bits = sorted(set(q.bits) | q.override_bits)
     notes = [f"export.formats: the {b}-bit compressed-tensors export is written, but {why}"
-             for b in bits if (why := vllm_refuses_packed(b, q.symmetric))]
+             for b in bits if (why := vllm_refuses_packed(b, q.symmetric, recipe.ptq.gptq_act_order))]
     if 3 in bits:
         notes.append("export.formats: 3-bit compressed-tensors is written in the format's dense layout (what vLLM and "
                      "compressed-tensors >= 0.18 read); transformers with compressed-tensors 0.17 cannot run it: use "

@@ -17,6 +17,8 @@ from reasoning_qat.quant.formats import (
     pack_bits,
     save_quantized_checkpoint,
 )
+from reasoning_qat.quant.quantizer import is_contiguous_groups
+from reasoning_qat.serving import act_ordered_export, vllm_refuses_variant
 
 from ..conftest import tiny_qwen3
 
@@ -114,21 +116,60 @@ def test_bridge_student_equals_ptq_model(tmp_path):
     assert all(p.requires_grad for n, p in student.named_parameters() if n.endswith(".scale"))
 
 
-def _act_ordered_tiny(bits, gs=32, sym=False):
-    """A fake-quant model whose groups are a permutation of the columns, as act-order GPTQ writes."""
+def _act_ordered_tiny(bits, gs=32, sym=False, shared=True):
+    """A fake-quant model whose groups are a permutation of the columns, as act-order GPTQ writes: one
+    permutation per input (q/k/v share one, gate/up one), or with shared=False one per Linear."""
     from reasoning_qat.quant.fake_quant import FakeQuantLinear, QuantizedWeight, _set_module
     from reasoning_qat.quant.quantizer import find_group_params, quantize_weight
 
     model = tiny_qwen3()
     scheme = QuantScheme(bits, gs, sym)
     g = torch.Generator().manual_seed(bits)
+    perms = {}
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]:
         in_f = lin.in_features
-        g_idx = (torch.arange(in_f) // gs)[torch.randperm(in_f, generator=g)].to(torch.int32)
+        reads = name.rsplit(".", 1)[0] if shared and name.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")) else name
+        perm = perms.setdefault(reads, torch.randperm(in_f, generator=g))
+        g_idx = (torch.arange(in_f) // gs)[perm].to(torch.int32)
         scale, zero = find_group_params(lin.weight.data, scheme)
         qw = QuantizedWeight(quantize_weight(lin.weight.data, scale, zero, g_idx, scheme.maxq), scale, zero, g_idx, scheme)
         _set_module(model, name, FakeQuantLinear(lin, qw))
     return model
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_packed_export_refuses_fused_layers_with_different_act_order_groups(tmp_path, fmt):
+    """vLLM fuses q/k/v (and gate/up) into one layer holding one g_idx: a packed export whose siblings disagree
+    would be served as another function (3-5 nats off, measured), so it is refused, naming both layers; the
+    dequantized export holds no g_idx and is written."""
+    from reasoning_qat.errors import UserError
+    from reasoning_qat.quant.formats import export_formats
+
+    with pytest.raises(UserError, match=r"model\.layers\.0\.self_attn\.q_proj and model\.layers\.0\.self_attn\.k_proj .*g_idx"):
+        export_formats(_act_ordered_tiny(4, sym=True, shared=False), {fmt: tmp_path / fmt})
+    assert not (tmp_path / fmt).exists()
+    export_formats(_act_ordered_tiny(4, sym=True, shared=False), {"dequantized": tmp_path / "dq"})
+    assert (tmp_path / "dq" / "config.json").is_file()
+
+
+def test_act_order_gptq_gives_fused_layers_one_column_order():
+    """Real GPTQ with act_order on a tiny Qwen3: q/k/v and gate/up read one input, so they get one g_idx each
+    (what the packed exports' check and vLLM's fused layers need); other layers get their own orders."""
+    from reasoning_qat.quant import QuantTargets
+    from reasoning_qat.quant.formats import check_fused_g_idx
+    from reasoning_qat.quant.ptq import gptq_quantize_model
+
+    torch.manual_seed(0)
+    model = tiny_qwen3()
+    plan = QuantTargets(QuantScheme(4, 32, True)).resolve(model)
+    qws, _ = gptq_quantize_model(model, plan, torch.randint(0, 100, (4, 32)), act_order=True, progress=False)
+    attn, mlp = "model.layers.0.self_attn", "model.layers.0.mlp"
+    assert not is_contiguous_groups(qws[f"{attn}.q_proj"].g_idx, qws[f"{attn}.q_proj"].scale.shape[1])
+    assert torch.equal(qws[f"{attn}.q_proj"].g_idx, qws[f"{attn}.k_proj"].g_idx)
+    assert torch.equal(qws[f"{attn}.q_proj"].g_idx, qws[f"{attn}.v_proj"].g_idx)
+    assert torch.equal(qws[f"{mlp}.gate_proj"].g_idx, qws[f"{mlp}.up_proj"].g_idx)
+    assert not torch.equal(qws[f"{attn}.q_proj"].g_idx, qws[f"{mlp}.gate_proj"].g_idx)
+    check_fused_g_idx(qws)  # raises nothing
 
 
 CT_CASES = [(b, gs, sym) for b in (2, 3, 4, 8) for gs in (32, -1) for sym in (False, True)]
@@ -167,6 +208,10 @@ def test_compressed_tensors_export_decompresses_to_the_fake_quant_weights(tmp_pa
     export_compressed_tensors(model, tmp_path / "ct", dtype=torch.float32)
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized" and cfg["ignore"] == ["lm_head"]
+    # what the eval stage and `rqat publish` read to decide whether vLLM serves it packed
+    assert act_ordered_export(tmp_path / "ct") is (bits == "act_order")
+    assert (vllm_refuses_variant(nbits, set(), sym, act_ordered_export(tmp_path / "ct")) is None) is (
+        nbits in (4, 8) or (sym and bits != "act_order"))
     qcfg = QuantizationConfig.model_validate(cfg)
     (scheme,) = qcfg.config_groups.values()
     state = load_file(str(tmp_path / "ct" / "model.safetensors"))
