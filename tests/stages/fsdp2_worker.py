@@ -18,6 +18,7 @@ import reasoning_qat.kd as kd_module
 from reasoning_qat.kd import KDSpec, batch_loss, shard_frozen
 from reasoning_qat.quant import QuantScheme, QuantTargets, swap_in_fake_quant
 from reasoning_qat.quant.fake_quant import train_quantizers
+from reasoning_qat.stages.qat import exit_worker
 from tests.conftest import tiny_qwen3
 
 
@@ -94,7 +95,7 @@ def main():
     results = [compare(tie, loss, layout) for tie in (False, True) for loss in ("forward_kl", "ce")
                for layout in ("root", "accelerate")]
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    exit_worker()  # as the qat stage's workers end: an interpreter exit can abort after gloo (its docstring)
 
 
 if __name__ == "__main__":
