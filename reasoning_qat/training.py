@@ -108,10 +108,11 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
         if params and not torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params])):
             bad = [p for p in params if not torch.isfinite(p.grad).all()]
             stats["skipped_nonfinite_steps"] += 1
-            values = [] if step_losses is None else [float(x) for x in step_losses]
-            forward = {} if step_losses is None else {
-                "loss_finite": all(math.isfinite(x) for x in values),
-                "micro_batch_losses": [x if math.isfinite(x) else str(x) for x in values]}
+            forward = {}
+            if step_losses is not None:
+                values = [float(x) for x in step_losses]
+                forward = {"loss_finite": all(math.isfinite(x) for x in values),
+                           "micro_batch_losses": [x if math.isfinite(x) else str(x) for x in values]}
             stats.setdefault("nonfinite_steps", []).append({
                 "step": calls, "parameters": len(bad), **forward,
                 "first": [(names or {}).get(id(p), f"#{i}") for i, p in enumerate(bad[:6])],

@@ -57,8 +57,8 @@ BAD = [
       "eval": {"export_format": "compressed-tensors"}}, "not 2; symmetric 2-bit is served"),
     ({**GOOD, "quant": {"bits": [3], "symmetric": True}, "ptq": {"act_order": True},
       "eval": {"export_format": "compressed-tensors", "backend": "vllm"}},
-     "vLLM 0.26 has no 3-bit kernel for act-order groups (only [4, 8] bits); 3-bit without act-order is served "
-     "(ptq.act_order: false)"),
+     ("vLLM 0.26 has no 3-bit kernel for act-order groups (only [4, 8] bits); 3-bit without act-order is served "
+      "(ptq.act_order: false)")),
     (with_("eval.dtype", "fp8"), "eval.dtype: Input should be 'auto', 'bfloat16', 'float16' or 'float32' (got 'fp8')"),
     (with_("eval.gpu_memory_utilization", 1.5), "eval.gpu_memory_utilization: Input should be less than or equal to 1"),
     (with_("model.attn_implementation", "flash"), "model.attn_implementation: Input should be 'sdpa', 'eager', "),
@@ -187,7 +187,7 @@ def test_plan_notes_act_order_exports_vllm_will_not_serve_packed():
                                            "ptq": {"act_order": True, "method": method, "baselines": []},
                                            "export": {"formats": ["dequantized", "compressed-tensors"]}}))
 
-    assert notes([2]) == ["export.formats: the 2-bit compressed-tensors export is written, but vLLM 0.26 has no 2-bit "
-                          "kernel for act-order groups (only [4, 8] bits); 2-bit without act-order is served "
-                          "(ptq.act_order: false)"]
+    assert notes([2]) == [("export.formats: the 2-bit compressed-tensors export is written, but vLLM 0.26 has no 2-bit "
+                           "kernel for act-order groups (only [4, 8] bits); 2-bit without act-order is served "
+                           "(ptq.act_order: false)")]
     assert notes([4]) == [] and notes([2], method="rtn") == []

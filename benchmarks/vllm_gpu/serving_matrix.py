@@ -77,15 +77,18 @@ def act_ordered(model, scheme) -> None:
     import torch
 
     from reasoning_qat.quant.fake_quant import FakeQuantLinear, QuantizedWeight, _set_module
+    from reasoning_qat.quant.formats import FUSED_SIBLINGS
     from reasoning_qat.quant.quantizer import find_group_params, quantize_weight
 
+    fused = {leaf for group in FUSED_SIBLINGS for leaf in group}
     gen = torch.Generator().manual_seed(scheme.bits)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     perms = {}  # one permutation per input: q/k/v (and gate/up) read the same activations, so act-order GPTQ
     for name, lin in linears:  # gives them one g_idx, and vLLM's fused qkv/gate_up layers hold one g_idx
         w = lin.weight.data.float()
         gs = scheme.effective_group_size(w.shape[1])
-        reads = name.rsplit(".", 1)[0] + (".in" if name.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")) else name)
+        parent, _, leaf = name.rpartition(".")
+        reads = parent if leaf in fused else name
         perm = perms.setdefault(reads, torch.randperm(w.shape[1], generator=gen))
         g_idx = (torch.arange(w.shape[1]) // gs)[perm].to(torch.int32)
         order = torch.argsort(g_idx, stable=True)  # columns sorted by group: contiguous groups for the observer

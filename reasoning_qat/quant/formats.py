@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import SpecError, UserError
 from .fake_quant import FakeQuantLinear, QuantizedWeight, _set_module, fake_quant_modules, swap_out_fake_quant
+from .ptq import SEQUENTIAL_GROUPS
 from .quantizer import is_contiguous_groups
 from .runtime import install_quant_spec, read_quant_spec, write_quant_spec
 from .scheme import QuantScheme
@@ -200,9 +201,9 @@ def _check_formats(outs) -> None:
         raise ValueError(f"export_formats: unknown format(s) {sorted(unknown)}")
 
 
-# Linears that read one input and that engines fuse into one layer (vLLM's qkv_proj / gate_up_proj), which then
-# holds a single column -> group map
-FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Linears that read one input (GPTQ's sequential groups of more than one), which engines fuse into one layer
+# (vLLM's qkv_proj / gate_up_proj) holding a single column -> group map
+FUSED_SIBLINGS = tuple(group for group in SEQUENTIAL_GROUPS if len(group) > 1)
 
 
 def check_fused_g_idx(qws: dict[str, QuantizedWeight]) -> None:

@@ -51,9 +51,9 @@ def _run(ctx: StageContext) -> dict:
         fmt = "compressed-tensors" if packed else "dequantized"
     for v in ctx.layout.exported_variants():
         v_fmt = fmt
-        refused = vllm_refuses_variant(v.bits, r.quant.override_bits, r.quant.symmetric,
-                                       act_ordered_export(ctx.layout.export(v, "compressed-tensors")))
-        if fmt == "compressed-tensors" and e.export_format == "auto" and refused:
+        if fmt == "compressed-tensors" and e.export_format == "auto" and (refused := vllm_refuses_variant(
+                v.bits, r.quant.override_bits, r.quant.symmetric,
+                act_ordered_export(ctx.layout.export(v, "compressed-tensors")))):
             v_fmt = "dequantized"  # what vLLM cannot serve packed is evaluated as the same function, dequantized
             print(f"  {v}: the dequantized export is evaluated ({refused})")
         if ctx.layout.export(v, v_fmt).is_dir():

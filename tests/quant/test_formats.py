@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from reasoning_qat.quant import QuantScheme, QuantTargets, swap_in_fake_quant
 from reasoning_qat.quant.fake_quant import fake_quant_modules
 from reasoning_qat.quant.formats import (
+    FUSED_SIBLINGS,
     export_dequantized,
     export_gptq,
     load_quantized_checkpoint,
@@ -128,7 +129,8 @@ def _act_ordered_tiny(bits, gs=32, sym=False, shared=True):
     perms = {}
     for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]:
         in_f = lin.in_features
-        reads = name.rsplit(".", 1)[0] if shared and name.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")) else name
+        fused = shared and name.rsplit(".", 1)[1] in {leaf for group in FUSED_SIBLINGS for leaf in group}
+        reads = name.rsplit(".", 1)[0] if fused else name
         perm = perms.setdefault(reads, torch.randperm(in_f, generator=g))
         g_idx = (torch.arange(in_f) // gs)[perm].to(torch.int32)
         scale, zero = find_group_params(lin.weight.data, scheme)
