@@ -26,13 +26,14 @@ TASK = "demo_arith"
 METHODS = [("rtn", "RTN"), ("gptq", "GPTQ (domain calib)"), ("gptq_generic", "GPTQ (generic calib)")]
 
 
-def teacher_kind(run_dir: Path) -> tuple[str, int, dict]:
-    """(schedule label, teacher seed, teacher metrics) of one run."""
+def teacher_kind(run_dir: Path) -> tuple[str, int, int, dict]:
+    """(schedule label, training steps, teacher seed, teacher metrics) of one run."""
     m = json.loads((run_dir / "teacher" / "manifest.json").read_text())["metrics"]
     label = {"cosine": "cosine", "wsd": "WSD"}.get(m["schedule"], m["schedule"])
     if m.get("averaging", "none") != "none":
         label += f" + {m['averaging'].upper()}"
-    return label, recipe_from_run(run_dir).model.demo.seed, m
+    demo = recipe_from_run(run_dir).model.demo
+    return label, demo.train_steps, demo.seed, m
 
 
 def read_ce(run_dir: Path, variant: str) -> float | None:
@@ -64,11 +65,14 @@ def paired(a: dict, b: dict) -> str:
 
 
 def build(run_dirs: list[Path], correctness: dict, bits: int) -> list[str]:
-    groups = defaultdict(list)
-    for d in sorted(run_dirs):
-        if (d / "eval" / "bf16" / TASK / "metrics.json").is_file():
-            label, seed, m = teacher_kind(d)
-            groups[label].append((seed, d, m))
+    kinds = {d: teacher_kind(d) for d in sorted(run_dirs) if (d / "eval" / "bf16" / TASK / "metrics.json").is_file()}
+    # teachers of one schedule trained for several lengths (to meet another's validation loss) are rows of their own
+    lengths = {steps for _, steps, _, _ in kinds.values()}
+    groups, rank = defaultdict(list), {}
+    for d, (schedule, steps, seed, m) in kinds.items():
+        label = f"{schedule}, {steps} steps" if len(lengths) > 1 else schedule
+        groups[label].append((seed, d, m))
+        rank[label] = (schedule, steps)
     group = recipe_from_run(run_dirs[0]).quant.group_size  # the runs of one table share their group size
     methods = [(k, name) for k, name in METHODS
                if any((d / "eval" / f"w{bits}-{k}" / TASK).is_dir() for g in groups.values() for _, d, _ in g)]
@@ -77,7 +81,7 @@ def build(run_dirs: list[Path], correctness: dict, bits: int) -> list[str]:
         head += [f"W{bits}G{group} {name}: CE increase", "pass@1 drop"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = ["cosine", "WSD", "WSD + LAWA"]
-    labels = sorted(groups, key=lambda s: (order.index(s) if s in order else len(order), s))
+    labels = sorted(groups, key=lambda s: (order.index(rank[s][0]) if rank[s][0] in order else len(order), rank[s]))
     drops = {}  # (label, method): {"seed:problem": BF16 - quantized}
     for label in labels:
         runs = sorted(groups[label])

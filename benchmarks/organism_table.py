@@ -25,6 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from reasoning_qat.compare import collect
+from reasoning_qat.pipeline import recipe_from_run
+from reasoning_qat.recipe import load_recipe
+
+BASE_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "organism-gpu.yaml"
 
 ROW_ORDER = ["BF16", "RTN", "GPTQ (generic calib)", "GPTQ (domain calib)", "KD-QAT", "KD-QAT (RTN init)", "CE-QAT",
              "KD-QAT + RL", "RL from RTN", "RL from GPTQ (domain calib)"]
@@ -79,7 +83,14 @@ def steps_tag(run_dir: Path, method: str, bits: int) -> str:
     if method in ("qat", "qat_rl"):
         parts.append(f"QAT {layout.stage_metrics('qat').get(f'w{bits}-qat', {}).get('steps', '?')} steps")
     if method in ("qat_rl", "ptq_rl"):
-        parts.append(f"RL {layout.stage_metrics('rl').get(f'w{bits}-{method}', {}).get('steps', '?')} steps")
+        rl = layout.stage_metrics("rl").get(f"w{bits}-{method}", {})
+        parts.append(f"RL {rl.get('steps', '?')} steps")
+        # the RL rows' other settings where a run changed them from the organism's recipe
+        latent_lr = recipe_from_run(run_dir).rl.latent_lr
+        if latent_lr != load_recipe(BASE_RECIPE).rl.latent_lr:
+            parts.append(f"RL latent lr {latent_lr:g}")
+        if rl.get("attn_implementation") == "eager":
+            parts.append("eager attention")
     return f" [{', '.join(parts)}]" if parts else ""
 
 

@@ -23,6 +23,7 @@
 # is the teacher's seed, model.demo.seed, which also draws its problems): W3G128 RTN and GPTQ after
 #   dcos0/1  the recipe's cosine schedule     dwsd0/1  warmup-stable-decay (last 20% decays)
 #   dlawa0/1 WSD + LAWA (the last 5 snapshots, 20 steps apart, averaged into the saved teacher)
+#   dcosNs0/1 the cosine schedule trained for N steps instead (e.g. dcos400s0: to meet WSD's validation loss)
 set -eu
 S1="seed=1 calibration.seed=1 eval.seed=1"
 PTQ="qat.enabled=false rl.enabled=false eval.methods=[bf16,rtn,gptq_generic,gptq]"  # the PTQ rows
@@ -63,13 +64,14 @@ for v in $want; do
     own[01]) rows=$OWN ;; kdf[01]) rows=$F ;; cef[01]) rows="$F qat.kd.loss=ce" ;; kds[01]) rows=$SELF ;;
     kdc[01]) rows=$CACHED ;;
     dcos[01]) own=1; rows="$DYN model.demo.seed=${v: -1}" ;;
+    dcos[0-9]*s[01]) n=${base#dcos}; own=1; rows="$DYN model.demo.train_steps=${n%s?} model.demo.seed=${v: -1}" ;;
     dwsd[01]) own=1; rows="$DYN model.demo.schedule=wsd model.demo.seed=${v: -1}" ;;
     dlawa[01]) own=1; rows="$DYN model.demo.schedule=wsd model.demo.averaging=lawa model.demo.lawa_interval=20 model.demo.seed=${v: -1}" ;;
     # the KD-QAT start is evaluated once: by e20s (stopped early) and own (finished, the same recipe)
     e20s[01]) rows="$RLW2 qat.max_steps=30 rl.max_steps=20" ;;
     e[0-9]*s[01]) n=${base#e}; rows="$RLW2 qat.max_steps=30 rl.max_steps=${n%s?} eval.methods=[qat_rl]" ;;
     f[0-9]*s[01]) n=${base#f}; rows="$RLW2 rl.max_steps=${n%s?} eval.methods=[qat_rl]" ;;
-    *) echo "unknown variant $v (one of: $w23 $w4a4kv4 own kdf cef kds kdc rlptqe (then 0 or 1), e20s eNs fNs dcos dwsd dlawa (then 0 or 1))" >&2; exit 2 ;;
+    *) echo "unknown variant $v (one of: $w23 $w4a4kv4 own kdf cef kds kdc rlptqe (then 0 or 1), e20s eNs fNs dcos dwsd dlawa dcosNs (then 0 or 1))" >&2; exit 2 ;;
   esac
   seed=""; [ "${v: -1}" = 1 ] && [ -z "$own" ] && seed=$S1
   args="$args --variant $tag$v $teacher $scheme $rows $seed"

@@ -75,7 +75,7 @@ def grouped_optimizer(trainer, latent_lr: float | None, scale_lr: float | None):
 
 
 def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "training", names: dict | None = None,
-                         losses: list | None = None):
+                         losses: list | None = None, probes: dict | None = None, before_clipping: dict | None = None):
     """Make `optimizer.step` skip a step whose gradients hold a NaN or inf (the gradients are
     dropped, the weights and the optimizer's moments stay as they were) instead of writing NaN into
     the weights: a GRPO step can end with NaN gradients (the GPU organism's RL from W3 RTN, seed 1,
@@ -87,7 +87,12 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
     0-d tensor, read only when a step is skipped, so the hot path waits on no device); every step takes and
     empties it, and a skipped step's record says whether they were finite (`loss_finite`:
     False means the NaN was already in the forward) and lists them (`micro_batch_losses`, "nan"/"inf"
-    as strings). `limit` in a row raise TrainingDiverged."""
+    as strings). `probes`: {name: list} the trainer appends whether a gradient it watches was finite to (a bool
+    or a 0-d bool tensor per backward, e.g. the gradient reaching the LM head's output); every step empties
+    them, and a skipped step's record has `<name>_finite` (None when no backward reached the probe).
+    `before_clipping`: the dict `watch_gradients_before_clipping` fills; where given, the record's parameters
+    are those whose gradient was non-finite before gradient clipping (after it, every one is). `limit` in a
+    row raise TrainingDiverged."""
     import math
 
     import torch
@@ -104,9 +109,13 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
         step_losses = None if losses is None else [*losses]
         if losses is not None:
             losses.clear()
+        step_probes = {k: [*v] for k, v in (probes or {}).items()}
+        for v in (probes or {}).values():
+            v.clear()
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        seen = (before_clipping or {}).pop("nonfinite", None)
         if params and not torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params])):
-            bad = [p for p in params if not torch.isfinite(p.grad).all()]
+            bad = [p for p in params if (id(p) in seen if seen is not None else not torch.isfinite(p.grad).all())]
             stats["skipped_nonfinite_steps"] += 1
             forward = {}
             if step_losses is not None:
@@ -115,6 +124,7 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
                            "micro_batch_losses": [x if math.isfinite(x) else str(x) for x in values]}
             stats.setdefault("nonfinite_steps", []).append({
                 "step": calls, "parameters": len(bad), **forward,
+                **{f"{k}_finite": all(bool(x) for x in v) if v else None for k, v in step_probes.items()},
                 "first": [(names or {}).get(id(p), f"#{i}") for i, p in enumerate(bad[:6])],
                 **_where_nonfinite(names or {}, {id(p) for p in params}, {id(p) for p in bad}),
                 "nan": any(bool(torch.isnan(p.grad).any()) for p in bad),
@@ -131,6 +141,26 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
 
     optimizer.step = guarded
     return optimizer
+
+
+def watch_gradients_before_clipping(accelerator, seen: dict) -> None:
+    """Note which parameters hold a non-finite gradient before `accelerator.clip_grad_norm_` (the call
+    transformers' Trainer clips with), as `seen["nonfinite"]` (a set of parameter ids; left unset while the
+    norm is finite). Clipping multiplies every gradient by max_norm / total norm, which is NaN as soon as one
+    gradient is, so afterwards every parameter's gradient is NaN and `skip_nonfinite_steps` (given `seen` as
+    `before_clipping`) could no longer say where the NaN entered. Costs one extra gradient-norm reduction per
+    optimizer step."""
+    import torch
+
+    clip = accelerator.clip_grad_norm_
+
+    def watched(parameters, *args, **kwargs):
+        parameters = [p for p in parameters if p.grad is not None]
+        if parameters and not torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in parameters])):
+            seen["nonfinite"] = {id(p) for p in parameters if not torch.isfinite(p.grad).all()}
+        return clip(parameters, *args, **kwargs)
+
+    accelerator.clip_grad_norm_ = watched
 
 
 def _where_nonfinite(names: dict, with_grad: set, bad: set) -> dict:

@@ -136,9 +136,10 @@ def test_named_pairs_are_read_in_every_column():
 
 
 def test_dynamics_table_pairs_each_teacher_seed_with_its_own_problems():
-    """benchmarks/dynamics_table.py on the recorded 350-step schedule runs (table-dyn350): each teacher seed
-    draws its own problems, so problem 7 of seed 0 and of seed 1 are two problems, and the pass@1 drop of
-    one schedule minus another's pairs the same seed's problems. Checked against the per-problem outcomes."""
+    """benchmarks/dynamics_table.py on the recorded schedule runs (table-dyn350): each teacher seed draws its
+    own problems, so problem 7 of seed 0 and of seed 1 are two problems, and the pass@1 drop of one schedule
+    minus another's pairs the same seed's problems; cosine teachers trained for 350, 400 and 450 steps (to meet
+    WSD's validation loss) are rows of their own. Checked against the per-problem outcomes."""
     import gzip
     import json
 
@@ -150,7 +151,9 @@ def test_dynamics_table_pairs_each_teacher_seed_with_its_own_problems():
         correctness = json.load(f)
     lines = t.build(sorted((d / "runs").glob("organism-gpu-dyn350-*")), correctness, bits=3)
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in lines if line.startswith("| ")}
-    assert [k for k in rows if k in ("cosine", "WSD", "WSD + LAWA")] == ["cosine", "WSD", "WSD + LAWA"]
+    teachers = ["cosine, 350 steps", "cosine, 400 steps", "cosine, 450 steps", "WSD, 350 steps",
+                "WSD + LAWA, 350 steps"]
+    assert [k for k in rows if k in teachers] == teachers
 
     def outcomes(run, variant):  # {(seed, problem): 0/1}, one sample per problem
         seed = int(run[-1])
@@ -161,8 +164,45 @@ def test_dynamics_table_pairs_each_teacher_seed_with_its_own_problems():
         rtn = {**outcomes(f"{kind}0", "w3-rtn"), **outcomes(f"{kind}1", "w3-rtn")}
         return {p: bf16[p] - rtn[p] for p in bf16}
 
-    cos, wsd = drop("dcos"), drop("dwsd")
+    cos, cos450, wsd = drop("dcos"), drop("dcos450s"), drop("dwsd")
     assert len(cos) == 2400  # 1,200 problems per seed, none merged across seeds
-    assert rows["cosine"][6].startswith(f"{sum(cos.values()) / len(cos):+.3f} ± ")
+    assert rows["cosine, 350 steps"][6].startswith(f"{sum(cos.values()) / len(cos):+.3f} ± ")
+    assert rows["cosine, 450 steps"][6].startswith(f"{sum(cos450.values()) / len(cos450):+.3f} ± ")
     diff = sum(wsd[p] - cos[p] for p in cos) / len(cos)
-    assert rows["WSD - cosine"][1].startswith(f"{diff:+.3f} ± ")
+    assert rows["WSD, 350 steps - cosine, 350 steps"][1].startswith(f"{diff:+.3f} ± ")
+    diff = sum(wsd[p] - cos450[p] for p in cos450) / len(cos450)
+    assert rows["WSD, 350 steps - cosine, 450 steps"][1].startswith(f"{diff:+.3f} ± ")
+
+
+def test_budget_rows_carry_the_rl_settings_a_run_changed():
+    """--tag-steps on the recorded table-t350b runs: GRPO rows of another `rl.latent_lr` than the organism
+    recipe's, or run with eager attention, are rows of their own instead of pooling with the recipe's (the
+    e20lr1 runs collapsed to 0.000; pooled, they would have halved the 20-step row)."""
+    import gzip
+    import json
+
+    t = _module()
+    d = ROOT / "benchmarks" / "results" / "organism-gpu" / "table-t350b"
+    with gzip.open(d / "correctness.json.gz") as f:
+        correctness = json.load(f)
+    table = t.build(sorted((d / "runs").glob("organism-gpu-t350b-*")), correctness, tag_steps=True)
+    w2, w3 = (2, ""), (3, "")
+    lr = table[("KD-QAT + RL [QAT 30 steps, RL 20 steps, RL latent lr 0.1]", w2)]
+    recipe_lr = table[("KD-QAT + RL [QAT 30 steps, RL 20 steps]", w2)]
+    assert lr["seeds"] == 1 and lr["mean"] < 0.01  # only e20lr1s1 finished its eval
+    assert recipe_lr["seeds"] == 2 and recipe_lr["mean"] > 0.7  # e20s0 and e20s1
+    assert table[("RL from RTN [RL 20 steps, eager attention]", w3)]["seeds"] == 1
+    assert table[("RL from RTN [RL 20 steps]", w3)]["seeds"] == 1
+
+
+def test_cosine_teachers_of_another_length_are_dynamics_variants():
+    """organism_table_runs.sh dcosNsK: the cosine teacher trained for N steps (the later override wins) with
+    teacher seed K, training its own teacher (no --teacher-from, no shared teacher)."""
+    import subprocess
+
+    out = subprocess.run(["bash", "benchmarks/organism_table_runs.sh", "dcos450s1"], cwd=ROOT, check=True,
+                         capture_output=True, text=True, env={"TAG": "dyn350-", "PATH": "/usr/bin:/bin"}).stdout.split()
+    assert out[out.index("--variant") + 1] == "dyn350-dcos450s1"
+    steps = [x for x in out if x.startswith("model.demo.train_steps=")]
+    assert steps[-1] == "model.demo.train_steps=450" and "model.demo.seed=1" in out
+    assert "--teacher-from" not in out and "--share" not in out and "seed=1" not in out

@@ -29,6 +29,7 @@ from ..training import (
     quiet_training_args,
     readable_progress,
     skip_nonfinite_steps,
+    watch_gradients_before_clipping,
 )
 from .common import (
     finish_training,
@@ -86,7 +87,14 @@ def _trainer_class(latent_lr: float):
             # what the hooks below and the non-finite-step guard count, reported in rl_metrics
             self.counts = {"quantized_rollout_batches": 0, "dequantized_weight_syncs": 0}
             self.step_losses = []  # this optimizer step's micro-batch losses, for the non-finite-step guard
+            # whether the gradient reaching the per-token log-probs (the LM head's output) and the one leaving the
+            # head into the decoder (its input) were finite: a skipped step's record says whether a NaN came from
+            # the GRPO loss, entered in the head's backward (TRL computes log-probs through its own fused LM head),
+            # or below it
+            self.grad_probes = {"grad_at_log_probs": [], "grad_at_head_input": []}
+            self.before_clipping = {}  # where the gradients were non-finite before clipping made them all NaN
             super().__init__(*args, **kwargs)
+            watch_gradients_before_clipping(self.accelerator, self.before_clipping)
             gen = getattr(self, "vllm_generation", None)
             if gen is not None:
                 def dequantized_params():
@@ -99,8 +107,32 @@ def _trainer_class(latent_lr: float):
             if self.optimizer is None:
                 names = {id(p): n for n, p in self.model.named_parameters()}
                 self.optimizer = skip_nonfinite_steps(grouped_optimizer(self, self.latent_lr, self.args.learning_rate),
-                                                      self.counts, what="rl", names=names, losses=self.step_losses)
+                                                      self.counts, what="rl", names=names, losses=self.step_losses,
+                                                      probes=self.grad_probes, before_clipping=self.before_clipping)
             return self.optimizer
+
+        def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+            if not torch.is_grad_enabled():  # rollouts' and old-policy log-probs: no backward to watch
+                return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+
+            def watch(name):
+                return lambda grad: self.grad_probes[name].append(torch.isfinite(grad).all())
+
+            def watch_head_input(module, args, out):
+                hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                if hidden.requires_grad:
+                    hidden.register_hook(watch("grad_at_head_input"))
+
+            # the decoder (the module whose output the head reads) of the policy
+            decoder = self.accelerator.unwrap_model(model).get_decoder()
+            handle = decoder.register_forward_hook(watch_head_input)
+            try:
+                logps, *rest = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+            finally:
+                handle.remove()
+            if logps.requires_grad:
+                logps.register_hook(watch("grad_at_log_probs"))
+            return (logps, *rest)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)

@@ -9,12 +9,22 @@ from reasoning_qat.quant import QuantScheme, QuantTargets, swap_in_fake_quant
 from ..conftest import tiny_qwen3
 
 
-def test_a_nan_forward_in_grpo_is_logged_as_nan_and_its_skipped_step_says_so(tmp_path, tokenizer):
-    """A real TRL GRPO run of the quantized student, two steps, with the second step's training forward
-    poisoned (the final norm's output times NaN, as an overflow in the residual stream would): the step is
-    skipped with `loss_finite: False` and the logged loss is NaN. transformers' default logs the running mean
-    in place of a NaN loss, which made the GPU organism's NaN steps look like a finite loss with NaN
-    gradients (issue 31); the rollouts (no grad) and the first step stay untouched."""
+class _NaNBackward(torch.autograd.Function):
+    """Identity forward; the backward turns the incoming gradient into NaN (a NaN entering in the backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def _two_grpo_steps(tmp_path, tokenizer, poison_norm=None, trainer_base=None):
+    """A real TRL GRPO run of the quantized student (the rl stage's trainer), two optimizer steps; `poison_norm`
+    (a function of the final norm's output, applied in the second training forward) or `trainer_base` (a
+    function of the trainer class returning a subclass) poison that step. Returns the trainer and the student."""
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -29,8 +39,8 @@ def test_a_nan_forward_in_grpo_is_logged_as_nan_and_its_skipped_step_says_so(tmp
         nonlocal training_forwards
         if torch.is_grad_enabled():
             training_forwards += 1
-            if training_forwards == 2:
-                return out * float("nan")
+            if training_forwards == 2 and poison_norm is not None:
+                return poison_norm(out)
         return None
 
     student.model.norm.register_forward_hook(poison)
@@ -42,13 +52,51 @@ def test_a_nan_forward_in_grpo_is_logged_as_nan_and_its_skipped_step_says_so(tmp
     def reward(prompts, completions, **kwargs):  # varies within a group, so the advantages are not all zero
         return [float(len(c) % 3) for c in completions]
 
-    trainer = _trainer_class(1e-3)(model=student, reward_funcs=[reward], args=args, train_dataset=data,
-                                   processing_class=tokenizer)
+    cls = _trainer_class(1e-3)
+    trainer = (trainer_base(cls) if trainer_base else cls)(model=student, reward_funcs=[reward], args=args,
+                                                           train_dataset=data, processing_class=tokenizer)
     trainer.train()
     assert training_forwards == 2 and trainer.counts["skipped_nonfinite_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in student.parameters())  # the skipped step wrote nothing
+    return trainer
+
+
+def test_a_nan_forward_in_grpo_is_logged_as_nan_and_its_skipped_step_says_so(tmp_path, tokenizer):
+    """The second step's training forward poisoned (the final norm's output times NaN, as an overflow in the
+    residual stream would): the step is skipped with `loss_finite: False` and the logged loss is NaN.
+    transformers' default logs the running mean in place of a NaN loss, which made the GPU organism's NaN steps
+    look like a finite loss with NaN gradients (issue 31); the rollouts (no grad) and the first step stay
+    untouched."""
+    trainer = _two_grpo_steps(tmp_path, tokenizer, poison_norm=lambda out: out * float("nan"))
     (record,) = trainer.counts["nonfinite_steps"]
     assert record["step"] == 2 and record["loss_finite"] is False and record["micro_batch_losses"] == ["nan"]
     assert record["above_layers"] == ["model.norm.weight", "lm_head.weight"]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and math.isfinite(losses[0]) and math.isnan(losses[1])
-    assert all(torch.isfinite(p).all() for p in student.parameters())  # the skipped step wrote nothing
+
+
+def test_a_nan_entering_the_grpo_backward_is_placed_above_in_or_below_the_lm_head(tmp_path, tokenizer):
+    """A finite forward whose backward turns NaN (the GPU organism's fourth case: finite loss, every gradient
+    NaN, the LM head's included). The skipped step's probes say where: poisoned in the gradient of the per-token
+    log-probs (the GRPO loss's side), the NaN is at the head's output already; poisoned at the final norm's
+    output (below the head), both probes stay finite and the head's weight gradient too."""
+    def nan_at_log_probs(cls):
+        class Poisoned(cls):
+            def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+                logps, *rest = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+                if torch.is_grad_enabled() and self.state.global_step == 1:
+                    logps = _NaNBackward.apply(logps)
+                return (logps, *rest)
+        return Poisoned
+
+    above = _two_grpo_steps(tmp_path / "above", tokenizer, trainer_base=nan_at_log_probs)
+    (record,) = above.counts["nonfinite_steps"]
+    assert record["loss_finite"] is True and record["step"] == 2
+    assert record["grad_at_log_probs_finite"] is False and record["grad_at_head_input_finite"] is False
+    assert "lm_head.weight" in record["above_layers"]
+
+    below = _two_grpo_steps(tmp_path / "below", tokenizer, poison_norm=_NaNBackward.apply)
+    (record,) = below.counts["nonfinite_steps"]
+    assert record["loss_finite"] is True
+    assert record["grad_at_log_probs_finite"] is True and record["grad_at_head_input_finite"] is True
+    assert record["above_layers"] == ["model.norm.weight"]  # the head's weight gradient stayed finite
