@@ -16,6 +16,7 @@ separates smaller differences than two intervals side by side.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -29,6 +30,12 @@ from reasoning_qat.pipeline import recipe_from_run
 from reasoning_qat.recipe import load_recipe
 
 BASE_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "organism-gpu.yaml"
+
+
+@functools.cache
+def base_recipe():
+    """The organism's recipe, which every table run overrides (read once, not per row)."""
+    return load_recipe(BASE_RECIPE)
 
 ROW_ORDER = ["BF16", "RTN", "GPTQ (generic calib)", "GPTQ (domain calib)", "KD-QAT", "KD-QAT (RTN init)", "CE-QAT",
              "KD-QAT + RL", "RL from RTN", "RL from GPTQ (domain calib)"]
@@ -87,7 +94,7 @@ def steps_tag(run_dir: Path, method: str, bits: int) -> str:
         parts.append(f"RL {rl.get('steps', '?')} steps")
         # the RL rows' other settings where a run changed them from the organism's recipe
         latent_lr = recipe_from_run(run_dir).rl.latent_lr
-        if latent_lr != load_recipe(BASE_RECIPE).rl.latent_lr:
+        if latent_lr != base_recipe().rl.latent_lr:
             parts.append(f"RL latent lr {latent_lr:g}")
         if rl.get("attn_implementation") == "eager":
             parts.append("eager attention")

@@ -101,20 +101,26 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
 
     stats.setdefault("skipped_nonfinite_steps", 0)
     in_a_row = calls = 0
+
+    def drain(items: list) -> list:
+        """This step's entries; the trainer's list starts empty for the next step."""
+        out = [*items]
+        items.clear()
+        return out
     step = optimizer.step
 
     def guarded(*args, **kwargs):
         nonlocal in_a_row, calls
         calls += 1
-        step_losses = None if losses is None else [*losses]
-        if losses is not None:
-            losses.clear()
-        step_probes = {k: [*v] for k, v in (probes or {}).items()}
-        for v in (probes or {}).values():
-            v.clear()
+        step_losses = None if losses is None else drain(losses)
+        step_probes = {k: drain(v) for k, v in (probes or {}).items()}
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        # the parameters that were non-finite before clipping, where clipping ran this step: it took the norm
+        # already, and clipping a finite gradient leaves it finite, so the norm is not taken again
         seen = (before_clipping or {}).pop("nonfinite", None)
-        if params and not torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params])):
+        nonfinite = bool(seen) if seen is not None else bool(
+            params and not torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params])))
+        if params and nonfinite:
             bad = [p for p in params if (id(p) in seen if seen is not None else not torch.isfinite(p.grad).all())]
             stats["skipped_nonfinite_steps"] += 1
             forward = {}
@@ -145,19 +151,19 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
 
 def watch_gradients_before_clipping(accelerator, seen: dict) -> None:
     """Note which parameters hold a non-finite gradient before `accelerator.clip_grad_norm_` (the call
-    transformers' Trainer clips with), as `seen["nonfinite"]` (a set of parameter ids; left unset while the
-    norm is finite). Clipping multiplies every gradient by max_norm / total norm, which is NaN as soon as one
-    gradient is, so afterwards every parameter's gradient is NaN and `skip_nonfinite_steps` (given `seen` as
-    `before_clipping`) could no longer say where the NaN entered. Costs one extra gradient-norm reduction per
-    optimizer step."""
+    transformers' Trainer clips with), as `seen["nonfinite"]` (a set of parameter ids, empty while the norm is
+    finite). Clipping multiplies every gradient by max_norm / total norm, which is NaN as soon as one gradient
+    is, so afterwards every parameter's gradient is NaN and `skip_nonfinite_steps` (given `seen` as
+    `before_clipping`) could no longer say where the NaN entered. The norm taken here replaces the guard's own
+    check of the step, so a step still takes two gradient norms (this and the clipping's)."""
     import torch
 
     clip = accelerator.clip_grad_norm_
 
     def watched(parameters, *args, **kwargs):
         parameters = [p for p in parameters if p.grad is not None]
-        if parameters and not torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in parameters])):
-            seen["nonfinite"] = {id(p) for p in parameters if not torch.isfinite(p.grad).all()}
+        finite = not parameters or torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in parameters]))
+        seen["nonfinite"] = set() if finite else {id(p) for p in parameters if not torch.isfinite(p.grad).all()}
         return clip(parameters, *args, **kwargs)
 
     accelerator.clip_grad_norm_ = watched
