@@ -198,6 +198,14 @@ def findings(table: dict, columns: list[tuple[int, str]], group_size: int = 128,
         out.append(f"- domain GPTQ loses accuracy (BF16 vs GPTQ (domain calib)): {compare_rows(table.get(('BF16', (16, ''))), t('GPTQ (domain calib)'))}")
         out.append(f"- RL adds accuracy after the KD cold start (KD-QAT + RL vs KD-QAT): {compare_rows(t('KD-QAT + RL'), t('KD-QAT'))}")
         out.append(f"- RL from the collapsed PTQ start (RL from RTN vs RTN): {compare_rows(t('RL from RTN'), t('RTN'))}")
+    # a rotated column beside the same scheme without the rotation: what the rotation alone does to RTN
+    for column in columns:
+        parts = [p.strip() for p in column[1].split(",")]
+        plain = (column[0], ", ".join(p for p in parts if p != "Hadamard"))
+        if "Hadamard" in parts and plain in columns:
+            out.append(f"\n**{scheme(column, group_size)} vs {scheme(plain, group_size)}**\n")
+            out.append(f"- the rotation helps RTN (RTN rotated vs not): "
+                       f"{compare_rows(table.get(('RTN', column)), table.get(('RTN', plain)))}")
     return out
 
 

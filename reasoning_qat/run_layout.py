@@ -245,6 +245,11 @@ class RunLayout:
         """The Trainer's output directory (resumable checkpoints) of a trained variant."""
         return self.trained(v) / "trainer"
 
+    def nonfinite_steps(self, v: Variant) -> Path:
+        """A trained variant's skipped non-finite-gradient steps, one JSON record per line, written as each
+        happens (training.append_record): kept when the run is cut off before its metrics are."""
+        return self.trained(v) / "nonfinite_steps.jsonl"
+
     def log_history(self, v: Variant) -> Path:
         """A trained variant's Trainer log history."""
         return self.trained(v) / "log_history.json"

@@ -75,7 +75,8 @@ def grouped_optimizer(trainer, latent_lr: float | None, scale_lr: float | None):
 
 
 def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "training", names: dict | None = None,
-                         losses: list | None = None, probes: dict | None = None, before_clipping: dict | None = None):
+                         losses: list | None = None, probes: dict | None = None, before_clipping: dict | None = None,
+                         on_skip=None):
     """Make `optimizer.step` skip a step whose gradients hold a NaN or inf (the gradients are
     dropped, the weights and the optimizer's moments stay as they were) instead of writing NaN into
     the weights: a GRPO step can end with NaN gradients (the GPU organism's RL from W3 RTN, seed 1,
@@ -91,8 +92,9 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
     or a 0-d bool tensor per backward, e.g. the gradient reaching the LM head's output); every step empties
     them, and a skipped step's record has `<name>_finite` (None when no backward reached the probe).
     `before_clipping`: the dict `watch_gradients_before_clipping` fills; where given, the record's parameters
-    are those whose gradient was non-finite before gradient clipping (after it, every one is). `limit` in a
-    row raise TrainingDiverged."""
+    are those whose gradient was non-finite before gradient clipping (after it, every one is). `on_skip`: called
+    with each skipped step's record as soon as it is made (the rl stage writes it to disk: a run cut off before
+    its end keeps it). `limit` in a row raise TrainingDiverged."""
     import math
 
     import torch
@@ -128,13 +130,16 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
                 values = [float(x) for x in step_losses]
                 forward = {"loss_finite": all(math.isfinite(x) for x in values),
                            "micro_batch_losses": [x if math.isfinite(x) else str(x) for x in values]}
-            stats.setdefault("nonfinite_steps", []).append({
+            record = {
                 "step": calls, "parameters": len(bad), **forward,
                 **{f"{k}_finite": all(bool(x) for x in v) if v else None for k, v in step_probes.items()},
                 "first": [(names or {}).get(id(p), f"#{i}") for i, p in enumerate(bad[:6])],
                 **_where_nonfinite(names or {}, {id(p) for p in params}, {id(p) for p in bad}),
                 "nan": any(bool(torch.isnan(p.grad).any()) for p in bad),
-                "inf": any(bool(torch.isinf(p.grad).any()) for p in bad)})
+                "inf": any(bool(torch.isinf(p.grad).any()) for p in bad)}
+            stats.setdefault("nonfinite_steps", []).append(record)
+            if on_skip is not None:
+                on_skip(record)
             in_a_row += 1
             optimizer.zero_grad(set_to_none=True)
             if in_a_row >= limit:
@@ -147,6 +152,37 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
 
     optimizer.step = guarded
     return optimizer
+
+
+def append_record(path, record: dict) -> None:
+    """Append `record` to the JSON-lines file `path` and force it to disk (flush + fsync), so it survives
+    the process being killed right after; `read_records` skips a last line cut off half-way."""
+    import json
+    import os
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_records(path) -> list[dict]:
+    """The records `append_record` wrote to `path` ([] when there is no file); a line that is not JSON
+    (a write cut off by a crash) is skipped."""
+    import json
+    from pathlib import Path
+
+    if not Path(path).exists():
+        return []
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def watch_gradients_before_clipping(accelerator, seen: dict) -> None:

@@ -6,6 +6,11 @@ import math
 from .conftest import ROOT
 
 
+def _entry(problems: dict) -> dict:
+    """A table entry of per-problem scores (no interval of its own: compare_rows pairs them)."""
+    return {"mean": sum(problems.values()) / len(problems), "ci": 0.0, "problems": problems}
+
+
 def _module():
     spec = importlib.util.spec_from_file_location("organism_table", ROOT / "benchmarks" / "organism_table.py")
     mod = importlib.util.module_from_spec(spec)
@@ -125,8 +130,8 @@ def test_named_pairs_are_read_in_every_column():
     t = _module()
     a = {str(i): 1.0 for i in range(100)}
     b = {**a, **{str(i): 0.0 for i in range(20)}}
-    e = lambda p: {"mean": sum(p.values()) / len(p), "ci": 0.0, "problems": p}  # noqa: E731
-    table = {("KD-QAT (compact traces)", (2, "")): e(a), ("CE-QAT (compact traces)", (2, "")): e(b), ("BF16", (16, "")): e(b)}
+    table = {("KD-QAT (compact traces)", (2, "")): _entry(a), ("CE-QAT (compact traces)", (2, "")): _entry(b),
+             ("BF16", (16, "")): _entry(b)}
     lines = t.findings(table, [(2, "")], 128, [("KD-QAT (compact traces)", "CE-QAT (compact traces)"),
                                                ("BF16", "KD-QAT (compact traces)"), ("KD-QAT", "CE-QAT")])
     text = "\n".join(lines)
@@ -206,3 +211,36 @@ def test_cosine_teachers_of_another_length_are_dynamics_variants():
     steps = [x for x in out if x.startswith("model.demo.train_steps=")]
     assert steps[-1] == "model.demo.train_steps=450" and "model.demo.seed=1" in out
     assert "--teacher-from" not in out and "--share" not in out and "seed=1" not in out
+
+
+def test_a_rotated_column_beside_the_plain_one_compares_their_rtn_rows():
+    """A table holding W4A4KV4 with and without the Hadamard rotation gets one more line: the rotation's own
+    effect on RTN, paired per problem; a table with only the rotated column gets none."""
+    t = _module()
+    plain = {str(i): float(i < 50) for i in range(100)}
+    rotated = {str(i): float(i < 70) for i in range(100)}
+    cols = [(4, "Hadamard, A4, KV4"), (4, "A4, KV4")]
+    table = {("RTN", cols[0]): _entry(rotated), ("RTN", cols[1]): _entry(plain)}
+    text = "\n".join(t.findings(table, cols))
+    assert "**W4A4KV4G128 (Hadamard) vs W4A4KV4G128**" in text
+    line = next(x for x in text.splitlines() if x.startswith("- the rotation helps RTN"))
+    assert "0.700 vs 0.500: +0.200" in line and "paired over 100 problems" in line and "holds" in line
+    assert "the rotation helps RTN" not in "\n".join(t.findings(table, cols[:1]))
+
+
+def test_plain_rtn_and_latent_rate_variants():
+    """organism_table_runs.sh: artnK is W4A4KV4 RTN without the rotation (its ptq.rotation=none comes after the
+    column's hadamard, and the later override wins) with BF16 beside it; eNlrXsK is eNsK at rl.latent_lr X."""
+    import subprocess
+
+    out = subprocess.run(["bash", "benchmarks/organism_table_runs.sh", "artn0", "e60lr3e-2s1"], cwd=ROOT, check=True,
+                         capture_output=True, text=True, env={"TAG": "t350c-", "SOURCE": "artn0",
+                                                              "PATH": "/usr/bin:/bin"}).stdout.split()
+    first = out[out.index("--variant"):out.index("--variant", out.index("--variant") + 1)]
+    second = out[out.index("--variant", out.index("--variant") + 1):]
+    assert first[1] == "t350c-artn0" and "quant.preset=w4a4kv4" in first
+    assert [x for x in first if x.startswith("ptq.rotation=")][-1] == "ptq.rotation=none"
+    assert "eval.methods=[bf16,rtn]" in first and "ptq.method=rtn" in first
+    assert second[1] == "t350c-e60lr3e-2s1" and "rl.max_steps=60" in second and "rl.latent_lr=3e-2" in second
+    assert "qat.max_steps=30" in second and "seed=1" in second and "quant.bits=[2]" in second
+    assert out[out.index("--share") + 1:out.index("--share") + 3] == ["t350c-e60lr3e-2s1", "t350c-artn0"]

@@ -24,9 +24,11 @@ from ..quant.fake_quant import fake_quant_modules, frozen_fake_quant, moved_frac
 from ..quant.formats import load_quantized_checkpoint, save_quantized_checkpoint
 from ..run_layout import Variant, finished_metrics
 from ..training import (
+    append_record,
     grouped_optimizer,
     last_checkpoint,
     quiet_training_args,
+    read_records,
     readable_progress,
     skip_nonfinite_steps,
     watch_gradients_before_clipping,
@@ -93,6 +95,7 @@ def _trainer_class(latent_lr: float):
             # or below it
             self.grad_probes = {"grad_at_log_probs": [], "grad_at_head_input": []}
             self.before_clipping = {}  # where the gradients were non-finite before clipping made them all NaN
+            self.nonfinite_log = None  # the run's nonfinite_steps.jsonl: each skipped step is written there at once
             super().__init__(*args, **kwargs)
             watch_gradients_before_clipping(self.accelerator, self.before_clipping)
             gen = getattr(self, "vllm_generation", None)
@@ -108,8 +111,22 @@ def _trainer_class(latent_lr: float):
                 names = {id(p): n for n, p in self.model.named_parameters()}
                 self.optimizer = skip_nonfinite_steps(grouped_optimizer(self, self.latent_lr, self.args.learning_rate),
                                                       self.counts, what="rl", names=names, losses=self.step_losses,
-                                                      probes=self.grad_probes, before_clipping=self.before_clipping)
+                                                      probes=self.grad_probes, before_clipping=self.before_clipping,
+                                                      on_skip=self._skipped_step)
             return self.optimizer
+
+        def _skipped_step(self, record: dict) -> None:
+            """A skipped non-finite step: say so in the log and write its record to disk now, so that a run
+            stopped before its end (the device call's limit, a lost machine) keeps it."""
+            import sys
+
+            record["global_step"] = self.state.global_step + 1  # the optimizer step it would have been
+            where = ", ".join(f"{k} {v}" for k, v in record.items() if k.endswith("_finite") and v is not None)
+            print(f"rl: step {record['global_step']} skipped: non-finite gradients in {record['parameters']} "
+                  f"parameters ({where or 'no probe reached'}; deepest layer {record.get('deepest_layer')})"
+                  + (f", recorded in {self.nonfinite_log}" if self.nonfinite_log else ""), file=sys.stderr, flush=True)
+            if self.nonfinite_log is not None and self.accelerator.is_main_process:
+                append_record(self.nonfinite_log, record)
 
         def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
             if not torch.is_grad_enabled():  # rollouts' and old-policy log-probs: no backward to watch
@@ -277,9 +294,15 @@ def run(ctx: StageContext) -> dict:
             trainer = _trainer_class(cfg.latent_lr)(model=student, reward_funcs=funcs, args=args, train_dataset=data,
                                                     processing_class=tok)
         readable_progress(trainer, f"rl w{bits}")
+        trainer.nonfinite_log = ctx.layout.nonfinite_steps(v)
         resumed_at = last_checkpoint(args.output_dir)
         result = trainer.train(resume_from_checkpoint=resumed_at)
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+        # every skipped step of this variant, those of an earlier process that a resume re-ran too (each record
+        # has its global_step: a step re-run after the resume can appear twice)
+        skipped = read_records(ctx.layout.nonfinite_steps(v))
+        if skipped:
+            trainer.counts.update(skipped_nonfinite_steps=len(skipped), nonfinite_steps=skipped)
         rollouts = {"rollouts": "vllm" if cfg.use_vllm else "transformers", **trainer.counts,
                     **(trainer.vllm_weight_gap() if cfg.use_vllm else {})}
         save_quantized_checkpoint(student, ctx.layout.checkpoint(v), tok, {"method": v.method, "bits": bits})

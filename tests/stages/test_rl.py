@@ -21,7 +21,7 @@ class _NaNBackward(torch.autograd.Function):
         return grad * float("nan")
 
 
-def _two_grpo_steps(tmp_path, tokenizer, poison_norm=None, trainer_base=None):
+def _two_grpo_steps(tmp_path, tokenizer, poison_norm=None, trainer_base=None, nonfinite_log=None):
     """A real TRL GRPO run of the quantized student (the rl stage's trainer), two optimizer steps; `poison_norm`
     (a function of the final norm's output, applied in the second training forward) or `trainer_base` (a
     function of the trainer class returning a subclass) poison that step. Returns the trainer and the student."""
@@ -55,10 +55,37 @@ def _two_grpo_steps(tmp_path, tokenizer, poison_norm=None, trainer_base=None):
     cls = _trainer_class(1e-3)
     trainer = (trainer_base(cls) if trainer_base else cls)(model=student, reward_funcs=[reward], args=args,
                                                            train_dataset=data, processing_class=tokenizer)
+    trainer.nonfinite_log = nonfinite_log
     trainer.train()
     assert training_forwards == 2 and trainer.counts["skipped_nonfinite_steps"] == 1
     assert all(torch.isfinite(p).all() for p in student.parameters())  # the skipped step wrote nothing
     return trainer
+
+
+def test_a_skipped_grpo_step_is_on_disk_and_in_the_log_as_it_happens(tmp_path, tokenizer, capsys):
+    """The skipped step's record is appended to the run's nonfinite_steps.jsonl when the step is skipped, not
+    only in rl_metrics.json at the stage's end: the GPU organism lost four NaN steps' records to a machine that
+    went away mid-run (issue 31). The log says which step and where the probes saw it."""
+    from reasoning_qat.training import read_records
+
+    log = tmp_path / "rl" / "nonfinite_steps.jsonl"
+    trainer = _two_grpo_steps(tmp_path, tokenizer, poison_norm=lambda out: out * float("nan"), nonfinite_log=log)
+    (written,) = read_records(log)
+    assert written == trainer.counts["nonfinite_steps"][0] and written["global_step"] == 2
+    assert written["loss_finite"] is False
+    assert f"rl: step 2 skipped: non-finite gradients in {written['parameters']} parameters" in capsys.readouterr().err
+
+
+def test_records_written_before_a_crash_are_read_back_and_a_cut_off_line_is_skipped(tmp_path):
+    from reasoning_qat.training import append_record, read_records
+
+    path = tmp_path / "steps.jsonl"
+    assert read_records(path) == []
+    append_record(path, {"global_step": 3, "nan": True})
+    append_record(path, {"global_step": 9, "nan": False})
+    with open(path, "a") as f:
+        f.write('{"global_step": 12, "na')  # the process killed mid-write
+    assert read_records(path) == [{"global_step": 3, "nan": True}, {"global_step": 9, "nan": False}]
 
 
 def test_a_nan_forward_in_grpo_is_logged_as_nan_and_its_skipped_step_says_so(tmp_path, tokenizer):
