@@ -121,11 +121,13 @@ def _trainer_class(latent_lr: float):
             import sys
 
             record["global_step"] = self.state.global_step + 1  # the optimizer step it would have been
+            if not self.accelerator.is_main_process:  # the gradients are all-reduced: every rank skips the same step
+                return
             where = ", ".join(f"{k} {v}" for k, v in record.items() if k.endswith("_finite") and v is not None)
             print(f"rl: step {record['global_step']} skipped: non-finite gradients in {record['parameters']} "
                   f"parameters ({where or 'no probe reached'}; deepest layer {record.get('deepest_layer')})"
                   + (f", recorded in {self.nonfinite_log}" if self.nonfinite_log else ""), file=sys.stderr, flush=True)
-            if self.nonfinite_log is not None and self.accelerator.is_main_process:
+            if self.nonfinite_log is not None:
                 append_record(self.nonfinite_log, record)
 
         def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
