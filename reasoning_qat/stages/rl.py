@@ -302,7 +302,7 @@ def run(ctx: StageContext) -> dict:
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
         # every skipped step of this variant, those of an earlier process that a resume re-ran too (each record
         # has its global_step: a step re-run after the resume can appear twice)
-        skipped = read_records(ctx.layout.nonfinite_steps(v))
+        skipped = read_records(trainer.nonfinite_log)
         if skipped:
             trainer.counts.update(skipped_nonfinite_steps=len(skipped), nonfinite_steps=skipped)
         rollouts = {"rollouts": "vllm" if cfg.use_vllm else "transformers", **trainer.counts,
