@@ -85,6 +85,11 @@ class ModelConfig(_Section):
               "kernels compute the same function, so changing it marks nothing stale (re-run a stage with --force). "
               "A kernel this machine lacks is refused before the run; W4A4KV4 and rotated variants compute "
               "attention through SDPA and refuse the others")
+    cudnn_sdpa: bool = Field(False, description="let SDPA pick its cuDNN kernels in the training stages (teacher, qat, "
+                             "rl) on a GPU. Off: on H100/H200 (torch >= 2.11) the cuDNN backward returns NaN query "
+                             "gradients when a mask is passed, the padded length is 64 mod 128 and a query row is fully "
+                             "masked (GRPO's left-padded prompts; pytorch/pytorch#196678); SDPA then runs flash or "
+                             "memory-efficient attention, the same function. Not among any stage's inputs")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -515,7 +520,7 @@ class Recipe(_Section):
 
 # Fields that choose how a stage computes, not what: changing one marks no stage stale (a re-run is --force).
 # The attention kernels compute the same function (to rounding).
-UNHASHED = {("model", "attn_implementation")}
+UNHASHED = {("model", "attn_implementation"), ("model", "cudnn_sdpa")}
 
 
 def _format_error(err: ValidationError, source: str) -> str:

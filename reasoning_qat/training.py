@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup", "wsd": "warmup_stable_decay"}
@@ -76,7 +77,7 @@ def grouped_optimizer(trainer, latent_lr: float | None, scale_lr: float | None):
 
 def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "training", names: dict | None = None,
                          losses: list | None = None, probes: dict | None = None, before_clipping: dict | None = None,
-                         on_skip=None):
+                         on_skip=None, batches: list | None = None):
     """Make `optimizer.step` skip a step whose gradients hold a NaN or inf (the gradients are
     dropped, the weights and the optimizer's moments stay as they were) instead of writing NaN into
     the weights: a GRPO step can end with NaN gradients (the GPU organism's RL from W3 RTN, seed 1,
@@ -94,7 +95,9 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
     `before_clipping`: the dict `watch_gradients_before_clipping` fills; where given, the record's parameters
     are those whose gradient was non-finite before gradient clipping (after it, every one is). `on_skip`: called
     with each skipped step's record as soon as it is made (the rl stage writes it to disk: a run cut off before
-    its end keeps it). `limit` in a row raise TrainingDiverged."""
+    its end keeps it). `batches`: a list the trainer appends one dict per micro-batch to (its shape, e.g. the padded
+    sequence length; values may be 0-d tensors, read only when a step is skipped); every step empties it, and a
+    skipped step's record lists them (`micro_batches`). `limit` in a row raise TrainingDiverged."""
     import math
 
     import torch
@@ -116,6 +119,7 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
         calls += 1
         step_losses = None if losses is None else drain(losses)
         step_probes = {k: drain(v) for k, v in (probes or {}).items()}
+        step_batches = None if batches is None else drain(batches)
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         # the parameters that were non-finite before clipping, where clipping ran this step: it took the norm
         # already, and clipping a finite gradient leaves it finite, so the norm is not taken again
@@ -133,6 +137,8 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
             record = {
                 "step": calls, "parameters": len(bad), **forward,
                 **{f"{k}_finite": all(bool(x) for x in v) if v else None for k, v in step_probes.items()},
+                **({"micro_batches": [{k: v.item() if hasattr(v, "item") else v for k, v in b.items()}
+                                      for b in step_batches]} if step_batches is not None else {}),
                 "first": [(names or {}).get(id(p), f"#{i}") for i, p in enumerate(bad[:6])],
                 **_where_nonfinite(names or {}, {id(p) for p in params}, {id(p) for p in bad}),
                 "nan": any(bool(torch.isnan(p.grad).any()) for p in bad),
@@ -152,6 +158,28 @@ def skip_nonfinite_steps(optimizer, stats: dict, limit: int = 3, what: str = "tr
 
     optimizer.step = guarded
     return optimizer
+
+
+@contextlib.contextmanager
+def sdpa_cudnn(enabled: bool):
+    """Let PyTorch's SDPA pick its cuDNN kernels (`enabled`) or not while a training stage runs, and put the
+    flag back as it was afterwards (`torch.backends.cuda.enable_cudnn_sdp`, process-wide; no effect on CPU).
+
+    Why off by default (recipe `model.cudnn_sdpa: false`): on H100/H200 with torch >= 2.11, where cuDNN is
+    SDPA's default backend, its backward returns NaN in the query gradient (forward, key and value gradients
+    finite) when an explicit mask is passed, the padded sequence length is 64 mod 128 and a query row's
+    logsumexp is below -88.7, which a fully masked row is (the pad positions of a left-padded prompt: a GRPO
+    micro-batch of prompts of different lengths has them). The padded half of the last 128-wide key tile is scored 0 instead of -inf, so
+    exp(0 - lse) overflows. pytorch/pytorch#196678, huggingface/trl#7181; the kernel fix is
+    NVIDIA/cudnn-frontend#628. With cuDNN off, SDPA runs flash or memory-efficient attention: the same function."""
+    import torch
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 def append_record(path, record: dict) -> None:

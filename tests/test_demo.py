@@ -103,6 +103,7 @@ def test_grpo_straight_from_a_ptq_checkpoint(tmp_path):
     m = rl["metrics"]["w4-ptq_rl"]
     assert m["init"] == "w4-rtn" and m["steps"] == 2 and m["quantized_rollout_batches"] >= 2
     assert m["attn_implementation"] == "eager"  # the policy ran the recipe's kernel
+    assert m["cudnn_sdpa"] is False  # SDPA's cuDNN kernels were off while GRPO trained (model.cudnn_sdpa: false)
     # RL changed the weights it started from (a w4 start solves some prompts: the rewards differ)
     start, after = (load_quantized_checkpoint(p) for p in (run / "ptq" / "w4-rtn", run / "rl" / "w4-ptq_rl" / "model"))
     # the recorded share of weights moved to another grid point is the one the two checkpoints' codes show

@@ -244,3 +244,22 @@ def test_plain_rtn_and_latent_rate_variants():
     assert second[1] == "t350c-e60lr3e-2s1" and "rl.max_steps=60" in second and "rl.latent_lr=3e-2" in second
     assert "qat.max_steps=30" in second and "seed=1" in second and "quant.bits=[2]" in second
     assert out[out.index("--share") + 1:out.index("--share") + 3] == ["t350c-e60lr3e-2s1", "t350c-artn0"]
+
+
+def test_rewards_are_read_from_a_cut_off_runs_progress_log(tmp_path, capsys):
+    """benchmarks/organism_rewards.py: one reward per step from carriage-return redraws, a resumed step's last
+    line wins, NaN grad-norm steps are listed and a range's mean covers only the steps the log has."""
+    spec = importlib.util.spec_from_file_location("organism_rewards", ROOT / "benchmarks" / "organism_rewards.py")
+    r = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(r)
+    line = "rl w2: step {}/200 ({}%) | loss 0.01 | reward {} | grad norm {} | lr 1.00e-06 | 0.20 steps/s | ETA 0:10:00"
+    log = tmp_path / "run.log"
+    log.write_text("stage rl\n" + line.format(1, 0, 0.25, 0.1) + "\r" + line.format(2, 1, 0.5, "nan") + "\r"
+                   + line.format(3, 1, 0.75, 0.2) + "\n" + "resumed\n" + line.format(3, 1, 1.0, 0.2) + "\n")
+    steps = r.step_rewards(log)
+    assert steps == {1: (0.25, "0.1"), 2: (0.5, "nan"), 3: (1.0, "0.2")}
+    assert r.mean_reward(steps, 1, 2) == (0.375, 2) and r.mean_reward(steps, 3, 60) == (1.0, 1)
+    assert r.mean_reward(steps, 61, 120) == (None, 0)
+    r.main([str(log), "--ranges", "1-2", "61-120"])
+    assert capsys.readouterr().out.strip() == ("run.log: last step 3, NaN grad norm at [2]; mean reward "
+                                               "steps 1-2: 0.375 (n=2); steps 61-120: -")

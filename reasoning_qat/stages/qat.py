@@ -36,7 +36,14 @@ from ..quant.fake_quant import train_quantizers, use_compiled_fake_quant
 from ..quant.formats import read_quantized_weights, save_quantized_checkpoint
 from ..quant.runtime import install_quant_spec
 from ..run_layout import Variant, finished_metrics
-from ..training import WeightAveraging, last_checkpoint, quiet_training_args, readable_progress, schedule_args
+from ..training import (
+    WeightAveraging,
+    last_checkpoint,
+    quiet_training_args,
+    readable_progress,
+    schedule_args,
+    sdpa_cudnn,
+)
 from .common import (
     finish_training,
     load_rotated_teacher,
@@ -260,7 +267,8 @@ def train_one(ctx: StageContext, bits: int) -> None:
     if averaging:
         averaging.load(resume, device)
     initial = _initial_loss(trainer, ctx.layout.trainer(v) / "initial_loss.json", q.logging_steps * q.grad_accum)
-    result = trainer.train(resume_from_checkpoint=resume)
+    with sdpa_cudnn(r.model.cudnn_sdpa):
+        result = trainer.train(resume_from_checkpoint=resume)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     student = _whole(ctx, bits, trainer, student)
     with _gathered(trainer, student):  # ZeRO-3 holds a shard of each parameter per rank

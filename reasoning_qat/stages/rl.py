@@ -30,6 +30,7 @@ from ..training import (
     quiet_training_args,
     read_records,
     readable_progress,
+    sdpa_cudnn,
     skip_nonfinite_steps,
     watch_gradients_before_clipping,
 )
@@ -89,6 +90,9 @@ def _trainer_class(latent_lr: float):
             # what the hooks below and the non-finite-step guard count, reported in rl_metrics
             self.counts = {"quantized_rollout_batches": 0, "dequantized_weight_syncs": 0}
             self.step_losses = []  # this optimizer step's micro-batch losses, for the non-finite-step guard
+            # and their shapes: the padded length and the left-padded rows (fully masked query rows), the two
+            # conditions of cuDNN SDPA's NaN query gradient (training.sdpa_cudnn)
+            self.step_batches = []
             # whether the gradient reaching the per-token log-probs (the LM head's output) and the one leaving the
             # head into the decoder (its input) were finite: a skipped step's record says whether a NaN came from
             # the GRPO loss, entered in the head's backward (TRL computes log-probs through its own fused LM head),
@@ -112,7 +116,7 @@ def _trainer_class(latent_lr: float):
                 self.optimizer = skip_nonfinite_steps(grouped_optimizer(self, self.latent_lr, self.args.learning_rate),
                                                       self.counts, what="rl", names=names, losses=self.step_losses,
                                                       probes=self.grad_probes, before_clipping=self.before_clipping,
-                                                      on_skip=self._skipped_step)
+                                                      on_skip=self._skipped_step, batches=self.step_batches)
             return self.optimizer
 
         def _skipped_step(self, record: dict) -> None:
@@ -152,6 +156,14 @@ def _trainer_class(latent_lr: float):
             if logps.requires_grad:
                 logps.register_hook(watch("grad_at_log_probs"))
             return (logps, *rest)
+
+        def _compute_loss(self, model, inputs):
+            prompt_mask = inputs["prompt_mask"]
+            length = prompt_mask.shape[1] + inputs["completion_ids"].shape[1]
+            self.step_batches.append({"sequence_length": length, "sequence_length_mod_128": length % 128,
+                                      "left_padded_rows": (prompt_mask[:, 0] == 0).sum()})  # read only if skipped
+            self.counts["cudnn_sdpa"] = torch.backends.cuda.cudnn_sdp_enabled()  # as the step ran (a process flag)
+            return super()._compute_loss(model, inputs)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -298,7 +310,8 @@ def run(ctx: StageContext) -> dict:
         readable_progress(trainer, f"rl w{bits}")
         trainer.nonfinite_log = ctx.layout.nonfinite_steps(v)
         resumed_at = last_checkpoint(args.output_dir)
-        result = trainer.train(resume_from_checkpoint=resumed_at)
+        with sdpa_cudnn(r.model.cudnn_sdpa):
+            result = trainer.train(resume_from_checkpoint=resumed_at)
         rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
         # every skipped step of this variant, those of an earlier process that a resume re-ran too (each record
         # has its global_step: a step re-run after the resume can appear twice)

@@ -14,7 +14,14 @@ from ..data.reasoning import PadCollator, ReasoningSFTDataset, write_jsonl
 from ..data.tokenizer import build_char_tokenizer
 from ..models import demo_config, load_config
 from ..pipeline import StageContext
-from ..training import WeightAveraging, last_checkpoint, quiet_training_args, readable_progress, schedule_args
+from ..training import (
+    WeightAveraging,
+    last_checkpoint,
+    quiet_training_args,
+    readable_progress,
+    schedule_args,
+    sdpa_cudnn,
+)
 from .specs import recipe_keys
 
 
@@ -103,7 +110,8 @@ def _train_demo_teacher(ctx: StageContext) -> dict:
     resume = last_checkpoint(args.output_dir)
     if averaging:
         averaging.load(resume, trainer.args.device)
-    result = trainer.train(resume_from_checkpoint=resume)
+    with sdpa_cudnn(ctx.recipe.model.cudnn_sdpa):
+        result = trainer.train(resume_from_checkpoint=resume)
     averaged = averaging.apply(model) if averaging else 0
     trainer.model.config.use_cache = True
     model.save_pretrained(ctx.layout.teacher_model_dir())

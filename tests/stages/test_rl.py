@@ -21,10 +21,14 @@ class _NaNBackward(torch.autograd.Function):
         return grad * float("nan")
 
 
-def _two_grpo_steps(tmp_path, tokenizer, poison_norm=None, trainer_base=None, nonfinite_log=None):
+def _two_grpo_steps(tmp_path, tokenizer, poison_norm=None, trainer_base=None, nonfinite_log=None,
+                    poisoned=lambda student: student.model.norm, calls_per_step=1):
     """A real TRL GRPO run of the quantized student (the rl stage's trainer), two optimizer steps; `poison_norm`
-    (a function of the final norm's output, applied in the second training forward) or `trainer_base` (a
-    function of the trainer class returning a subclass) poison that step. Returns the trainer and the student."""
+    (a function of the output of the module `poisoned` picks, by default the final norm, applied in the second
+    training forward) or `trainer_base` (a function of the trainer class returning a subclass) poison that step.
+    `calls_per_step`: how often that module runs with gradients per step (2 inside a decoder layer: TRL's
+    gradient checkpointing runs the layer again in the backward, and that second output is the one the backward
+    uses). Returns the trainer and the student."""
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -39,11 +43,11 @@ def _two_grpo_steps(tmp_path, tokenizer, poison_norm=None, trainer_base=None, no
         nonlocal training_forwards
         if torch.is_grad_enabled():
             training_forwards += 1
-            if training_forwards == 2 and poison_norm is not None:
+            if (training_forwards - 1) // calls_per_step == 1 and poison_norm is not None:
                 return poison_norm(out)
         return None
 
-    student.model.norm.register_forward_hook(poison)
+    poisoned(student).register_forward_hook(poison)
     args = quiet_training_args(GRPOConfig, output_dir=str(tmp_path), max_steps=2, learning_rate=1e-3,
                                per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
                                logging_steps=1, save_strategy="no", seed=0)
@@ -57,7 +61,7 @@ def _two_grpo_steps(tmp_path, tokenizer, poison_norm=None, trainer_base=None, no
                                                            train_dataset=data, processing_class=tokenizer)
     trainer.nonfinite_log = nonfinite_log
     trainer.train()
-    assert training_forwards == 2 and trainer.counts["skipped_nonfinite_steps"] == 1
+    assert training_forwards == 2 * calls_per_step and trainer.counts["skipped_nonfinite_steps"] == 1
     assert all(torch.isfinite(p).all() for p in student.parameters())  # the skipped step wrote nothing
     return trainer
 
@@ -127,3 +131,58 @@ def test_a_nan_entering_the_grpo_backward_is_placed_above_in_or_below_the_lm_hea
     assert record["loss_finite"] is True
     assert record["grad_at_log_probs_finite"] is True and record["grad_at_head_input_finite"] is True
     assert record["above_layers"] == ["model.norm.weight"]  # the head's weight gradient stayed finite
+
+
+def test_a_nan_query_gradient_in_the_top_layer_leaves_the_gpu_records_signature(tmp_path, tokenizer):
+    """The five GPU records of issue 31's third session (table-t350d) all read: loss and both head probes finite,
+    deepest non-finite layer the top one, there only q_proj, q_norm and input_layernorm non-finite, k/v/o and the
+    MLP finite. A NaN put into the top layer's query gradient alone (q_norm's output, before RoPE and attention)
+    leaves exactly that record, which is what cuDNN SDPA's backward returns (NaN grad_q, finite grad_k and grad_v;
+    pytorch/pytorch#196678). The record also lists each micro-batch's padded length and left-padded rows, the
+    kernel bug's conditions (length 64 mod 128, fully masked query rows)."""
+    from reasoning_qat.quant.fake_quant import train_quantizers
+
+    lengths = []
+
+    def seen_lengths(cls):
+        class Seen(cls):
+            def __init__(self, *args, model, **kwargs):
+                train_quantizers(model, False)  # the recipe's rl.train_scales: false, as on the GPU
+                super().__init__(*args, model=model, **kwargs)
+
+            def _compute_loss(self, model, inputs):
+                lengths.append(inputs["prompt_ids"].shape[1] + inputs["completion_ids"].shape[1])
+                return super()._compute_loss(model, inputs)
+        return Seen
+
+    trainer = _two_grpo_steps(tmp_path, tokenizer, poison_norm=_NaNBackward.apply, trainer_base=seen_lengths,
+                              poisoned=lambda student: student.model.layers[-1].self_attn.q_norm, calls_per_step=2)
+    (record,) = trainer.counts["nonfinite_steps"]
+    top = len(trainer.model.model.layers) - 1
+    assert record["loss_finite"] is True and record["above_layers"] == []
+    assert record["grad_at_log_probs_finite"] is True and record["grad_at_head_input_finite"] is True
+    assert record["deepest_layer"] == top
+    assert record["deepest_layer_nonfinite"] == ["self_attn.q_proj.weight", "self_attn.q_norm.weight",
+                                                 "input_layernorm.weight"]
+    assert {"self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+            "self_attn.k_norm.weight", "mlp.down_proj.weight"} <= set(record["deepest_layer_finite"])
+    (batch,) = record["micro_batches"]
+    assert batch["sequence_length"] == lengths[1] and batch["sequence_length_mod_128"] == lengths[1] % 128
+    assert 0 <= batch["left_padded_rows"] <= 4 and isinstance(batch["left_padded_rows"], int)
+    assert trainer.counts["cudnn_sdpa"] is True  # this trainer ran outside the stage's sdpa_cudnn(False)
+
+
+def test_sdpa_cudnn_sets_the_flag_for_the_block_and_puts_it_back_on_error():
+    from reasoning_qat.training import sdpa_cudnn
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        with sdpa_cudnn(False):
+            assert torch.backends.cuda.cudnn_sdp_enabled() is False
+            raise RuntimeError("a training step failed")
+    except RuntimeError:
+        pass
+    assert torch.backends.cuda.cudnn_sdp_enabled() is before
+    with sdpa_cudnn(True):
+        assert torch.backends.cuda.cudnn_sdp_enabled() is True
+    assert torch.backends.cuda.cudnn_sdp_enabled() is before
