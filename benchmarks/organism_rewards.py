@@ -15,14 +15,22 @@ import argparse
 import re
 from pathlib import Path
 
-STEP = re.compile(r"rl w\d+: step (\d+)/\d+ .*?\| reward ([-\d.e]+) \| grad norm (\S+)")
+from reasoning_qat.training import read_progress_line
+
+RL = re.compile(r"rl w\d+")  # the rl stage's progress label (training.readable_progress)
 
 
 def step_rewards(log: str | Path) -> dict[int, tuple[float, str]]:
-    """{step: (reward, grad norm as printed)} from a progress log; carriage-return redraws count as lines,
-    and a step printed twice (a resumed run) keeps its last line."""
+    """{step: (reward, grad norm as printed)} from a progress log, the lines read by
+    `training.read_progress_line`; carriage-return redraws count as lines, and a step printed twice (a
+    resumed run) keeps its last line."""
     text = Path(log).read_text(errors="replace").replace("\r", "\n")
-    return {int(m.group(1)): (float(m.group(2)), m.group(3)) for m in map(STEP.search, text.splitlines()) if m}
+    out = {}
+    for line in text.splitlines():
+        read = read_progress_line(line)
+        if read is not None and RL.fullmatch(read[0]) and "reward" in read[2]:
+            out[read[1]] = (float(read[2]["reward"]), read[2].get("grad_norm", "-"))
+    return out
 
 
 def mean_reward(steps: dict[int, tuple[float, str]], lo: int, hi: int) -> tuple[float | None, int]:
@@ -47,7 +55,8 @@ def main(argv=None) -> None:
         for lo, hi in ranges:
             m, n = mean_reward(steps, lo, hi)
             cells.append(f"steps {lo}-{hi}: " + (f"{m:.3f} (n={n})" if m is not None else "-"))
-        print(f"{Path(log).name}: last step {max(steps)}, NaN grad norm at {nan or 'none'}; mean reward " + "; ".join(cells))
+        print(f"{Path(log).name}: last step {max(steps)}, NaN grad norm at {nan or 'none'}; mean reward "
+              + "; ".join(cells))
 
 
 if __name__ == "__main__":

@@ -169,8 +169,8 @@ def sdpa_cudnn(enabled: bool):
     SDPA's default backend, its backward returns NaN in the query gradient (forward, key and value gradients
     finite) when an explicit mask is passed, the padded sequence length is 64 mod 128 and a query row's
     logsumexp is below -88.7, which a fully masked row is (the pad positions of a left-padded prompt: a GRPO
-    micro-batch of prompts of different lengths has them). The padded half of the last 128-wide key tile is scored 0 instead of -inf, so
-    exp(0 - lse) overflows. pytorch/pytorch#196678, huggingface/trl#7181; the kernel fix is
+    micro-batch of prompts of different lengths has them). The padded half of the last 128-wide key tile is
+    scored 0 instead of -inf, so exp(0 - lse) overflows. pytorch/pytorch#196678, huggingface/trl#7181; the kernel fix is
     NVIDIA/cudnn-frontend#628. With cuDNN off, SDPA runs flash or memory-efficient attention: the same function."""
     import torch
 
@@ -187,7 +187,6 @@ def append_record(path, record: dict) -> None:
     the process being killed right after; `read_records` skips a last line cut off half-way."""
     import json
     import os
-    from pathlib import Path
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
@@ -200,7 +199,6 @@ def read_records(path) -> list[dict]:
     """The records `append_record` wrote to `path` ([] when there is no file); a line that is not JSON
     (a write cut off by a crash) is skipped."""
     import json
-    from pathlib import Path
 
     if not Path(path).exists():
         return []
@@ -359,6 +357,24 @@ def progress_line(label: str, step: int, max_steps: int, logs: dict, elapsed: fl
         left = int(elapsed / step * (max_steps - step))
         parts.append(f"{speed} | ETA {left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}")
     return " | ".join(parts)
+
+
+def read_progress_line(line: str) -> tuple[str, int, dict[str, str]] | None:
+    """The inverse of `progress_line`: (label, step, {LOG_FIELDS key: its value as printed}) of one log line,
+    None for any other line. Values stay strings ("nan" included); a field the line lacks is absent."""
+    import re
+
+    head, *fields = line.strip().split(" | ")
+    m = re.fullmatch(r"(.+): step (\d+)/\d+ \(\d+%\)", head)
+    if m is None:
+        return None
+    keys = {name: key for key, name, _ in LOG_FIELDS}
+    values = {}
+    for field in fields:
+        name, _, value = field.rpartition(" ")
+        if name in keys:
+            values[keys[name]] = value
+    return m.group(1), int(m.group(2)), values
 
 
 def readable_progress(trainer, label: str) -> None:

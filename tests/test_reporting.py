@@ -51,3 +51,16 @@ def test_progress_line():
 
     line = progress_line("rl w3", 40, 200, {"loss": 0.5, "reward": 0.25, "learning_rate": 1e-6}, elapsed=20.0, tokens=40960)
     assert line == "rl w3: step 40/200 (20%) | loss 0.5 | reward 0.250 | lr 1.00e-06 | 2.00 steps/s, 2,048 tok/s | ETA 0:01:20"
+
+
+def test_a_progress_line_reads_back_into_its_fields():
+    """read_progress_line inverts progress_line (benchmarks read cut-off runs' rewards from their logs with it):
+    a NaN gradient norm stays readable, and lines of other output give None."""
+    from reasoning_qat.training import progress_line, read_progress_line
+
+    logs = {"loss": 0.5, "reward": 0.25, "grad_norm": float("nan"), "learning_rate": 1e-6}
+    line = progress_line("rl w2", 40, 200, logs, elapsed=20.0, tokens=40960)
+    assert read_progress_line(line) == ("rl w2", 40, {"loss": "0.5", "reward": "0.250", "grad_norm": "nan",
+                                                      "learning_rate": "1.00e-06"})
+    assert read_progress_line(progress_line("qat w3", 0, 300, {}, elapsed=0.0)) == ("qat w3", 0, {})
+    assert read_progress_line("stage rl") is None and read_progress_line("  done rl in 771.8s") is None
