@@ -39,6 +39,8 @@ for part in "$@"; do
     qatstep) (cd benchmarks; timeout $(t ${T_QAT:-240}) python3 qat_step.py ${QAT_ARGS:-}) 2>&1 | quiet ;;
     tests) timeout $(t ${T_TESTS:-300}) python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/stages/test_qat_gpu.py} 2>&1 | quiet ;;
     multigpu) (cd benchmarks; timeout $(t ${T_MULTI:-540}) python3 qat_multi_gpu.py ${MULTI_ARGS:-}) 2>&1 | quiet ;;
+    sdpa)  # SDPA's cuDNN NaN query gradient (pytorch#196678) and the training stages' switch, kernel and model level
+      timeout $(t ${T_SDPA:-180}) python3 benchmarks/sdpa_cudnn_nan.py ${SDPA_ARGS:-} --out runs/_sdpa/sdpa_cudnn_nan.json 2>&1 | quiet ;;
     gen) (cd benchmarks; timeout $(t ${T_GEN:-120}) python3 generation.py ${GEN_ARGS:-}) 2>&1 | quiet ;;
     gptq) (cd benchmarks; BENCH_TAG=${GPTQ_TAG:-} timeout $(t ${T_GPTQ:-240}) python3 gptq_time.py ${GPTQ_ARGS:-}) 2>&1 | quiet ;;
     demo) timeout $(t ${T_DEMO:-500}) rqat run recipes/demo-gpu.yaml 2>&1 | quiet ;;

@@ -149,6 +149,18 @@ def cell(e: dict | None) -> str:
     return f"{e['mean']:.3f} ± {e['ci']:.3f}" + (" †" if e.get("unfinished") else "") if e else "-"
 
 
+def unfinished_note(table: dict) -> str:
+    """The table's footnote for † cells (runs whose eval stage was cut off), '' when there are none; it says
+    whether their intervals are pooled per problem (their per-problem data came back) or combine the runs' own."""
+    unfinished = [e for e in table.values() if e.get("unfinished")]
+    if not unfinished:
+        return ""
+    how = ("the per-problem data came back, so the interval is pooled per problem as in the other rows"
+           if all(e["problems"] is not None for e in unfinished) else
+           "where no per-problem data came back, the interval combines the runs' own")
+    return f"\n† from a run whose eval stage did not finish: the variants it did finish (the others are '-'); {how}.\n"
+
+
 def compare_rows(a: dict | None, b: dict | None) -> str:
     """'a vs b: d (±c) → verdict'; separated when |d| exceeds c. Both rows scored on the same problems
     (per-problem data of both): c is the 95% CI of the per-problem differences (paired: the problem-to-
@@ -253,9 +265,7 @@ def main() -> int:
         for lb in labels:
             md += f"| {lb} | " + " | ".join(f"{e['ce']:.3g}" if e and e.get("ce") is not None else "-"
                                             for e in row_entries(table, lb, columns)) + " |\n"
-    if any(e.get("unfinished") for e in table.values()):
-        md += ("\n† from a run whose eval stage did not finish: the variants it did finish (the others are "
-               "'-'); no per-problem data came back, so the interval combines the runs' own.\n")
+    md += unfinished_note(table)
     md += "\n".join(findings(table, columns, group_size, [tuple(x) for x in a.pair])) + "\n"
     print(md)
     if a.out:

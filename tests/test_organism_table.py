@@ -95,6 +95,12 @@ def test_schemes_are_columns_and_an_unfinished_eval_gives_the_variants_it_finish
     assert t.scheme(w4a4, 128) == "W4A4KV4G128 (Hadamard)" and t.scheme((3, ""), 128) == "W3G128"
     assert t.scheme((2, ""), -1) == "W2 per-channel"
     assert t.cell(table[("KD-QAT", w4a4)]).endswith("†") and "†" not in t.cell(table[("RTN", (3, ""))])
+    assert "combines the runs' own" in t.unfinished_note(table)
+    # with the cut-off variant's per-problem data (bg.sh's correctness.json) its interval is pooled per problem
+    rows = [[i, 0, int(i % 10 != 0)] for i in range(20)]
+    pooled = t.build([done, cut], {"akd0/w4-qat/demo_arith": rows})
+    assert pooled[("KD-QAT", w4a4)]["mean"] == 0.9 and pooled[("KD-QAT", w4a4)]["problems"] is not None
+    assert "pooled per problem" in t.unfinished_note(pooled) and t.unfinished_note({}) == ""
 
 
 def test_table_runs_are_named_after_their_teacher_and_share_it():
@@ -263,3 +269,46 @@ def test_rewards_are_read_from_a_cut_off_runs_progress_log(tmp_path, capsys):
     r.main([str(log), "--ranges", "1-2", "61-120"])
     assert capsys.readouterr().out.strip() == ("run.log: last step 3, NaN grad norm at [2]; mean reward "
                                                "steps 1-2: 0.375 (n=2); steps 61-120: -")
+
+
+def test_sdpa_nan_probe_finds_a_nan_query_gradient_and_its_gpu_signature(saved_tiny, tmp_path, monkeypatch):
+    """benchmarks/sdpa_cudnn_nan.py on CPU: the left-padded input has fully masked query rows (the GRPO
+    micro-batch condition), every case is finite through CPU SDPA, and a NaN put into SDPA's query gradient alone
+    (what cuDNN's backward returns, pytorch#196678) is found: in the kernel case grad_q only, in the model case
+    every parameter below the top layer's query path, the signature of the GPU runs' skipped steps."""
+    import json
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("sdpa_cudnn_nan", ROOT / "benchmarks" / "sdpa_cudnn_nan.py")
+    s = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(s)
+    q, *_, mask = s.kernel_inputs("left_padded", 192, "cpu")
+    assert q.shape == (2, 4, 192, 64) and mask.shape == (2, 1, 192, 192)
+    assert not mask[1, 0, :37].any() and mask[1, 0, 37:].any(-1).all() and mask[0, 0].any(-1).all()
+    cases = s.main(["--model", str(saved_tiny), "--lengths", "192", "--out", str(tmp_path / "o.json")])
+    assert {(c["part"], c.get("input"), c["mode"]) for c in cases} == {
+        ("kernel", i, m) for i in ("low_lse", "left_padded") for m in ("default", "math")} | {
+        ("model", None, "default"), ("model", None, "eager")}
+    assert all(c.get("grad_q_nonfinite", 0) == 0 and c.get("nonfinite_parameters", 0) == 0 for c in cases)
+    assert json.loads((tmp_path / "o.json").read_text())["cases"] == cases
+
+    class NanGradQ(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("nan")
+
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, *a, **kw: real(NanGradQ.apply(q), k, v, *a, **kw))
+    kernel = s.kernel_case("left_padded", 192, "poisoned", s.nullcontext, "cpu")
+    assert kernel["grad_q_nonfinite"] > 0 and kernel["grad_k_nonfinite"] == kernel["grad_v_nonfinite"] == 0
+    model = s.model_case(str(saved_tiny), 192, "poisoned", s.nullcontext, "cpu")
+    top = {f"model.layers.1.{n}.weight" for n in ("self_attn.q_proj", "self_attn.q_norm", "input_layernorm")}
+    below = {n for n in model["nonfinite_names"] if not n.startswith("model.layers.1.")}
+    assert set(model["nonfinite_names"]) - below == top and "model.embed_tokens.weight" in below
+    assert "model.layers.0.mlp.down_proj.weight" in below and "lm_head.weight" not in model["nonfinite_names"]
