@@ -38,6 +38,18 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file is kept
 
 
+class NaNBackward(torch.autograd.Function):
+    """Identity forward; the backward turns the incoming gradient into NaN (a NaN entering in the backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
 def tiny_qwen3(vocab_size=102, hidden=64, inter=128, layers=2, tie=False, seed=0):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 

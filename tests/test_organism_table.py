@@ -3,7 +3,7 @@
 import importlib.util
 import math
 
-from .conftest import ROOT
+from .conftest import ROOT, NaNBackward
 
 
 def _entry(problems: dict) -> dict:
@@ -293,18 +293,9 @@ def test_sdpa_nan_probe_finds_a_nan_query_gradient_and_its_gpu_signature(saved_t
     assert all(c.get("grad_q_nonfinite", 0) == 0 and c.get("nonfinite_parameters", 0) == 0 for c in cases)
     assert json.loads((tmp_path / "o.json").read_text())["cases"] == cases
 
-    class NanGradQ(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.view_as(x)
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad * float("nan")
-
     real = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda q, k, v, *a, **kw: real(NanGradQ.apply(q), k, v, *a, **kw))
+                        lambda q, k, v, *a, **kw: real(NaNBackward.apply(q), k, v, *a, **kw))
     kernel = s.kernel_case("left_padded", 192, "poisoned", s.nullcontext, "cpu")
     assert kernel["grad_q_nonfinite"] > 0 and kernel["grad_k_nonfinite"] == kernel["grad_v_nonfinite"] == 0
     model = s.model_case(str(saved_tiny), 192, "poisoned", s.nullcontext, "cpu")

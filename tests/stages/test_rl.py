@@ -6,19 +6,7 @@ import torch
 
 from reasoning_qat.quant import QuantScheme, QuantTargets, swap_in_fake_quant
 
-from ..conftest import tiny_qwen3
-
-
-class _NaNBackward(torch.autograd.Function):
-    """Identity forward; the backward turns the incoming gradient into NaN (a NaN entering in the backward)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
+from ..conftest import NaNBackward, tiny_qwen3
 
 
 def _two_grpo_steps(tmp_path, tokenizer, poison_norm=None, trainer_base=None, nonfinite_log=None,
@@ -116,7 +104,7 @@ def test_a_nan_entering_the_grpo_backward_is_placed_above_in_or_below_the_lm_hea
             def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
                 logps, *rest = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
                 if torch.is_grad_enabled() and self.state.global_step == 1:
-                    logps = _NaNBackward.apply(logps)
+                    logps = NaNBackward.apply(logps)
                 return (logps, *rest)
         return Poisoned
 
@@ -126,7 +114,7 @@ def test_a_nan_entering_the_grpo_backward_is_placed_above_in_or_below_the_lm_hea
     assert record["grad_at_log_probs_finite"] is False and record["grad_at_head_input_finite"] is False
     assert "lm_head.weight" in record["above_layers"]
 
-    below = _two_grpo_steps(tmp_path / "below", tokenizer, poison_norm=_NaNBackward.apply)
+    below = _two_grpo_steps(tmp_path / "below", tokenizer, poison_norm=NaNBackward.apply)
     (record,) = below.counts["nonfinite_steps"]
     assert record["loss_finite"] is True
     assert record["grad_at_log_probs_finite"] is True and record["grad_at_head_input_finite"] is True
@@ -155,7 +143,7 @@ def test_a_nan_query_gradient_in_the_top_layer_leaves_the_gpu_records_signature(
                 return super()._compute_loss(model, inputs)
         return Seen
 
-    trainer = _two_grpo_steps(tmp_path, tokenizer, poison_norm=_NaNBackward.apply, trainer_base=seen_lengths,
+    trainer = _two_grpo_steps(tmp_path, tokenizer, poison_norm=NaNBackward.apply, trainer_base=seen_lengths,
                               poisoned=lambda student: student.model.layers[-1].self_attn.q_norm, calls_per_step=2)
     (record,) = trainer.counts["nonfinite_steps"]
     top = len(trainer.model.model.layers) - 1
