@@ -7,6 +7,7 @@
 #   parts qatstep, gen, gptq run one benchmark each (QAT_ARGS, GEN_ARGS, GPTQ_ARGS; T_* timeouts)
 #   part qatstage: the real qat stage vs a naive loop (STAGE_ARGS, e.g. "--arch qwen3-1.7b")
 #   part tests: pytest $TESTS (default tests/stages/test_qat_gpu.py); part multigpu: qat_multi_gpu.py $MULTI_ARGS
+#   part sdpa: benchmarks/sdpa_cudnn_nan.py $SDPA_ARGS (SDPA's cuDNN NaN query gradient, pytorch#196678), JSON in runs/_sdpa
 set -uo pipefail
 mkdir -p "${OUT:-/tmp/out}"
 echo "start $(date +%T)" | tee "${OUT:-/tmp/out}/log.txt"
