@@ -6,10 +6,13 @@
   whole head), asymmetric by default.
 - `install_quant_attention`: an attention function (registered with transformers'
   AttentionInterface as "rqat_quant") that rotates q/k by a Hadamard where the rotation asks for it
-  and fake-quantizes K and V, then runs SDPA. It sees every key and value in the cache at every
-  step; the quantization is per token, so quantizing a cached entry again gives the same value as
-  storing it quantized: cached generation computes exactly the full-recompute function
-  (tests/quant/test_rotation.py).
+  and fake-quantizes K and V, then runs SDPA. The rotation and the quantization act per token, so a
+  K/V entry can be transformed once, when it is written to the KV cache, instead of at every decode
+  step: a forward pre-hook makes each fresh cache transform what it stores, and the
+  attention function then transforms only the query. Without a cache (training, a full forward)
+  the attention function transforms K and V itself. Either way cached generation computes exactly
+  the full-recompute function (tests/quant/test_rotation.py); the cost of a decode step no longer
+  grows with the cache (benchmarks/kv_quant_generation.py).
 
 Which model computes which of these is its `QuantSpec` (quant/scheme.py), installed by quant/runtime.py;
 the activation quantizer is held by each quantized Linear (`input_quantizer`).
@@ -78,27 +81,85 @@ class KVQuantizer:
 ATTENTION_NAME = "rqat_quant"
 
 
+def _transform_kv(module, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token part of the attention's online computation: rotate the keys (where the rotation asks for
+    it), then fake-quantize keys and values. key/value: [batch, kv_heads, tokens, head_dim]."""
+    from .rotation import fwht
+
+    if getattr(module, "rotate_qk", False):
+        key = fwht(key)
+    kv = getattr(module, "kv_quantizer", None)
+    if kv is not None:
+        key, value = kv(key), kv(value)
+    return key, value
+
+
 def _quant_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from .rotation import fwht
 
     if getattr(module, "rotate_qk", False):
-        query, key = fwht(query), fwht(key)
-    kv = getattr(module, "kv_quantizer", None)
-    if kv is not None:
-        key, value = kv(key), kv(value)
+        query = fwht(query)
+    written = module.__dict__.pop("_rqat_written", None)
+    if written is None or written[0] is not key or written[1] is not value:
+        # no transforming cache handed these over (no cache, or one filled before it could transform)
+        key, value = _transform_kv(module, key, value)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+_TRANSFORMING: dict[type, type] = {}
+
+
+class _AttentionModules(tuple):
+    """The model's attention modules, as a cache holds them: a copy of the cache refers to the same modules."""
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _transforming_cache_class(cls: type) -> type:
+    """A subclass of the cache class `cls` whose `update` stores transformed K/V and tells the layer's attention
+    function which tensors it returned (by identity, so nothing else is skipped). A subclass rather than a patched
+    method, so that a copy of the cache (beam search, prompt reuse) keeps transforming."""
+    if cls not in _TRANSFORMING:
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            module = self._rqat_attention[layer_idx]
+            key_states, value_states = _transform_kv(module, key_states, value_states)
+            keys, values = cls.update(self, key_states, value_states, layer_idx, *args, **kwargs)
+            module._rqat_written = (keys, values)
+            return keys, values
+
+        _TRANSFORMING[cls] = type(f"KVTransforming{cls.__name__}", (cls,), {"update": update})
+    return _TRANSFORMING[cls]
+
+
+def _transform_on_write(decoder, args, kwargs):
+    """Forward pre-hook of the decoder: a cache that arrives empty transforms what it stores from then on. A cache
+    that already holds untransformed entries is left alone (the attention function transforms it all). It reads
+    the attention modules off the decoder it hooks, so a copy of the model uses its own."""
+    cache = kwargs.get("past_key_values")
+    if cache is None or hasattr(cache, "_rqat_attention") or not hasattr(cache, "get_seq_length"):
+        return
+    if cache.get_seq_length() == 0:
+        cache.__class__ = _transforming_cache_class(type(cache))
+        cache._rqat_attention = _AttentionModules(layer.self_attn for layer in decoder.layers)
 
 
 def install_quant_attention(model, kv: KVQuantizer | None) -> None:
     """Route every attention layer of `model` through `_quant_attention` (rotation of q/k where
-    `rotate_qk` is set, K/V fake-quant where `kv` is given)."""
+    `rotate_qk` is set, K/V fake-quant where `kv` is given), and make the KV caches of `model`'s forward
+    calls store K/V transformed (`model.kv_write_hook`: removing it leaves the attention function to
+    transform the whole cache at every step, the benchmark's baseline)."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(ATTENTION_NAME, _quant_attention)
+    # the mask SDPA takes: transformers builds no mask at all for an attention name it has no mask function for,
+    # so without this a left-padded row would attend to its pad tokens
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
     for layer in model.get_decoder().layers:
         layer.self_attn.kv_quantizer = kv
+    model.kv_write_hook = model.get_decoder().register_forward_pre_hook(_transform_on_write, with_kwargs=True)
     model.config._attn_implementation = ATTENTION_NAME
     for m in model.modules():  # sub-configs that carry their own copy
         cfg = getattr(m, "config", None)

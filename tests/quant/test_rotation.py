@@ -143,6 +143,89 @@ def test_kv_quantization_acts_during_cached_generation():
     assert (quantized - unquantized).abs().max() > 1e-3  # the quantizers do change the function
 
 
+def _generate_logits(model, ids, steps=10):
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False,
+                         pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    return out.sequences, torch.stack(out.logits)
+
+
+def test_kv_cache_stores_transformed_entries_once_and_computes_the_same():
+    """The KV cache stores keys rotated and keys/values quantized, written once: each decode step quantizes
+    only its new token, not the whole cache. Generation is the same as the per-step whole-cache path (the
+    write hook removed) to the last bit."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 6))
+    model = _quantized_model()
+    kv = model.get_decoder().layers[0].self_attn.kv_quantizer
+    seen = []
+
+    class Counting(type(kv)):
+        def __call__(self, x):
+            seen.append(x.shape[-2])
+            return super().__call__(x)
+
+    counting = Counting(kv.bits, kv.group_size, kv.symmetric, kv.clip_ratio)
+    for layer in model.get_decoder().layers:
+        layer.self_attn.kv_quantizer = counting
+    with torch.no_grad():
+        seqs, logits = _generate_logits(model, ids)
+    layers = len(model.get_decoder().layers)
+    assert seen == [6] * 2 * layers + [1] * 2 * layers * 9  # prefill (K and V per layer), then 1 token a step
+
+    plain = _quantized_model()
+    plain.kv_write_hook.remove()  # the whole cache transformed at every step
+    with torch.no_grad():
+        plain_seqs, plain_logits = _generate_logits(plain, ids)
+    assert torch.equal(seqs, plain_seqs) and torch.equal(logits, plain_logits)
+
+
+def test_a_cache_filled_before_the_hook_could_transform_it_is_left_alone():
+    """A cache that reaches the model already holding untransformed entries (the model built it inside a forward
+    call) keeps them: the attention function transforms the whole cache, and continuing from it gives the
+    full-recompute logits. A copy of a transforming cache keeps transforming, into the same attention modules."""
+    import copy
+
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    model = _quantized_model()
+    ids = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        first = model(ids[:, :5], use_cache=True)  # the cache is created inside the decoder, past the hook
+        assert not hasattr(first.past_key_values, "_rqat_attention")
+        rest = model(ids[:, 5:], past_key_values=first.past_key_values, use_cache=True).logits
+        assert torch.allclose(rest, full[:, 5:], atol=1e-10)
+
+        cache = DynamicCache(config=model.config)
+        head = model(ids[:, :5], past_key_values=cache, use_cache=True).past_key_values
+        assert head is cache and type(cache).__name__ == "KVTransformingDynamicCache"
+        twin = copy.deepcopy(cache)
+        assert type(twin) is type(cache) and twin._rqat_attention[0] is model.get_decoder().layers[0].self_attn
+        for c in (cache, twin):
+            tail = model(ids[:, 5:], past_key_values=c, use_cache=True).logits
+            assert torch.allclose(tail, full[:, 5:], atol=1e-10)
+
+
+def test_a_left_padded_row_computes_what_it_computes_alone():
+    """transformers builds no attention mask for an attention function it has no mask function for, so a
+    W4A4KV4 model once let a left-padded row attend to its pad tokens: in a batch (eval, GRPO rollouts) it
+    generated other tokens than alone. The quantized attention registers SDPA's mask: a padded row's logits and
+    its greedy generation are those of the row alone."""
+    torch.manual_seed(0)
+    model = _quantized_model()
+    a, b = torch.randint(3, 50, (1, 8)), torch.randint(3, 50, (1, 5))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
+    mask = (torch.arange(8) >= torch.tensor([[0], [3]])).long()
+    with torch.no_grad():
+        padded = model(batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[1, 3:]
+        assert torch.equal(padded, model(b).logits[0])
+        together = model.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        alone = model.generate(b, attention_mask=torch.ones_like(b), max_new_tokens=12, do_sample=False,
+                               pad_token_id=0)
+    assert torch.equal(together[1, 8:], alone[0, 5:])
+
+
 def test_w4a4kv4_demo_end_to_end(tmp_path):
     """The demo at w4a4kv4 with Hadamard rotation: ptq (GPTQ and RTN on rotated weights), KD-QAT
     with activation and KV fake-quant, export, eval through transformers, compare. The export
