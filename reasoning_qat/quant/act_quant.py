@@ -137,7 +137,8 @@ def _transform_on_write(decoder, args, kwargs):
     """Forward pre-hook of the decoder: a cache that arrives empty transforms what it stores from then on. A cache
     that already holds untransformed entries is left alone (the attention function transforms it all). It reads
     the attention modules off the decoder it hooks, so a copy of the model uses its own."""
-    cache = kwargs.get("past_key_values")
+    # the decoder's cache argument: `cache` in newer transformers (5.25 here), `past_key_values` in 5.19 and before
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is None or hasattr(cache, "_rqat_attention") or not hasattr(cache, "get_seq_length"):
         return
     if cache.get_seq_length() == 0:
