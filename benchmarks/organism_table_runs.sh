@@ -18,7 +18,9 @@
 #   e20s0/1, eNs0/1    W2G128: GRPO for 20 / N steps from a KD-QAT student stopped early (30 of 300 steps)
 #   fNs0/1             W2G128: GRPO for N steps from the finished KD-QAT student
 #   eNlrXs0/1          eNs0/1 at rl.latent_lr X instead of the recipe's (e.g. e60lr3e-2s0: 60 steps at 3e-2)
-#   rtn0/1             BF16 and plain RTN (no rotation: with prefix a, W4A4KV4 RTN as the recipe runs it untouched)
+#   rtn0/1             BF16 and plain RTN (no rotation: with prefix a, W4A4KV4 RTN as the recipe runs it untouched,
+#                      and without BF16, which the W3/W2 runs evaluate)
+#   f32rtn0/1          with prefix a: Hadamard + RTN evaluated in float32 (eval.dtype) instead of the GPU's bfloat16
 #   rlptqe0/1          rlptq0/1 with eager attention (model.attn_implementation=eager): the NaN-gradient
 #                      GRPO step's candidate cause is the SDPA kernels' backward (rl-nan-cpu/README.md)
 # Issue 31 item 4, the training-dynamics rows (each trains its own teacher of the recipe's length; the digit
@@ -62,7 +64,9 @@ for v in $want; do
   case $base in
     kdrtn[01]) rows=$R ;; kd[01]) rows=$KD ;; rlptq[01]) rows=$P ;; ce[01]) rows=$C ;;
     rlptqe[01]) rows="$P model.attn_implementation=eager" ;;
-    rtn[01]) rows="qat.enabled=false rl.enabled=false ptq.method=rtn ptq.rotation=none ptq.baselines=[] eval.methods=[bf16,rtn]" ;;
+    rtn[01]) rows="qat.enabled=false rl.enabled=false ptq.method=rtn ptq.rotation=none ptq.baselines=[] eval.methods=[bf16,rtn]"
+      [ -n "$scheme" ] && rows=${rows/bf16,/} ;;
+    f32rtn[01]) rows="qat.enabled=false rl.enabled=false ptq.method=rtn ptq.baselines=[] eval.methods=[rtn] eval.dtype=float32" ;;
     ptq[01]) rows=$PTQ; [ -n "$scheme" ] && rows=${rows/bf16,/} ;;
     own[01]) rows=$OWN ;; kdf[01]) rows=$F ;; cef[01]) rows="$F qat.kd.loss=ce" ;; kds[01]) rows=$SELF ;;
     kdc[01]) rows=$CACHED ;;
@@ -75,7 +79,7 @@ for v in $want; do
     e[0-9]*lr*s[01]) n=${base#e}; lr=${n#*lr}; rows="$RLW2 qat.max_steps=30 rl.max_steps=${n%%lr*} rl.latent_lr=${lr%s?} eval.methods=[qat_rl]" ;;
     e[0-9]*s[01]) n=${base#e}; rows="$RLW2 qat.max_steps=30 rl.max_steps=${n%s?} eval.methods=[qat_rl]" ;;
     f[0-9]*s[01]) n=${base#f}; rows="$RLW2 rl.max_steps=${n%s?} eval.methods=[qat_rl]" ;;
-    *) echo "unknown variant $v (one of: $w23 $w4a4kv4 own kdf cef kds kdc rlptqe rtn (then 0 or 1), e20s eNs eNlrXs fNs dcos dwsd dlawa dcosNs (then 0 or 1))" >&2; exit 2 ;;
+    *) echo "unknown variant $v (one of: $w23 $w4a4kv4 own kdf cef kds kdc rlptqe rtn f32rtn (then 0 or 1), e20s eNs eNlrXs fNs dcos dwsd dlawa dcosNs (then 0 or 1))" >&2; exit 2 ;;
   esac
   seed=""; [ "${v: -1}" = 1 ] && [ -z "$own" ] && seed=$S1
   args="$args --variant $tag$v $teacher $scheme $rows $seed"
