@@ -7,7 +7,7 @@
 #   parts qatstep, gen, gptq run one benchmark each (QAT_ARGS, GEN_ARGS, GPTQ_ARGS; T_* timeouts)
 #   part qatstage: the real qat stage vs a naive loop (STAGE_ARGS, e.g. "--arch qwen3-1.7b")
 #   part tests: pytest $TESTS (default tests/stages/test_qat_gpu.py); part multigpu: qat_multi_gpu.py $MULTI_ARGS
-#   part kvgen: benchmarks/kv_quant_generation.py $KVGEN_ARGS, JSON in runs/_kv
+#   part kvgen: benchmarks/kv_quant_generation.py $KVGEN_ARGS once per dtype in $KVGEN_DTYPES, JSON in runs/_kv
 #   part sdpa: benchmarks/sdpa_cudnn_nan.py $SDPA_ARGS (SDPA's cuDNN NaN query gradient, pytorch#196678), JSON in runs/_sdpa
 set -uo pipefail
 mkdir -p "${OUT:-/tmp/out}"
@@ -43,8 +43,11 @@ for part in "$@"; do
     multigpu) (cd benchmarks; timeout $(t ${T_MULTI:-540}) python3 qat_multi_gpu.py ${MULTI_ARGS:-}) 2>&1 | quiet ;;
     sdpa)  # SDPA's cuDNN NaN query gradient (pytorch#196678) and the training stages' switch, kernel and model level
       timeout $(t ${T_SDPA:-180}) python3 benchmarks/sdpa_cudnn_nan.py ${SDPA_ARGS:-} --out runs/_sdpa/sdpa_cudnn_nan.json 2>&1 | quiet ;;
-    kvgen)  # W4A4KV4 generation: K/V transformed at cache write vs the whole cache every step ($KVGEN_ARGS)
-      timeout $(t ${T_KVGEN:-150}) python3 benchmarks/kv_quant_generation.py ${KVGEN_ARGS:-} --out runs/_kv/kv_quant_generation.json 2>&1 | quiet ;;
+    kvgen)  # W4A4KV4 generation: K/V transformed at cache write vs the whole cache every step, per dtype
+      for d in ${KVGEN_DTYPES:-bfloat16}; do
+        timeout $(t ${T_KVGEN:-240}) python3 benchmarks/kv_quant_generation.py ${KVGEN_ARGS:-} --dtype $d \
+          --out runs/_kv/kv_quant_generation-$d.json 2>&1 | quiet
+      done ;;
     gen) (cd benchmarks; timeout $(t ${T_GEN:-120}) python3 generation.py ${GEN_ARGS:-}) 2>&1 | quiet ;;
     gptq) (cd benchmarks; BENCH_TAG=${GPTQ_TAG:-} timeout $(t ${T_GPTQ:-240}) python3 gptq_time.py ${GPTQ_ARGS:-}) 2>&1 | quiet ;;
     demo) timeout $(t ${T_DEMO:-500}) rqat run recipes/demo-gpu.yaml 2>&1 | quiet ;;

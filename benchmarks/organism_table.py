@@ -101,6 +101,15 @@ def steps_tag(run_dir: Path, method: str, bits: int) -> str:
     return f" [{', '.join(parts)}]" if parts else ""
 
 
+def eval_dtype_tag(run_dir: Path) -> str:
+    """' [eval float32]' for a run evaluated in another dtype than the organism recipe's: another measurement of
+    the same model, so a row of its own ('' without a recorded recipe)."""
+    if not (run_dir / "recipe.yaml").exists():
+        return ""
+    dtype = recipe_from_run(run_dir).eval.dtype
+    return f" [eval {dtype}]" if dtype != base_recipe().eval.dtype else ""
+
+
 def build(run_dirs: list[Path], correctness: dict, tag_steps: bool = False) -> dict:
     """{(label, column): {"mean", "ci", "seeds", "loss0", "lossN", "stepN", "unfinished"}} for every row;
     column = (bits, scheme): scheme "" for weight-only, e.g. "Hadamard, A4, KV4"; BF16 is (16, "").
@@ -108,8 +117,10 @@ def build(run_dirs: list[Path], correctness: dict, tag_steps: bool = False) -> d
     groups = defaultdict(list)
     for r in collect(run_dirs, unfinished=True):
         label = r["label"].removesuffix(f" ({r['scheme']})") if r["scheme"] else r["label"]
+        run_dir = next(d for d in run_dirs if d.name == r["run"])
         if tag_steps:
-            label += steps_tag(next(d for d in run_dirs if d.name == r["run"]), r["method"], r["bits"])
+            label += steps_tag(run_dir, r["method"], r["bits"])
+        label += eval_dtype_tag(run_dir)
         column = (16, "") if r["method"] == "bf16" else (r["bits"], r["scheme"])
         groups[(label, column, r["task"])].append(r)
     table = {}

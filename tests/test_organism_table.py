@@ -236,7 +236,8 @@ def test_a_rotated_column_beside_the_plain_one_compares_their_rtn_rows():
 
 def test_plain_rtn_and_latent_rate_variants():
     """organism_table_runs.sh: artnK is W4A4KV4 RTN without the rotation (its ptq.rotation=none comes after the
-    column's hadamard, and the later override wins) with BF16 beside it; eNlrXsK is eNsK at rl.latent_lr X."""
+    column's hadamard, and the later override wins), without BF16 (the W3/W2 runs evaluate it); eNlrXsK is eNsK
+    at rl.latent_lr X; af32rtnK is the rotated RTN evaluated in float32."""
     import subprocess
 
     out = subprocess.run(["bash", "benchmarks/organism_table_runs.sh", "artn0", "e60lr3e-2s1"], cwd=ROOT, check=True,
@@ -246,10 +247,35 @@ def test_plain_rtn_and_latent_rate_variants():
     second = out[out.index("--variant", out.index("--variant") + 1):]
     assert first[1] == "t350c-artn0" and "quant.preset=w4a4kv4" in first
     assert [x for x in first if x.startswith("ptq.rotation=")][-1] == "ptq.rotation=none"
-    assert "eval.methods=[bf16,rtn]" in first and "ptq.method=rtn" in first
+    assert "eval.methods=[rtn]" in first and "ptq.method=rtn" in first
     assert second[1] == "t350c-e60lr3e-2s1" and "rl.max_steps=60" in second and "rl.latent_lr=3e-2" in second
     assert "qat.max_steps=30" in second and "seed=1" in second and "quant.bits=[2]" in second
     assert out[out.index("--share") + 1:out.index("--share") + 3] == ["t350c-e60lr3e-2s1", "t350c-artn0"]
+
+
+def test_float32_eval_variant_and_its_own_row():
+    """af32rtnK: the rotated RTN evaluated with eval.dtype=float32; the table gives an eval in another dtype than
+    the recipe's a row of its own (the recorded table-t350d runs: af32rtn0/1 beside aptq0/1's RTN)."""
+    import gzip
+    import json
+    import subprocess
+
+    out = subprocess.run(["bash", "benchmarks/organism_table_runs.sh", "af32rtn1"], cwd=ROOT, check=True,
+                         capture_output=True, text=True, env={"TAG": "t350d-", "SOURCE": "af32rtn1",
+                                                              "PATH": "/usr/bin:/bin"}).stdout.split()
+    assert out[out.index("--variant") + 1] == "t350d-af32rtn1"
+    assert "eval.dtype=float32" in out and "eval.methods=[rtn]" in out and "seed=1" in out
+    assert [x for x in out if x.startswith("ptq.rotation=")][-1] == "ptq.rotation=hadamard"
+
+    t = _module()
+    d = ROOT / "benchmarks" / "results" / "organism-gpu" / "table-t350d"
+    with gzip.open(d / "correctness.json.gz") as f:
+        correctness = json.load(f)
+    runs = [d / "runs" / f"organism-gpu-t350d-{v}" for v in ("aptq0", "aptq1", "af32rtn0", "af32rtn1")]
+    table = t.build(runs, correctness, tag_steps=True)
+    col = (4, "Hadamard, A4, KV4")
+    assert table[("RTN", col)]["seeds"] == 2 and table[("RTN [eval float32]", col)]["seeds"] == 2
+    assert table[("RTN", col)]["problems"] != table[("RTN [eval float32]", col)]["problems"]
 
 
 def test_rewards_are_read_from_a_cut_off_runs_progress_log(tmp_path, capsys):
