@@ -11,6 +11,8 @@ left-padded batches, the end tokens); the prompts are chat-formatted +/- chains 
 
     python benchmarks/kv_quant_generation.py [--batch 64] [--new-tokens 512] [--device cpu]
 
+Each path is warmed up at the full batch, then timed twice in the order A B B A (the first long generation of a
+process pays a one-time cost on a GPU, about 25 s on an H200), and the faster of its two timings is kept.
 Prints the seconds and tokens/s of each path and the ratio, measured in one run; --out FILE.json keeps them.
 """
 
