@@ -50,6 +50,11 @@ def per_problem(run_dir: Path, variant: str, task: str, correctness: dict) -> di
         if not f.is_file():
             return None
         rows = [[r["id"], r["sample"], int(r["correct"])] for r in map(json.loads, f.open())]
+    return scores_by_problem(rows)
+
+
+def scores_by_problem(rows: list) -> dict:
+    """{problem id: [0/1 per sample]} from correctness rows [[problem id, sample, correct], ...]."""
     out = defaultdict(list)
     for pid, _, ok in rows:
         out[str(pid)].append(ok)

@@ -11,19 +11,21 @@ benchmarks/results/organism-gpu, "W4A4KV4 re-measured after the padding fix"):
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import organism_table as ot
 
 TABLE = Path(__file__).resolve().parent / "results" / "organism-gpu" / "table-t350d"
+BEFORE_FIX = TABLE / "before-padding-fix"
 COLUMN = (4, "Hadamard, A4, KV4")
 ROWS = ["RTN", "GPTQ (generic calib)", "GPTQ (domain calib)", "KD-QAT [QAT 300 steps]",
         "KD-QAT (RTN init) [QAT 300 steps]", "CE-QAT [QAT 300 steps]"]
 
 
+@functools.cache
 def correctness(folder: Path) -> dict:
     with gzip.open(folder / "correctness.json.gz", "rt") as f:
         return json.load(f)
@@ -33,36 +35,33 @@ def table(folder: Path) -> dict:
     return ot.build(sorted(folder.glob("runs/organism-gpu-t350d-a*")), correctness(folder), tag_steps=True)
 
 
-def per_problem(rows: list) -> dict:
-    """{problem id: mean correctness over its samples} from [[id, sample, correct], ...]."""
-    by_id = defaultdict(list)
-    for pid, _, correct in rows:
-        by_id[pid].append(correct)
-    return {pid: sum(v) / len(v) for pid, v in by_id.items()}
-
-
 def cpu_run(name: str) -> dict:
-    rows = json.loads((TABLE / "cpu-padding-fix" / f"{name}.correctness.json").read_text())
-    return per_problem(next(iter(rows.values())) if isinstance(rows, dict) else rows)
+    """{problem id: [0/1 per sample]} of a CPU run (its correctness file holds the rows alone)."""
+    return ot.scores_by_problem(json.loads((TABLE / "cpu-padding-fix" / f"{name}.correctness.json").read_text()))
+
+
+def gpu_run(folder: Path, run: str, variant: str) -> dict:
+    return ot.per_problem(folder / "runs" / run, variant, "demo_arith", correctness(folder))
 
 
 def main() -> None:
-    after, before = table(TABLE), table(TABLE / "before-padding-fix")
+    after, before = table(TABLE), table(BEFORE_FIX)
     print("W4A4KV4 (Hadamard), after the fix - before, paired over the problems, both seeds pooled:")
     for label in ROWS:
         print(f"- {label}: {ot.compare_rows(after.get((label, COLUMN)), before.get((label, COLUMN)))}")
 
-    gpu, gpu_before = correctness(TABLE), correctness(TABLE / "before-padding-fix")
     runs = {
         "CPU float32, fixed": cpu_run("fixed"),
         "CPU float32, before the fix": cpu_run("unfixed"),
-        "H200 bfloat16, fixed": per_problem(gpu["organism-gpu-t350d-aptq0/w4-rtn/demo_arith"]),
-        "H200 float32, fixed": per_problem(gpu["organism-gpu-t350d-af32rtn0/w4-rtn/demo_arith"]),
-        "H200 bfloat16, before the fix": per_problem(gpu_before["organism-gpu-t350d-aptq0-rtn/w4-rtn/demo_arith"]),
+        "H200 bfloat16, fixed": gpu_run(TABLE, "organism-gpu-t350d-aptq0", "w4-rtn"),
+        "H200 float32, fixed": gpu_run(TABLE, "organism-gpu-t350d-af32rtn0", "w4-rtn"),
+        "H200 bfloat16, before the fix": gpu_run(BEFORE_FIX, "organism-gpu-t350d-aptq0-rtn", "w4-rtn"),
     }
     ids = sorted(runs["CPU float32, fixed"])  # the CPU runs evaluated the first 300 problems
-    as_row = {name: {"mean": sum(s[i] for i in ids) / len(ids), "problems": {i: s[i] for i in ids}}
-              for name, s in runs.items()}
+    as_row = {}
+    for name, scores in runs.items():
+        problems = ot.per_problem_means([{i: scores[i] for i in ids}])
+        as_row[name] = {"mean": sum(problems.values()) / len(problems), "problems": problems}
     print(f"\nHadamard + RTN, seed 0, the first {len(ids)} problems:")
     for a, b in [("CPU float32, fixed", "H200 bfloat16, fixed"), ("CPU float32, fixed", "H200 float32, fixed"),
                  ("CPU float32, before the fix", "H200 bfloat16, before the fix"),
