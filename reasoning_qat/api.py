@@ -37,16 +37,23 @@ def prepare(recipe: str | Path | Recipe, overrides: list[str] | dict | None = No
 
 
 def run(recipe: str | Path | Recipe, stages: list[str] | None = None, overrides: list[str] | dict | None = None,
-        force: bool = False, run_root: str | Path | None = None, console=None) -> Path:
+        force: bool = False, run_root: str | Path | None = None, console=None, replace: bool = False) -> Path:
     """Run a recipe's missing or stale stages (`stages`: only these, as `--stages`), resuming what a crash
     left; returns the run directory. `overrides`: KEY=VALUE strings or a {dotted key: value} mapping,
-    recorded in the run's recipe snapshot. Raises RecipeError for a bad recipe (before anything is
-    created) and StageFailed / UserError for a stage that refuses."""
+    recorded in the run's recipe snapshot. A run directory whose finished stages this call would redo (a
+    changed recipe, or `stages` naming them) is refused unless `replace` (or `force`) says so: a script
+    never overwrites another run's results by accident. Raises RecipeError for a bad recipe (before
+    anything is created), UserError for a run it would overwrite, StageFailed / UserError for a stage that
+    refuses."""
     from .pipeline import Pipeline
     from .stages import STAGES
 
     recipe, _ = prepare(recipe, overrides, run_root)
     pipe = Pipeline(recipe, STAGES, console)
+    if not (replace or force) and (done := pipe.finished_in(pipe.plan(stages))):
+        raise UserError(f"{pipe.run_dir}: its finished {', '.join(done)} stage{'s' if len(done) > 1 else ''} would be "
+                        "run again and replaced; give this run its own name (overrides={'name': ...}), or pass "
+                        "replace=True")
     pipe.run(stages, force)
     return pipe.run_dir
 

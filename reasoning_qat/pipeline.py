@@ -203,13 +203,12 @@ class Pipeline:
             if "eval" in only and "compare" in self.stages:
                 only = [*only, "compare"]  # the table follows the numbers it shows
             chosen = [s for s in self.order if s in only]
-            for s in chosen:
-                for dep in self.active_deps(s):
-                    if dep not in chosen and self.manifest(dep) is None:
-                        raise RecipeError(
-                            f"--stages: {s} needs the {dep} stage, which has not run in {self.run_dir}; "
-                            f"run `rqat run RECIPE --stages {dep},{s}` or `rqat run RECIPE`"
-                        )
+            if missing := self._missing_inputs(chosen):  # all of them at once, not one per try
+                names = ", ".join(missing)
+                raise RecipeError(
+                    f"--stages: {', '.join(chosen)} need{'s' if len(chosen) == 1 else ''} the {names} "
+                    f"stage{'s' if len(missing) > 1 else ''}, which {'have' if len(missing) > 1 else 'has'} not run in "
+                    f"{self.run_dir}; run `rqat run RECIPE --stages {','.join(missing + chosen)}` or `rqat run RECIPE`")
             return chosen
         chosen = []
         for s in self.order:
@@ -218,6 +217,20 @@ class Pipeline:
             if force or self.status(s) != "done" or any(d in chosen for d in self.active_deps(s)):
                 chosen.append(s)
         return chosen
+
+    def _missing_inputs(self, chosen: list[str]) -> list[str]:
+        """The stages, in order, that `chosen` needs (transitively) and that neither ran nor are chosen."""
+        missing, todo = set(), list(chosen)
+        while todo:
+            for dep in self.active_deps(todo.pop()):
+                if dep not in chosen and dep not in missing and self.manifest(dep) is None:
+                    missing.add(dep)
+                    todo.append(dep)
+        return [s for s in self.order if s in missing]
+
+    def finished_in(self, chosen: list[str]) -> list[str]:
+        """The stages of a plan that finished before: running the plan replaces their results."""
+        return [s for s in chosen if self.manifest(s) is not None]
 
     def run(self, only: list[str] | None = None, force: bool = False) -> list[str]:
         """Run the plan under the run lock; each stage in its partial directory, renamed into place after its

@@ -24,7 +24,9 @@ class RecipeError(UserError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan off: `gt=0` lets infinity through (and NaN only by accident of its comparisons); no field of a
+    # recipe means anything at either
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class _TrainingDynamics(_Section):
@@ -523,6 +525,25 @@ class Recipe(_Section):
 UNHASHED = {("model", "attn_implementation"), ("model", "cudnn_sdpa")}
 
 
+def _did_you_mean(loc: tuple) -> str:
+    """`; did you mean qat.max_steps?` for an unknown key close to a field of its section (difflib), else ''."""
+    import difflib
+
+    section: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = section.model_fields.get(str(part))
+        inner = getattr(field, "annotation", None) if field else None
+        inner = next((a for a in (inner, *getattr(inner, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if inner is None:
+            return ""
+        section = inner
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
+    prefix = ".".join(str(p) for p in loc[:-1] if not isinstance(p, int))
+    return f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int)) or "(top level)"
@@ -531,7 +552,7 @@ def _format_error(err: ValidationError, source: str) -> str:
         loc += f"[{','.join(idx)}]"
     kind = first["type"]
     if kind == "extra_forbidden":
-        msg = "unknown key (check the spelling; see the recipe reference in README.md)"
+        msg = "unknown key" + _did_you_mean(first["loc"]) + " (check the spelling; see the recipe reference in README.md)"
     elif kind == "missing":
         msg = "required field is missing"
     else:

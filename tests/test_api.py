@@ -18,7 +18,7 @@ def test_the_readme_example_runs(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # rq.evaluate writes eval/results/ under the working directory
     exec(block.replace('"recipes/demo.yaml"', repr(str(rec))), {})  # noqa: S102 (the README's own code)
     assert re.search(r"^BF16 pass@1 \d\.\d{3} ± \d\.\d{3}$", capsys.readouterr().out, re.MULTILINE)
-    run_dir = tmp_path / "runs" / "t"
+    run_dir = tmp_path / "runs" / "demo-api"  # the example's own run, not the recipe's
     snapshot = (run_dir / "recipe.yaml").read_text()
     assert "- 4" in snapshot and (run_dir / "ptq" / "w4-gptq").is_dir()  # the override, recorded
     model = rq.load(run_dir, "w4-gptq", device="cpu")
@@ -29,6 +29,13 @@ def test_the_readme_example_runs(tmp_path, capsys, monkeypatch):
         assert (model(ids).logits - teacher(ids).logits.float()).abs().max() > 0  # the quantized function
     with pytest.raises(UserError, match="no w2-qat checkpoint"):
         rq.load(run_dir, "w2-qat")
+    # the same call again would re-train its teacher and re-quantize: refused, the run untouched
+    manifests = {p: p.read_bytes() for p in run_dir.glob("*/manifest.json")}
+    with pytest.raises(UserError, match=r"finished teacher, calibrate, ptq stages would be run again.*replace=True"):
+        rq.run(rec, stages=["teacher", "calibrate", "ptq"], overrides={"name": "demo-api", "quant.bits": [4]})
+    with pytest.raises(UserError, match=r"finished ptq stage would be run again"):  # another recipe: ptq goes stale
+        rq.run(rec, stages=["ptq"], overrides={"name": "demo-api", "quant.bits": [3]})
+    assert {p: p.read_bytes() for p in run_dir.glob("*/manifest.json")} == manifests
 
 
 def test_a_bad_override_creates_nothing(tmp_path):

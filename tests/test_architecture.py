@@ -101,7 +101,8 @@ def test_a_local_model_directorys_widths_are_checked_before_anything_runs(tmp_pa
     config.save_pretrained(tmp_path / "model")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: x\nrun_root: {tmp_path / 'runs'}\nmodel: {{id: {tmp_path / 'model'}}}\nquant: {quant}\n"
-                      "qat: {data: {source: " + str(tmp_path / "qat.jsonl") + "}}\nptq: {method: rtn}\n"
+                      "qat: {data: {source: " + str(tmp_path / "qat.jsonl") + ", prompt_field: problem, response_field: solution}}\n"
+                      "ptq: {method: rtn}\n"
                       "export: {formats: [dequantized]}\neval: {tasks: [math500], data: {math500: "
                       + str(tmp_path / "qat.jsonl") + "}}\n")
     (tmp_path / "qat.jsonl").write_text(json.dumps({"problem": "1+1?", "answer": "2", "solution": "\\boxed{2}"}) + "\n")

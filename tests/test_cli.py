@@ -18,6 +18,7 @@ name: local
 run_root: {tmp_path / 'runs'}
 model: {{id: {model_dir}, dtype: float32}}
 quant: {{bits: [4], group_size: 32}}
+calibration: {{seq_len: 128}}  # within the tiny model's context of 256
 qat: {{data: {{source: {data}}}}}
 eval: {{tasks: [math500], data: {{math500: {data}}}}}
 """)

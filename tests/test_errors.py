@@ -3,6 +3,7 @@ keep their traceback."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -171,6 +172,9 @@ def test_a_schema_error_is_refused_without_importing_torch(tmp_path):
 
 def test_a_run_root_under_a_file_is_refused(tmp_path):
     (tmp_path / "afile").write_text("")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "qat.jsonl").write_text('{"prompt": "1+1?", "response": "2"}\n')
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?" "answer": "4"}\n')
     rec = demo_recipe(tmp_path, name="bad")
     one_line_error(cli("run", str(rec), "--run-root", str(tmp_path / "afile" / "runs")),
                    f"run_root: '{tmp_path / 'afile' / 'runs'}' lies under '{tmp_path / 'afile'}', which is a file")
@@ -250,7 +254,17 @@ MUTATIONS = [
     ("quant.ignore", ["no_such_layer"], "quant.ignore", True),
     ("quant.overrides", [{"pattern": "*.down_proj", "group_size": 96}], "quant.overrides", True),
     ("model.demo.intermediate_size", 80, "quant.group_size", True),
-]
+    # QAT / RL data that cannot serve, read in the preflight (files written by the test below)
+    ("qat.data.source", "{tmp}/adir", "qat.data.source", False),
+    (("qat.data.source", "qat.data.prompt_field"), ("{tmp}/qat.jsonl", "question"), "qat.data.prompt_field", False),
+    (("rl.enabled", "rl.data.source"), (True, "{tmp}/broken.jsonl"), "rl.data.source", False),
+    ("qat.kd.temperature", float("inf"), "qat.kd.temperature", False),
+    (("calibration.generic_source", "ptq.baselines"), ("{tmp}/afile", ["gptq_generic"]), "calibration.generic_source",
+     False),
+    ("report_to", ["tensorbord"], "report_to", False),
+    ("qat.report_to", ["neptune"], "qat.report_to", False),  # known, not installed
+    ("quant.overrides", [{"pattern": "*.no_such_proj", "bits": 8}], "quant.overrides", True),
+] + ([("qat.distributed", "fsdp2", "qat.distributed", False)] if not Path("/proc/driver/nvidia/gpus").is_dir() else [])
 
 HARNESS = r"""
 import contextlib, io, json, sys
@@ -266,16 +280,23 @@ print(json.dumps(out))
 """
 
 
+def _with_tmp(value, tmp):
+    if isinstance(value, tuple):
+        return tuple(_with_tmp(v, tmp) for v in value)
+    return value.format(tmp=tmp) if isinstance(value, str) else value
+
+
 def _mutated(base: dict, changes) -> dict:
     import copy
 
     data = copy.deepcopy(base)
-    for key, value, *_ in changes:
-        *parents, last = key.split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
+    for keys, values, *_ in changes:  # a mutation sets one key, or several together (a tuple of each)
+        for key, value in zip(*((keys, values) if isinstance(keys, tuple) else ((keys,), (values,)))):
+            *parents, last = key.split(".")
+            node = data
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[last] = value
     return data
 
 
@@ -292,6 +313,9 @@ def test_every_recipe_a_later_stage_rejects_is_refused_before_anything_is_create
     from .conftest import DEMO_SMALL
 
     (tmp_path / "afile").write_text("")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "qat.jsonl").write_text('{"prompt": "1+1?", "response": "2"}\n')
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?" "answer": "4"}\n')
     base = yaml.safe_load(DEMO_SMALL.format(name="p", root=tmp_path / "runs", teacher_steps=60, bits="[2]",
                                             baselines="[rtn]", qat="true", qat_steps=10, save_steps=5, limit=40))
     base["export"]["formats"] = ["dequantized"]  # what KV-cache quantization needs: the kv_cache case is its group
@@ -302,7 +326,7 @@ def test_every_recipe_a_later_stage_rejects_is_refused_before_anything_is_create
     cases += [rng.sample(light, rng.randint(1, 2)) + [rng.choice([m for m in MUTATIONS if m[3]])] for _ in range(4)]
     paths = []
     for i, changes in enumerate(cases):
-        changes = [(k, v.format(tmp=tmp_path) if isinstance(v, str) else v, f, heavy) for k, v, f, heavy in changes]
+        changes = [(k, _with_tmp(v, tmp_path), f, heavy) for k, v, f, heavy in changes]
         p = tmp_path / f"r{i}.yaml"
         p.write_text(yaml.safe_dump(_mutated(base, changes)))
         paths.append((p, changes))
@@ -318,6 +342,46 @@ def test_every_recipe_a_later_stage_rejects_is_refused_before_anything_is_create
                    for f in fields), (fields, line)
         assert r["heavy"] == [], (fields, r["heavy"])
     assert not (tmp_path / "runs").exists()  # no run directory, no lock, no recipe snapshot
+
+
+def test_sizes_the_model_cannot_take_and_a_gguf_without_its_package_are_refused_first(tmp_path):
+    """A real model's own limits, read from its config.json (torch-free): calibration windows longer than its
+    context and a cached teacher keeping more tokens than its vocabulary; and a .gguf model id where the gguf
+    package is missing says `pip install gguf` instead of ending in transformers' ImportError."""
+    import json
+
+    import yaml
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_hidden_layers": 2,
+        "vocab_size": 300, "max_position_embeddings": 512}))
+    (tmp_path / "qat.jsonl").write_text('{"prompt": "1+1?", "response": "2"}\n')
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    base = {"name": "m", "run_root": str(tmp_path / "runs"), "model": {"id": str(model)}, "quant": {"group_size": 32},
+            "calibration": {"seq_len": 256}, "qat": {"data": {"source": str(tmp_path / "qat.jsonl")}},
+            "eval": {"tasks": ["math500"], "data": {"math500": str(tmp_path / "qat.jsonl")}}}
+    cases = {"calibration.seq_len: 1024 tokens is over the model's context of 512": {"calibration": {"seq_len": 1024}},
+             "qat.kd.cache_top_k: 400 is more tokens than the model's vocabulary of 300":
+                 {"qat": {**base["qat"], "kd": {"teacher": "cached", "cache_top_k": 400}}},
+             f"model.id: {tmp_path / 'm.gguf'} is a GGUF file, which transformers reads through the gguf package; "
+             "pip install gguf": {"model": {"id": str(tmp_path / "m.gguf")}}}
+    paths = []
+    for i, change in enumerate([{}, *cases.values()]):
+        paths.append(tmp_path / f"c{i}.yaml")
+        paths[-1].write_text(yaml.safe_dump({**base, **change}))
+    # gguf marked missing (as where it is not installed); --dry-run: the base recipe plans, nothing runs
+    harness = "import sys; sys.modules['gguf'] = None\n" + HARNESS.replace('["run", path]', '["run", path, "--dry-run"]')
+    res = subprocess.run([sys.executable, "-c", harness, *map(str, paths)], capture_output=True, text=True, timeout=300)
+    ok, *refused = json.loads(res.stdout.strip().splitlines()[-1])
+    assert ok["rc"] == 0 and ok["heavy"] == [], ok  # the base recipe itself passes, torch-free
+    for expected, r in zip(cases, refused):
+        line = r["stderr"].strip()
+        assert r["rc"] == 2 and line.startswith(f"error: {expected}") and "\n" not in line, r
+        assert r["heavy"] == [], r
+    assert not (tmp_path / "runs" / "m" / "teacher").exists()
 
 
 def test_status_imports_no_torch(tmp_path):

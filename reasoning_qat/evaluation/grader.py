@@ -82,6 +82,8 @@ def _exactly_equal(gold, pred) -> bool:
     g, p = gold[0], pred[0]
     if not (number(g) and number(p)):
         return True
+    if not (g.is_finite and p.is_finite):  # oo, -oo, zoo: equal or not, no relative difference (oo - oo is nan)
+        return bool(g == p)
     gd, pd = _decimals(g), _decimals(p)
     if pd is not None and gd is not None:
         return round(float(p), gd) == round(float(g), gd)

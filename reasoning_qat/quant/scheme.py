@@ -105,6 +105,10 @@ class QuantTargets:
                 plan[linear.name] = scheme
         if not plan:
             raise SpecError("targets", f"no Linear layer matched {list(self.targets)} (less ignore {list(self.ignore)})")
+        for pattern, _ in self.overrides:  # a pattern that matches nothing is a typo, not a no-op
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in plan):
+                raise SpecError("overrides", f"pattern {pattern!r} matches no quantized layer (they are named like "
+                                             f"{next(iter(plan))!r}); fix the glob or drop the override")
         return plan
 
     def to_dict(self) -> dict:

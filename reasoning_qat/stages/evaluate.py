@@ -60,6 +60,10 @@ def _run(ctx: StageContext) -> dict:
             models[v] = str(ctx.layout.export(v, v_fmt))
     if e.methods is not None:
         models = {v: p for v, p in models.items() if v.method in e.methods}
+    if e.backend == "auto":
+        from ..evaluation.backends import auto_backend
+
+        print("  backend auto: {} ({})".format(*auto_backend()), flush=True)
     metrics: dict = {}
     for v, path in models.items():
         name = str(v)

@@ -48,6 +48,147 @@ def _check_verifiable(field: str, data) -> None:
                           f"name the dataset's own verified_field / complete_field, or use select: first")
 
 
+# Rows a preflight reads of a local .jsonl: all of a file up to this size (a cheap pass), else the first ones.
+_FULL_CHECK_BYTES = 64 << 20
+_FIRST_ROWS = 10_000
+
+
+def _check_rows(field: str, data, needs: list[tuple[str, str]]) -> None:
+    """A local QAT / RL source that cannot serve is refused before any stage: a directory that `save_to_disk` did
+    not write, a .jsonl line that is not a JSON object, or a row without a field the recipe names (`needs`: the
+    recipe keys and the column names they give). A .jsonl is read whole up to 64 MB, else its first 10,000 rows
+    (and `max_samples` rows at most: the rest is never read)."""
+    import json
+    from pathlib import Path
+
+    from ..models import looks_like_path
+    from ..recipe import RecipeError
+
+    source = data.source
+    if source == "demo" or not looks_like_path(source):
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not any((path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
+            raise RecipeError(f"{field}: {source!r} is a directory that datasets' save_to_disk did not write (no "
+                              "dataset_info.json or dataset_dict.json); give a .jsonl file or a save_to_disk directory")
+        return
+    if not source.endswith(".jsonl"):
+        return
+    limit = data.max_samples or (None if path.stat().st_size <= _FULL_CHECK_BYTES else _FIRST_ROWS)
+    rows = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise RecipeError(f"{field}: {source}:{lineno} is not valid JSON ({err.msg}, column {err.colno}); "
+                                  "fix that line (one JSON object per line)") from None
+            if not isinstance(row, dict):
+                raise RecipeError(f"{field}: {source}:{lineno} is a JSON {type(row).__name__}, not an object "
+                                  "(one {\"field\": value} object per line)")
+            for key, column in needs:
+                if column not in row:
+                    raise RecipeError(f"{field.removesuffix('source')}{key}: {source}:{lineno} has no field "
+                                      f"{column!r} (its fields: {', '.join(sorted(row)) or 'none'}); set "
+                                      f"{field.removesuffix('source')}{key} to one of them")
+            rows += 1
+            if limit and rows >= limit:
+                break
+    if rows == 0:
+        raise RecipeError(f"{field}: {source} holds no rows; give a .jsonl with one JSON object per line")
+
+
+# transformers' `report_to` integrations and the module each needs (transformers.integrations.INTEGRATION_TO_CALLBACK)
+_REPORTERS = {"azure_ml": "azureml.core", "clearml": "clearml", "codecarbon": "codecarbon", "comet_ml": "comet_ml",
+              "dagshub": "dagshub", "dvclive": "dvclive", "flyte": "flytekit", "kubeflow": "kubeflow",
+              "mlflow": "mlflow", "neptune": "neptune", "swanlab": "swanlab", "tensorboard": "tensorboard",
+              "trackio": "trackio", "wandb": "wandb"}
+
+
+def _check_report_to(field: str, names: list[str]) -> None:
+    """A `report_to` name transformers does not know, or whose package is not installed, is refused here (the
+    Trainer would raise it only once the teacher or the QAT student is loaded). Torch-free: find_spec only."""
+    import difflib
+    import importlib.util
+
+    from ..recipe import RecipeError
+
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        if name not in _REPORTERS:
+            close = difflib.get_close_matches(name, list(_REPORTERS), n=1)
+            raise RecipeError(f"{field}: {name!r} is not a transformers report_to integration"
+                              + (f"; did you mean {close[0]!r}?" if close else "")
+                              + f" (known: {', '.join(sorted(_REPORTERS))})")
+        module = _REPORTERS[name]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a dotted module whose parent package is missing
+            found = False
+        if not found and not (name == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+            raise RecipeError(f"{field}: {name} needs the {module.split('.')[0]} package, which is not installed "
+                              f"(pip install {module.split('.')[0]}); or drop {name!r} from {field}")
+
+
+def _visible_cuda_gpus() -> int:
+    """NVIDIA GPUs this process may use, without importing torch: the driver's /proc entries, narrowed by
+    CUDA_VISIBLE_DEVICES."""
+    import os
+    from pathlib import Path
+
+    gpus = Path("/proc/driver/nvidia/gpus")
+    n = len(list(gpus.iterdir())) if gpus.is_dir() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        n = min(n, len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")]))
+    return n
+
+
+def _check_distributed(recipe) -> None:
+    from ..recipe import RecipeError
+
+    q = recipe.qat
+    if q.enabled and q.distributed == "fsdp2" and _visible_cuda_gpus() == 0:
+        raise RecipeError("qat.distributed: fsdp2 shards over CUDA GPUs, and this machine has none visible; use ddp "
+                          "(gloo on CPU) or run on a GPU machine")
+
+
+def _check_gguf(ref: str | None) -> None:
+    """transformers reads a .gguf file through the `gguf` package; without it the teacher stage would end in
+    transformers' ImportError traceback."""
+    import importlib.util
+
+    from ..recipe import RecipeError
+
+    try:
+        missing = importlib.util.find_spec("gguf") is None
+    except (ValueError, ImportError):  # present in sys.modules as None: marked unimportable
+        missing = True
+    if ref and ref.endswith(".gguf") and missing:
+        raise RecipeError(f"model.id: {ref} is a GGUF file, which transformers reads through the gguf package; "
+                          "pip install gguf")
+
+
+def _check_generic_text(recipe) -> None:
+    """A local generic-text file that holds no text, where generic calibration uses it, is refused here."""
+    from pathlib import Path
+
+    from ..recipe import RecipeError
+
+    c = recipe.calibration
+    path = Path(c.generic_source).expanduser()
+    used = c.domain == "generic" or "gptq_generic" in (recipe.ptq.method, *recipe.ptq.baselines)
+    if used and path.is_file():
+        with open(path, encoding="utf-8", errors="replace") as f:
+            if not f.read(1 << 20).strip():
+                raise RecipeError(f"calibration.generic_source: {c.generic_source} holds no text; give a file of "
+                                  "plain text (or builtin)")
+
+
 def _check_attention(name: str | None) -> None:
     """A kernel that needs a package (flash-attn 2/3) or a torch (flex attention) this machine lacks is refused
     here, not when the teacher loads mid-run."""
@@ -90,19 +231,37 @@ def preflight(recipe) -> list[str]:
 
     model_cfg = recipe.model
     _check_local("model.id", model_cfg.id, "local model directory")
+    _check_gguf(model_cfg.id)
     _check_attention(model_cfg.attn_implementation)
     _check_run_root(recipe.run_root)
+    _check_report_to("report_to", recipe.report_to)
+    _check_report_to("qat.report_to", recipe.qat.report_to)
+    _check_distributed(recipe)
     for field, data in (("qat.data.source", recipe.qat.data), ("rl.data.source", recipe.rl.data)):
         if data.source == "demo" and model_cfg.demo is None and (field.startswith("qat") or recipe.rl.enabled):
             raise RecipeError(f"{field}: 'demo' needs the demo teacher (model.demo); give a .jsonl file or a hub dataset id")
-        if field.startswith("qat") or recipe.rl.enabled:
+        if field.startswith("qat") or recipe.rl.enabled:  # qat.data also feeds the domain calibration
             _check_local(field, data.source)
+            _check_rows(field, data, _needed_fields(field, data))
             _check_verifiable(field.removesuffix(".source"), data)
     _check_local("calibration.generic_source", recipe.calibration.generic_source)
+    _check_generic_text(recipe)
     with recipe_keys("eval"):  # a task's SpecError (`tasks`, `task_options.NAME`) named as the recipe writes it
         _check_tasks(recipe)
     _check_model_shapes(recipe)
     return serving_notes(recipe)
+
+
+def _needed_fields(field: str, data) -> list[tuple[str, str]]:
+    """(recipe key, column) pairs every row of a QAT / RL source must have."""
+    needs = [("prompt_field", data.prompt_field)]
+    if field.startswith("qat") and data.responses == "dataset":
+        needs.append(("response_field", data.response_field))
+    if field.startswith("rl"):
+        needs.append(("answer_field", data.answer_field))  # the graded reward
+    elif data.responses == "teacher" and data.generation.keep == "correct":
+        needs.append(("answer_field", data.answer_field))
+    return needs
 
 
 def _check_tasks(recipe) -> None:
@@ -181,6 +340,7 @@ def _check_model_shapes(recipe) -> None:
         if gptq and (outside := sorted(set(plan) - decoder)):
             raise RecipeError(f"quant.ignore: GPTQ ({', '.join(sorted(gptq))}) quantizes decoder layers only, and "
                               f"{outside[0]} is outside them; add it to quant.ignore, or use RTN for it (ptq.method: rtn)")
+    _check_sizes(recipe, config)
     d = head_dim(config)
     kv = recipe.quant.kv_cache
     if kv is not None and kv.group_size != -1 and d % kv.group_size:
@@ -193,6 +353,29 @@ def _check_model_shapes(recipe) -> None:
                 hadamard_factors(n)
             except UserError as err:
                 raise RecipeError(f"ptq.rotation: the model's {field} is {n}; {err}") from None
+
+
+def _check_sizes(recipe, config) -> None:
+    """Sizes the model cannot take: calibration windows longer than its context, a cached teacher keeping more
+    tokens per position than its vocabulary has. Fields a config does not give are not checked."""
+    from ..architecture import config_int
+    from ..recipe import RecipeError
+
+    def field(key):
+        try:
+            return config_int(config, key)
+        except ValueError:
+            return None
+
+    context = field("max_position_embeddings")
+    if context and recipe.calibration.seq_len > context:
+        raise RecipeError(f"calibration.seq_len: {recipe.calibration.seq_len} tokens is over the model's context of "
+                          f"{context} (max_position_embeddings); use at most {context}")
+    vocab = field("vocab_size")
+    kd = recipe.qat.kd
+    if recipe.qat.enabled and kd.teacher == "cached" and vocab and kd.cache_top_k > vocab:
+        raise RecipeError(f"qat.kd.cache_top_k: {kd.cache_top_k} is more tokens than the model's vocabulary of "
+                          f"{vocab}; use at most {vocab} (or teacher: online)")
 
 
 def serving_notes(recipe) -> list[str]:

@@ -51,6 +51,9 @@ def test_grade_math_answers(response, gold, ok):
     # a decimal the model wrote: to the gold's own precision
     ("\\boxed{0.1234568}", "0.1234567", False), ("\\boxed{0.12345670}", "0.1234567", True), ("\\boxed{2.50}", "2.5", True),
     ("\\boxed{0.333333}", "\\frac{1}{3}", True), ("\\boxed{0.3}", "\\frac{1}{3}", False),
+    # infinities: equal to themselves (their difference is nan), not to the other sign or a number
+    ("\\boxed{\\infty}", "\\infty", True), ("\\boxed{∞}", "\\infty", True), ("\\boxed{-\\infty}", "-\\infty", True),
+    ("\\boxed{-\\infty}", "\\infty", False), ("\\boxed{\\infty}", "5", False), ("\\boxed{5}", "\\infty", False),
 ])
 def test_grade_forms_a_careful_human_accepts(response, gold, ok):
     assert grade(response, gold).correct is ok

@@ -139,8 +139,15 @@ def test_request_seeds_differ_per_problem_and_sample():
     assert request_seed(0, 3, 1) == request_seed(0, 3, 1) != request_seed(1, 3, 1)
 
 
-def test_auto_picks_vllm_where_it_runs():
-    assert pick_backend("auto") == "vllm"
+def test_auto_picks_the_faster_engine_for_the_device():
+    """vLLM where it runs on a GPU; on a CPU, transformers (vLLM's CPU build is the slower one), with the reason."""
+    import torch
+
+    from reasoning_qat.evaluation.backends import auto_backend
+
+    name, why = auto_backend()
+    assert pick_backend("auto") == name == ("vllm" if torch.cuda.is_available() else "transformers")
+    assert why and (torch.cuda.is_available() or "faster than vLLM's CPU build" in why)
 
 
 def test_vllm_start_failure_is_one_line(tmp_path):

@@ -211,15 +211,24 @@ def test_a_left_padded_row_computes_what_it_computes_alone():
     """transformers builds no attention mask for an attention function it has no mask function for, so a
     W4A4KV4 model once let a left-padded row attend to its pad tokens: in a batch (eval, GRPO rollouts) it
     generated other tokens than alone. The quantized attention registers SDPA's mask: a padded row's logits and
-    its greedy generation are those of the row alone."""
+    its greedy generation are those of the row alone.
+
+    Equal within float64 rounding, not bitwise: the padded row goes through SDPA with an explicit mask, the row
+    alone through its causal kernel, and transformers 5.25 orders those sums differently (1.1e-16 apart). A row
+    that sees its pads (what the missing mask function did) is ~0.5 away: the tolerance is 1e8 times tighter."""
     torch.manual_seed(0)
     model = _quantized_model()
     a, b = torch.randint(3, 50, (1, 8)), torch.randint(3, 50, (1, 5))
     batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
     mask = (torch.arange(8) >= torch.tensor([[0], [3]])).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        padded = model(batch, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[1, 3:]
-        assert torch.equal(padded, model(b).logits[0])
+        alone_logits = model(b).logits[0]
+        padded = model(batch, attention_mask=mask, position_ids=positions).logits[1, 3:]
+        torch.testing.assert_close(padded, alone_logits, atol=1e-9, rtol=0)
+        # the leak this guards against: the same row attending to its pad tokens is far outside that tolerance
+        leaked = model(batch, attention_mask=torch.ones_like(mask), position_ids=positions).logits[1, 3:]
+        assert (leaked - alone_logits).abs().max() > 1e-3
         together = model.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
         alone = model.generate(b, attention_mask=torch.ones_like(b), max_new_tokens=12, do_sample=False,
                                pad_token_id=0)
