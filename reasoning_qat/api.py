@@ -87,7 +87,7 @@ def evaluate(model: str | Path, task: str, out: str | Path | None = None, *, bac
              data: str | None = None, limit: int | None = None, samples: int | None = None, seed: int = 0,
              demo_data: str | Path | None = None, **options) -> dict:
     """pass@1 of one model (a directory or hub id) on one task (a name in eval/tasks/ or a task .yaml), as
-    `rqat eval`: metrics.json and samples.jsonl under `out` (default eval/results/<model>/<task>). `data`:
+    `rqat eval`: metrics.json and samples.jsonl under `out` (default: beside the model, `default_eval_dir`). `data`:
     a local file replacing the task's hub source; `options`: batch_size, max_new_tokens, temperature,
     trust_remote_code, settings (EngineSettings). Returns the metrics (pass@1, ci95, ...). Raises UserError
     naming the argument at fault."""
@@ -116,13 +116,12 @@ def flag_names():
 
 
 def default_eval_dir(model: str) -> Path:
-    """eval/results/<name>: a hub id's org--name, a local model's last path component plus a short
-    hash of its absolute path, so two exports that are both called `dequantized` do not overwrite
-    each other's results."""
-    import hashlib
-
+    """Where `rqat eval` writes without --out: beside a local model (`.../w4-gptq/dequantized` ->
+    `.../w4-gptq/dequantized-eval`: the variant's own folder, so two exports both called `dequantized` never
+    share one), and for a hub id under the user's cache (`~/.cache/reasoning-qat/eval/org--name`): never into the
+    working directory, which may be a source checkout."""
     path = Path(model).expanduser()
     if not path.exists():
-        return Path("eval") / "results" / model.replace("/", "--")
-    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
-    return Path("eval") / "results" / f"{path.resolve().name}-{digest}"
+        return Path.home() / ".cache" / "reasoning-qat" / "eval" / model.replace("/", "--")
+    path = path.resolve()
+    return path.with_name(f"{path.name}-eval")

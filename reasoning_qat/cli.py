@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -70,7 +71,7 @@ def _run_pipeline(a, recipe, notes) -> int:
     if a.dry_run:
         return 0
     ran = pipe.run(only, a.force)
-    if "compare" in ran:
+    if "compare" in ran or (not ran and pipe.layout.compare_table().is_file()):  # a finished run shows its table
         console.print(pipe.layout.compare_table().read_text())
         console.print(f"table and plot: {pipe.layout.compare()}")
     return 0
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--demo-data", help="for task source 'demo': the directory with test.jsonl")
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--out", help="output directory (default: eval/results/<model name>-<hash of its path>)")
+    e.add_argument("--out", help="output directory (default: beside a local model, MODEL-eval; a hub id: ~/.cache/reasoning-qat/eval/ORG--NAME)")
     e.set_defaults(fn=cmd_eval)
 
     an = sub.add_parser("analyze", help="per-layer quantization diagnostics and a mixed-precision suggestion")
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: a UserError prints one line (`error: ...`) and returns 2; Ctrl-C returns 130."""
     args = build_parser().parse_args(argv)
+    if not sys.stderr.isatty():  # a log file: the libraries' \r-redrawn bars are noise there (our step lines stay)
+        for var in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(var, "1")
     try:
         return args.fn(args)
     except UserError as err:  # bad input or a refused action: one line; anything else keeps its traceback

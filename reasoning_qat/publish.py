@@ -67,8 +67,12 @@ def model_card(run_dir: str | Path, variant: str | Variant, fmt: str, repo_id: s
     results = [EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task, metric_type="pass@1",
                           metric_name="pass@1", metric_value=round(m["pass@1"], 4))
                for task, m in evals[str(v)].items()]
+    # the demo teacher is this project's own (Apache-2.0); a quantized model keeps its base model's license
+    license_ = {"license": "apache-2.0"} if recipe.model.id is None else \
+        {"license": "other", "license_name": "base-model-license", "license_link": f"https://huggingface.co/{recipe.model.id}"}
     data = ModelCardData(
         model_name=name, base_model=recipe.model.id, library_name="transformers", pipeline_tag="text-generation",
+        **license_,
         tags=["reasoning-qat", "quantized", f"{v.bits}-bit", scheme.lower(), fmt,
               *(["symmetric"] if q.symmetric else ["asymmetric"]), *([] if v.method in ("rtn", "gptq") else ["qat"])],
         eval_results=results)
@@ -82,8 +86,16 @@ def model_card(run_dir: str | Path, variant: str | Variant, fmt: str, repo_id: s
     qat = layout.stage_metrics("qat").get(str(Variant(v.bits, "qat")), {})
     lineage = "\n".join(f"- {stage}: `{m['fingerprint']}` ({m.get('finished_at', '?')})" for stage in
                         ("teacher", "calibrate", "ptq", "qat", "rl", "export", "eval") if (m := layout.manifest(stage)))
-    serve = (f"vllm serve {repo_id or 'THIS_FOLDER'}" if fmt == "compressed-tensors" else
-             f'AutoModelForCausalLM.from_pretrained("{repo_id or "THIS_FOLDER"}", dtype="bfloat16")')
+    where = repo_id or "THIS_FOLDER"
+    stored = {"dequantized": "full-size weights (the model's dtype) whose values lie on the quantization grid: any "
+                             "engine loads them, they take the BF16 model's memory, and they compute the quantized "
+                             "function exactly",
+              "compressed-tensors": "packed integer weights with their scales (compressed-tensors' pack-quantized "
+                                    "format): the memory of the bit width; vLLM serves it with its low-bit kernels",
+              "gptq": "GPTQ v1 packed weights (symmetric 4/8-bit)"}[fmt]
+    use = (f'from transformers import AutoModelForCausalLM, AutoTokenizer\n\n'
+           f'model = AutoModelForCausalLM.from_pretrained("{where}", dtype="{recipe.model.dtype}")\n'
+           f'tokenizer = AutoTokenizer.from_pretrained("{where}")')
     text = f"""---
 {data.to_yaml()}
 ---
@@ -91,7 +103,9 @@ def model_card(run_dir: str | Path, variant: str | Variant, fmt: str, repo_id: s
 # {name}
 
 {f"`{recipe.model.id}`" if recipe.model.id else "The reasoning-qat demo teacher"} quantized to **{scheme}**
-({'symmetric' if q.symmetric else 'asymmetric'}) by reasoning-qat: {label}, stored as `{fmt}`.
+({'symmetric' if q.symmetric else 'asymmetric'}) by reasoning-qat: {label}, stored as `{fmt}`: {stored}.
+
+License: {"Apache-2.0 (the reasoning-qat demo teacher)" if recipe.model.id is None else f"that of the base model, `{recipe.model.id}`"}.
 
 ## How it was made
 
@@ -110,8 +124,16 @@ Sampling: {'; '.join(f'{t}: {_sampling(recipe, t)}' for t in evals[str(v)])}.
 
 ## Use
 
+Serve it (vLLM's OpenAI-compatible server):
+
 ```
-{serve}
+vllm serve {where}
+```
+
+Or load it in Python:
+
+```python
+{use}
 ```
 
 ## Lineage (stage manifest fingerprints of run `{recipe.name}`)

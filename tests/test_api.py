@@ -15,7 +15,7 @@ def test_the_readme_example_runs(tmp_path, capsys, monkeypatch):
 
     block = re.search(r"### Python API.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL).group(1)
     rec = demo_recipe(tmp_path, bits="[2]", shared_teacher=True)
-    monkeypatch.chdir(tmp_path)  # rq.evaluate writes eval/results/ under the working directory
+    monkeypatch.chdir(tmp_path)  # nothing of the example lands in the checkout
     exec(block.replace('"recipes/demo.yaml"', repr(str(rec))), {})  # noqa: S102 (the README's own code)
     assert re.search(r"^BF16 pass@1 \d\.\d{3} ± \d\.\d{3}$", capsys.readouterr().out, re.MULTILINE)
     run_dir = tmp_path / "runs" / "demo-api"  # the example's own run, not the recipe's

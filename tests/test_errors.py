@@ -146,8 +146,9 @@ def test_eval_results_of_two_exports_with_the_same_name_go_to_different_folders(
     for variant in ("w4-gptq", "w4-rtn"):
         (tmp_path / variant / "dequantized").mkdir(parents=True)
     a, b = (default_eval_dir(str(tmp_path / v / "dequantized")) for v in ("w4-gptq", "w4-rtn"))
-    assert a != b and a.name.startswith("dequantized-") and b.name.startswith("dequantized-")
-    assert default_eval_dir("Qwen/Qwen3-0.6B").name == "Qwen--Qwen3-0.6B"
+    assert (a, b) == (tmp_path / "w4-gptq" / "dequantized-eval", tmp_path / "w4-rtn" / "dequantized-eval")
+    hub = default_eval_dir("Qwen/Qwen3-0.6B")  # no local copy: the user's cache, not the working directory
+    assert hub.name == "Qwen--Qwen3-0.6B" and hub.is_relative_to(Path.home() / ".cache")
 
 
 def test_verified_selection_without_answers_is_refused_before_the_teacher_trains(tmp_path):

@@ -4,11 +4,13 @@ vLLM serving a published dequantized folder: tests/evaluation/test_vllm.py. Not 
 (huggingface_hub ships no local hub server to stand up here)."""
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 
 from .conftest import demo_recipe
 
@@ -41,6 +43,13 @@ def test_published_folder_loads_alone_and_its_card_carries_the_evaluation(run_w4
     assert "| GPTQ (domain calib) | 4 | demo_arith |" in text and "| BF16 | 16 | demo_arith |" in text
     assert "| RTN | 4 | demo_arith |" in text and "by reasoning-qat: GPTQ (domain calib)" in text
     assert "vllm serve" in text and "temperature" in text and "- teacher: `" in text
+    assert card.data.license == "apache-2.0" and "License: Apache-2.0" in text  # the demo teacher is the project's
+    assert "packed integer weights" in text
+    # the card's own Python snippet runs as written (its import line, the run's dtype) and loads this folder
+    snippet = re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1).replace("THIS_FOLDER", str(out))
+    scope = {}
+    exec(snippet, scope)  # noqa: S102 (the card we wrote)
+    assert scope["model"].dtype == getattr(torch, yaml.safe_load((run_w4 / "recipe.yaml").read_text())["model"]["dtype"])
     with torch.no_grad():
         ids = torch.randint(3, 40, (1, 12))
         served = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits

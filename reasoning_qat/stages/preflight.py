@@ -379,8 +379,12 @@ def _check_sizes(recipe, config) -> None:
 
 
 def serving_notes(recipe) -> list[str]:
-    """One line for each export an engine will not run as written (not an error: the export is valid);
-    `rqat run` prints them under its plan when the plan exports."""
+    """One line for each export an engine installed here will not run as written (not an error: the export is
+    valid); `rqat run` prints them under its plan when the plan exports. Engines that are not installed get no
+    note: a machine without vLLM hears nothing of what vLLM serves."""
+    import importlib.metadata
+    import importlib.util
+
     from ..serving import vllm_refuses_packed
 
     if "compressed-tensors" not in recipe.export.formats:
@@ -388,8 +392,13 @@ def serving_notes(recipe) -> list[str]:
     q = recipe.quant
     bits = sorted(set(q.bits) | q.override_bits)
     notes = [f"export.formats: the {b}-bit compressed-tensors export is written, but {why}"
-             for b in bits if (why := vllm_refuses_packed(b, q.symmetric, recipe.ptq.gptq_act_order))]
-    if 3 in bits:
+             for b in bits if (why := vllm_refuses_packed(b, q.symmetric, recipe.ptq.gptq_act_order))] \
+        if importlib.util.find_spec("vllm") else []
+    try:
+        ct = tuple(int(x) for x in importlib.metadata.version("compressed-tensors").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        ct = None
+    if 3 in bits and ct is not None and ct < (0, 18):
         notes.append("export.formats: 3-bit compressed-tensors is written in the format's dense layout (what vLLM and "
                      "compressed-tensors >= 0.18 read); transformers with compressed-tensors 0.17 cannot run it: use "
                      "the dequantized export there")
