@@ -114,6 +114,28 @@ def _config_file(ref: str, field: str, revision: str | None = None) -> Path | No
     if constants.HF_HUB_OFFLINE:
         raise UserError(f"{field}: {ref!r} is a hub id that is not in the local cache, and the hub is off "
                         "(HF_HUB_OFFLINE=1); give a local model directory, or download it once with network access")
+    if (host := _unreachable_hub()) is not None:  # one probe, not the hub client's five retries with backoff
+        raise UserError(f"{field}: {ref!r} is a hub id that is not in the local cache, and {host} cannot be reached "
+                        "from here; give a local model directory, or download it once with network access")
+    return None
+
+
+def _unreachable_hub(timeout_s: float = 3.0) -> str | None:
+    """The hub's host when a TCP connection to it fails within `timeout_s` (no DNS, no route), else None. Not
+    probed behind a proxy (the proxy decides what is reachable)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
+    except OSError:
+        return url.hostname
     return None
 
 

@@ -1,7 +1,7 @@
 """What each engine version serves, as measured; imports nothing heavy (the recipe checks use it).
 
 vLLM's compressed-tensors path (`CompressedTensorsWNA16`) on a GPU, vLLM 0.26 (torch 2.11 + CUDA 13.0,
-the lent H200's image), measured on the project's exports (benchmarks/results/vllm-gpu/):
+measured on an H200 with the project's exports (research/README.md, "Serving"):
 - symmetric 4/8 bits: Machete; symmetric 2/3 bits: Humming (JIT on first load);
 - zero points (asymmetric) only at 4/8 bits: 2/3 bits are refused at load
   (`ValueError: Asymmetric quantization not supported for num_bits = 3. Supported: [4, 8]`);

@@ -41,7 +41,7 @@ def quiet_training_args(cls=None, **kwargs):
         dataloader_num_workers=0,
         disable_tqdm=False,
         # Log the loss the model computed: transformers' default logs the running mean in place of a NaN/inf
-        # loss, which made a NaN forward look like a finite loss with NaN gradients (issue 31's GRPO step)
+        # loss, which makes a NaN forward look like a finite loss with NaN gradients
         logging_nan_inf_filter=False,
         # Without CUDA, say so: Accelerate then sets up gloo data parallelism (MULTI_CPU) under
         # torchrun instead of leaving every rank to train and checkpoint on its own.

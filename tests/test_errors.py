@@ -385,6 +385,28 @@ def test_sizes_the_model_cannot_take_and_a_gguf_without_its_package_are_refused_
     assert not (tmp_path / "runs" / "m" / "teacher").exists()
 
 
+def test_a_hub_id_while_the_hub_cannot_be_reached_fails_at_once(tmp_path):
+    """An uncached hub id with the hub unreachable (here: its endpoint a closed port on this machine) is one line
+    from one connection attempt, not the hub client's five retries with backoff (27 s), --dry-run included."""
+    import os
+    import socket
+
+    with socket.socket() as s:  # a free loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "HF_HUB_OFFLINE"}
+    env |= {"HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf")}
+    (tmp_path / "d.jsonl").write_text('{"prompt": "1+1?", "response": "2"}\n')
+    rec = tmp_path / "hub.yaml"
+    rec.write_text(f"name: hub\nrun_root: {tmp_path / 'runs'}\nmodel: {{id: org/not-cached}}\n"
+                   f"qat: {{data: {{source: {tmp_path / 'd.jsonl'}}}}}\n"
+                   f"eval: {{tasks: [math500], data: {{math500: {tmp_path / 'd.jsonl'}}}}}\n")
+    res = cli("run", str(rec), "--dry-run", env=env)
+    one_line_error(res, "model.id: 'org/not-cached' is a hub id that is not in the local cache, and 127.0.0.1 cannot "
+                        "be reached")
+    assert "Retry" not in res.stdout + res.stderr and not (tmp_path / "runs").exists()
+
+
 def test_status_imports_no_torch(tmp_path):
     """`rqat status` reads manifests only: it answers without importing torch, transformers or the stages'
     engines (it took over a minute beside a running stage when listing the stages imported them)."""

@@ -221,6 +221,10 @@ class VLLMBackend:
             # A CPU generator cannot rewind its offset, so a seeded request whose prompt is split
             # across steps kills the engine ('CPU Generator does not use offset'): prefill whole prompts.
             kwargs["enable_chunked_prefill"] = False
+        elif torch.cuda.is_initialized():
+            # A stage that already used CUDA in this process (the calibrate stage writing the teacher's responses
+            # after loading it) cannot fork vLLM's engine: `Cannot re-initialize CUDA in forked subprocess`.
+            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         from vllm import LLM
 
         try:

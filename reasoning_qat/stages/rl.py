@@ -121,7 +121,7 @@ def _trainer_class(latent_lr: float):
 
         def _skipped_step(self, record: dict) -> None:
             """A skipped non-finite step: say so in the log and write its record to disk now, so that a run
-            stopped before its end (the device call's limit, a lost machine) keeps it."""
+            stopped before its end (a time limit, a lost machine) keeps it."""
             import sys
 
             record["global_step"] = self.state.global_step + 1  # the optimizer step it would have been

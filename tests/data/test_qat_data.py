@@ -230,7 +230,7 @@ eval: {{tasks: [demo_arith], backend: transformers, limit: 4}}
 
 
 def test_qat_data_from_another_generator_than_the_teacher(tmp_path):
-    """Issue 31: `qat.data.demo_trace` writes the teacher's own chain problems in the other trace style (the
+    """`qat.data.demo_trace` writes the teacher's own chain problems in the other trace style (the
     teacher trains on `columns`, the QAT set is `compact`), the way the paper's QAT data come from another model."""
     from reasoning_qat.data.qat_data import load_tokenized
     from reasoning_qat.data.tokenizer import build_char_tokenizer

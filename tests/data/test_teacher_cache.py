@@ -1,4 +1,4 @@
-"""The cached teacher (issue 29 item 3): forward KL against top-k log-probabilities plus the tail mass is the KL
+"""The cached teacher: forward KL against top-k log-probabilities plus the tail mass is the KL
 of the two distributions coarse-grained to k + 1 outcomes; the cache written by data/teacher_cache.py holds what
 the teacher computes, resumes by shard, and feeds the loss the rows of the positions it reads; the qat stage
 trains from it without loading the teacher."""

@@ -279,7 +279,7 @@ def test_recipe_preflight_checks_every_suite_task_source(tmp_path):
 
 
 def test_demo_eval_counts_the_trace_styles_students_write():
-    """The eval's metrics of the demo task say whose trace style the responses use (issue 31: a student
+    """The eval's metrics of the demo task say whose trace style the responses use (a student
     trained on another generator's traces); other tasks, or demo responses with no step line, get none."""
     from reasoning_qat.data.arithmetic import chain_problems
     from reasoning_qat.evaluation.runner import _trace_styles

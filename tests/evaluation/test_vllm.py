@@ -92,7 +92,7 @@ def test_sampled_pass_at_1_is_reproducible_per_seed(vllm_run, tmp_path):
 
 @pytest.mark.slow
 def test_a_published_dequantized_folder_serves_alone_in_vllm(vllm_run, tmp_path):
-    """Issue 30: `rqat publish --format dequantized` writes a folder vLLM (its CPU build here) serves as it is,
+    """`rqat publish --format dequantized` writes a folder vLLM (its CPU build here) serves as it is,
     the model card beside the weights: greedy completions equal the eval stage's on the same export."""
     from reasoning_qat.publish import publish
 
@@ -108,7 +108,7 @@ def test_a_published_dequantized_folder_serves_alone_in_vllm(vllm_run, tmp_path)
 
 @pytest.mark.slow
 def test_vllm_prompt_logprobs_write_the_cache_transformers_writes(vllm_run, tmp_path):
-    """Issue 29 item 3: the cached teacher written through vLLM's prompt_logprobs holds what the transformers
+    """The cached teacher written through vLLM's prompt_logprobs holds what the transformers
     path computes (same top tokens, log-probabilities within the engines' rounding)."""
     from reasoning_qat.data.qat_data import load_tokenized
     from reasoning_qat.data.teacher_cache import TeacherCache, write_teacher_cache

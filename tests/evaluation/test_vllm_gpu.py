@@ -1,6 +1,6 @@
 """vLLM on a GPU serves the packed exports as the project's serving table says, computing the quantized
 function: each compressed-tensors export against the same model's dequantized export, by teacher-forced
-log-probabilities (benchmarks/vllm_gpu/serving_matrix.py). Runs on the lent GPU after
+log-probabilities (benchmarks/vllm_gpu/serving_matrix.py). Runs on a GPU after
 benchmarks/vllm_gpu/install.sh; skipped where there is no GPU or no vLLM. RQAT_GPU_OUT keeps the matrix."""
 
 import json
@@ -17,7 +17,7 @@ from reasoning_qat.serving import vllm_refuses_packed
 from ..conftest import ROOT
 
 if not torch.cuda.is_available():
-    pytest.skip("needs a GPU (run on the lent GPU: README 'vLLM on the GPU')", allow_module_level=True)
+    pytest.skip("needs a GPU (run on a GPU: README 'vLLM on the GPU')", allow_module_level=True)
 pytest.importorskip("vllm")
 
 SCHEMES = ["2:sym:128", "3:sym:128", "4:sym:128", "8:sym:128", "2:asym:128", "3:asym:128", "4:asym:128", "8:asym:128",

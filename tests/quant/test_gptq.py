@@ -150,7 +150,7 @@ def test_gptq_driver_counts_dead_columns_and_names_a_layer_with_nan_inputs(tiny_
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gptq_of_a_cpu_resident_model_layer_by_layer_equals_gptq_on_the_gpu():
-    """Issue 29 item 4: a model left on the CPU, each decoder layer brought to the GPU for its turn, gets the
+    """A model left on the CPU, each decoder layer brought to the GPU for its turn, gets the
     codes GPTQ gives the same model held on the GPU, stays on the CPU, and holds less GPU memory."""
     import copy
 

@@ -1,4 +1,4 @@
-"""FSDP2 in the qat stage (issue 29 item 1), on CPU/gloo:
+"""FSDP2 in the qat stage , on CPU/gloo:
 - the KD loss (fused included) on a student sharded with fully_shard equals the unsharded loss in value and
   gradients, the teacher sharded by `shard_frozen`;
 - the stage's training worker under the real Trainer and Accelerate's FSDP2 (Accelerate's GPU-only gate

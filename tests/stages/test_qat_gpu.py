@@ -1,5 +1,5 @@
-"""The qat stage sharded on GPUs (issue 29 item 1): FSDP2 through Accelerate over two GPUs trains what one
-process trains and its sharded checkpoints resume after a kill (needs two GPUs, the lent nvidia-h200-x2);
+"""The qat stage sharded on GPUs: FSDP2 through Accelerate over two GPUs trains what one
+process trains and its sharded checkpoints resume after a kill (needs two GPUs, two GPUs);
 ZeRO-3 keeps the fused loss (one GPU or two, with DeepSpeed). Skipped without CUDA (tests/stages/test_fsdp2.py
 runs FSDP2 on CPU shards)."""
 

@@ -57,7 +57,7 @@ def _two_grpo_steps(tmp_path, tokenizer, poison_norm=None, trainer_base=None, no
 def test_a_skipped_grpo_step_is_on_disk_and_in_the_log_as_it_happens(tmp_path, tokenizer, capsys):
     """The skipped step's record is appended to the run's nonfinite_steps.jsonl when the step is skipped, not
     only in rl_metrics.json at the stage's end: the GPU organism lost four NaN steps' records to a machine that
-    went away mid-run (issue 31). The log says which step and where the probes saw it."""
+    went away mid-run . The log says which step and where the probes saw it."""
     from reasoning_qat.training import read_records
 
     log = tmp_path / "rl" / "nonfinite_steps.jsonl"
@@ -84,7 +84,7 @@ def test_a_nan_forward_in_grpo_is_logged_as_nan_and_its_skipped_step_says_so(tmp
     """The second step's training forward poisoned (the final norm's output times NaN, as an overflow in the
     residual stream would): the step is skipped with `loss_finite: False` and the logged loss is NaN.
     transformers' default logs the running mean in place of a NaN loss, which made the GPU organism's NaN steps
-    look like a finite loss with NaN gradients (issue 31); the rollouts (no grad) and the first step stay
+    look like a finite loss with NaN gradients ; the rollouts (no grad) and the first step stay
     untouched."""
     trainer = _two_grpo_steps(tmp_path, tokenizer, poison_norm=lambda out: out * float("nan"))
     (record,) = trainer.counts["nonfinite_steps"]
@@ -122,7 +122,7 @@ def test_a_nan_entering_the_grpo_backward_is_placed_above_in_or_below_the_lm_hea
 
 
 def test_a_nan_query_gradient_in_the_top_layer_leaves_the_gpu_records_signature(tmp_path, tokenizer):
-    """The five GPU records of issue 31's third session (table-t350d) all read: loss and both head probes finite,
+    """The five non-finite GPU records of the W2 GRPO runs (research: table-t350d) all read: loss and both head probes finite,
     deepest non-finite layer the top one, there only q_proj, q_norm and input_layernorm non-finite, k/v/o and the
     MLP finite. A NaN put into the top layer's query gradient alone (q_norm's output, before RoPE and attention)
     leaves exactly that record, which is what cuDNN SDPA's backward returns (NaN grad_q, finite grad_k and grad_v;
