@@ -552,7 +552,7 @@ def _format_error(err: ValidationError, source: str) -> str:
         loc += f"[{','.join(idx)}]"
     kind = first["type"]
     if kind == "extra_forbidden":
-        msg = "unknown key" + _did_you_mean(first["loc"]) + " (check the spelling; see the recipe reference in README.md)"
+        msg = "unknown key" + _did_you_mean(first["loc"]) + " (check the spelling; see docs/recipe-reference.md)"
     elif kind == "missing":
         msg = "required field is missing"
     else:

@@ -385,6 +385,36 @@ def test_sizes_the_model_cannot_take_and_a_gguf_without_its_package_are_refused_
     assert not (tmp_path / "runs" / "m" / "teacher").exists()
 
 
+def test_a_base_model_without_a_chat_template_is_refused_before_anything_runs(tmp_path, tokenizer):
+    """Every stage formats text through the chat template: a model without one (a base model, as Gemma-3-270M's
+    GGUF file) is one line in the preflight, not a traceback in the calibrate stage. Read from the files: a
+    local directory's tokenizer files, a GGUF file's metadata."""
+    import json
+
+    from .conftest import tiny_qwen3
+
+    model = tmp_path / "base"
+    tiny_qwen3(vocab_size=len(tokenizer)).save_pretrained(model)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(model)
+    (tmp_path / "d.jsonl").write_text('{"prompt": "1+1?", "response": "2"}\n')
+    rec = tmp_path / "r.yaml"
+    rec.write_text(json.dumps({"name": "b", "run_root": str(tmp_path / "runs"), "model": {"id": str(model)},
+                               "quant": {"group_size": 32}, "calibration": {"seq_len": 128},
+                               "qat": {"data": {"source": str(tmp_path / "d.jsonl")}},
+                               "eval": {"tasks": ["math500"], "data": {"math500": str(tmp_path / "d.jsonl")}}}))
+    one_line_error(cli("run", str(rec)), f"model.id: {model} has no chat template (a base model?)")
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(tmp_path / "base.gguf", "llama")  # metadata only: what the check reads
+    writer.add_tokenizer_model("llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    one_line_error(cli("run", str(rec), f"model.id={tmp_path / 'base.gguf'}"),
+                   f"model.id: {tmp_path / 'base.gguf'} has no chat template")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_hub_id_while_the_hub_cannot_be_reached_fails_at_once(tmp_path):
     """An uncached hub id with the hub unreachable (here: its endpoint a closed port on this machine) is one line
     from one connection attempt, not the hub client's five retries with backoff (27 s), --dry-run included."""

@@ -58,10 +58,10 @@ def test_published_folder_loads_alone_and_its_card_carries_the_evaluation(run_w4
 
 
 def test_publish_refuses_before_writing(run_w4, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     from reasoning_qat.errors import UserError
     from reasoning_qat.publish import publish
-
-    from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 in the environment sets it
     with pytest.raises(UserError, match="--repo-id org/name: the hub is off"):
