@@ -38,9 +38,8 @@ def organism_backend(batch: int, device: str, dtype: torch.dtype):
     from reasoning_qat.data.tokenizer import build_char_tokenizer
     from reasoning_qat.evaluation.backends import TransformersBackend
     from reasoning_qat.models import demo_config
-    from reasoning_qat.quant.fake_quant import swap_in_fake_quant
+    from reasoning_qat.quant import prepare
     from reasoning_qat.quant.rotation import rotate
-    from reasoning_qat.quant.runtime import install_quant_spec
     from reasoning_qat.recipe import load_recipe
     from reasoning_qat.stages.specs import quant_spec
 
@@ -50,8 +49,7 @@ def organism_backend(batch: int, device: str, dtype: torch.dtype):
     model = Qwen3ForCausalLM(demo_config(recipe.model.demo, tok)).eval()
     rotate(model, seed=recipe.ptq.rotation_seed)
     spec = quant_spec(recipe, 4)
-    swap_in_fake_quant(model, spec.weights)
-    install_quant_spec(model, spec)
+    prepare(model, spec)
     return TransformersBackend.from_model(model.to(device=device, dtype=dtype), tok, batch_size=batch)
 
 

@@ -126,7 +126,7 @@ def run_stage(config: str, root: Path, model_dir: Path, data: Path, a) -> dict:
 
     kd.KDTrainer.__init__ = patched
     if config == "stage_no_fq":  # benchmark-only: the student keeps plain Linear layers
-        qat_stage.swap_in_fake_quant = lambda *args, **kwargs: None
+        qat_stage.prepare = lambda *args, **kwargs: {}
         qat_stage.read_quantized_weights = lambda *args, **kwargs: ({}, None, None)
         qat_stage.save_quantized_checkpoint = lambda *args, **kwargs: None
     recipe = root / f"{config}.yaml"

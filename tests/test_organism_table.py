@@ -1,4 +1,4 @@
-"""benchmarks/organism_table.py: seeds pooled per problem, and the findings' reading."""
+"""research/organism/organism_table.py: seeds pooled per problem, and the findings' reading."""
 
 import importlib.util
 import math
@@ -12,7 +12,7 @@ def _entry(problems: dict) -> dict:
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("organism_table", ROOT / "benchmarks" / "organism_table.py")
+    spec = importlib.util.spec_from_file_location("organism_table", ROOT / "research" / "organism" / "organism_table.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -52,7 +52,7 @@ def test_rows_scored_on_the_same_problems_are_compared_paired():
 
 
 def test_variant_overrides_set_nested_keys_parsed_as_yaml():
-    spec = importlib.util.spec_from_file_location("organism_runs", ROOT / "benchmarks" / "organism_runs.py")
+    spec = importlib.util.spec_from_file_location("organism_runs", ROOT / "research" / "organism" / "organism_runs.py")
     runs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runs)
     base = {"name": "o", "qat": {"kd": {"loss": "forward_kl"}}, "eval": {"tasks": ["demo_arith"]}}
@@ -112,12 +112,12 @@ def test_table_runs_are_named_after_their_teacher_and_share_it():
     base_env = {k: v for k, v in os.environ.items() if k != "TEACHER_STEPS"}
 
     def args(*variants, **env):
-        out = subprocess.run(["bash", "benchmarks/organism_table_runs.sh", *variants], cwd=ROOT, check=True,
+        out = subprocess.run(["bash", "research/organism/organism_table_runs.sh", *variants], cwd=ROOT, check=True,
                              capture_output=True, text=True, env={**base_env, **env}).stdout
         return out.split()
 
     a = args("kd0", "ace1", TEACHER_STEPS="300")
-    assert a[a.index("--out") + 1] == "benchmarks/results/organism-gpu/table-t300"
+    assert a[a.index("--out") + 1] == "research/organism/table-t300"
     variants = [a[i + 1] for i, x in enumerate(a) if x == "--variant"]
     assert variants == ["t300-kd0", "t300-ace1"]
     assert a.count("model.demo.train_steps=300") == 2
@@ -147,17 +147,17 @@ def test_named_pairs_are_read_in_every_column():
 
 
 def test_dynamics_table_pairs_each_teacher_seed_with_its_own_problems():
-    """benchmarks/dynamics_table.py on the recorded schedule runs (table-dyn350): each teacher seed draws its
+    """research/organism/dynamics_table.py on the recorded schedule runs (table-dyn350): each teacher seed draws its
     own problems, so problem 7 of seed 0 and of seed 1 are two problems, and the pass@1 drop of one schedule
     minus another's pairs the same seed's problems; cosine teachers trained for 350, 400 and 450 steps (to meet
     WSD's validation loss) are rows of their own. Checked against the per-problem outcomes."""
     import gzip
     import json
 
-    spec = importlib.util.spec_from_file_location("dynamics_table", ROOT / "benchmarks" / "dynamics_table.py")
+    spec = importlib.util.spec_from_file_location("dynamics_table", ROOT / "research" / "organism" / "dynamics_table.py")
     t = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(t)
-    d = ROOT / "benchmarks" / "results" / "organism-gpu" / "table-dyn350"
+    d = ROOT / "research" / "organism" / "table-dyn350"
     with gzip.open(d / "correctness.json.gz") as f:
         correctness = json.load(f)
     lines = t.build(sorted((d / "runs").glob("organism-gpu-dyn350-*")), correctness, bits=3)
@@ -193,7 +193,7 @@ def test_budget_rows_carry_the_rl_settings_a_run_changed():
     import json
 
     t = _module()
-    d = ROOT / "benchmarks" / "results" / "organism-gpu" / "table-t350b"
+    d = ROOT / "research" / "organism" / "table-t350b"
     with gzip.open(d / "correctness.json.gz") as f:
         correctness = json.load(f)
     table = t.build(sorted((d / "runs").glob("organism-gpu-t350b-*")), correctness, tag_steps=True)
@@ -211,7 +211,7 @@ def test_cosine_teachers_of_another_length_are_dynamics_variants():
     teacher seed K, training its own teacher (no --teacher-from, no shared teacher)."""
     import subprocess
 
-    out = subprocess.run(["bash", "benchmarks/organism_table_runs.sh", "dcos450s1"], cwd=ROOT, check=True,
+    out = subprocess.run(["bash", "research/organism/organism_table_runs.sh", "dcos450s1"], cwd=ROOT, check=True,
                          capture_output=True, text=True, env={"TAG": "dyn350-", "PATH": "/usr/bin:/bin"}).stdout.split()
     assert out[out.index("--variant") + 1] == "dyn350-dcos450s1"
     steps = [x for x in out if x.startswith("model.demo.train_steps=")]
@@ -240,7 +240,7 @@ def test_plain_rtn_and_latent_rate_variants():
     at rl.latent_lr X; af32rtnK is the rotated RTN evaluated in float32."""
     import subprocess
 
-    out = subprocess.run(["bash", "benchmarks/organism_table_runs.sh", "artn0", "e60lr3e-2s1"], cwd=ROOT, check=True,
+    out = subprocess.run(["bash", "research/organism/organism_table_runs.sh", "artn0", "e60lr3e-2s1"], cwd=ROOT, check=True,
                          capture_output=True, text=True, env={"TAG": "t350c-", "SOURCE": "artn0",
                                                               "PATH": "/usr/bin:/bin"}).stdout.split()
     first = out[out.index("--variant"):out.index("--variant", out.index("--variant") + 1)]
@@ -260,7 +260,7 @@ def test_float32_eval_variant_and_its_own_row():
     import json
     import subprocess
 
-    out = subprocess.run(["bash", "benchmarks/organism_table_runs.sh", "af32rtn1"], cwd=ROOT, check=True,
+    out = subprocess.run(["bash", "research/organism/organism_table_runs.sh", "af32rtn1"], cwd=ROOT, check=True,
                          capture_output=True, text=True, env={"TAG": "t350d-", "SOURCE": "af32rtn1",
                                                               "PATH": "/usr/bin:/bin"}).stdout.split()
     assert out[out.index("--variant") + 1] == "t350d-af32rtn1"
@@ -268,7 +268,7 @@ def test_float32_eval_variant_and_its_own_row():
     assert [x for x in out if x.startswith("ptq.rotation=")][-1] == "ptq.rotation=hadamard"
 
     t = _module()
-    d = ROOT / "benchmarks" / "results" / "organism-gpu" / "table-t350d"
+    d = ROOT / "research" / "organism" / "table-t350d"
     with gzip.open(d / "correctness.json.gz") as f:
         correctness = json.load(f)
     runs = [d / "runs" / f"organism-gpu-t350d-{v}" for v in ("aptq0", "aptq1", "af32rtn0", "af32rtn1")]
@@ -279,9 +279,9 @@ def test_float32_eval_variant_and_its_own_row():
 
 
 def test_rewards_are_read_from_a_cut_off_runs_progress_log(tmp_path, capsys):
-    """benchmarks/organism_rewards.py: one reward per step from carriage-return redraws, a resumed step's last
+    """research/organism/organism_rewards.py: one reward per step from carriage-return redraws, a resumed step's last
     line wins, NaN grad-norm steps are listed and a range's mean covers only the steps the log has."""
-    spec = importlib.util.spec_from_file_location("organism_rewards", ROOT / "benchmarks" / "organism_rewards.py")
+    spec = importlib.util.spec_from_file_location("organism_rewards", ROOT / "research" / "organism" / "organism_rewards.py")
     r = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(r)
     line = "rl w2: step {}/200 ({}%) | loss 0.01 | reward {} | grad norm {} | lr 1.00e-06 | 0.20 steps/s | ETA 0:10:00"
@@ -298,7 +298,7 @@ def test_rewards_are_read_from_a_cut_off_runs_progress_log(tmp_path, capsys):
 
 
 def test_sdpa_nan_probe_finds_a_nan_query_gradient_and_its_gpu_signature(saved_tiny, tmp_path, monkeypatch):
-    """benchmarks/sdpa_cudnn_nan.py on CPU: the left-padded input has fully masked query rows (the GRPO
+    """research/organism/sdpa_cudnn_nan.py on CPU: the left-padded input has fully masked query rows (the GRPO
     micro-batch condition), every case is finite through CPU SDPA, and a NaN put into SDPA's query gradient alone
     (what cuDNN's backward returns, pytorch#196678) is found: in the kernel case grad_q only, in the model case
     every parameter below the top layer's query path, the signature of the GPU runs' skipped steps."""
@@ -306,7 +306,7 @@ def test_sdpa_nan_probe_finds_a_nan_query_gradient_and_its_gpu_signature(saved_t
 
     import torch
 
-    spec = importlib.util.spec_from_file_location("sdpa_cudnn_nan", ROOT / "benchmarks" / "sdpa_cudnn_nan.py")
+    spec = importlib.util.spec_from_file_location("sdpa_cudnn_nan", ROOT / "research" / "organism" / "sdpa_cudnn_nan.py")
     s = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(s)
     q, *_, mask = s.kernel_inputs("left_padded", 192, "cpu")

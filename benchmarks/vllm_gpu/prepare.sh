@@ -22,7 +22,7 @@ wheels() {  # the project's dependencies the image lacks; compressed-tensors 0.1
   $PIPDL -d .whl trl==1.16.0 datasets==5.2.0 math-verify==0.9.0 latex2sympy2_extended==1.11.0 \
     antlr4-python3-runtime==4.13.2 multiprocess==0.70.19 dill==0.4.1 pydantic==2.14.3 pydantic_core==2.50.4 \
     annotated-types==0.8.0 typing-inspection==0.4.5 compressed-tensors==0.17.0 loguru==0.7.3
-  # DeepSpeed ships as source only; benchmarks/gpu_suite.sh builds it without ops (DS_BUILD_OPS=0) on the GPU.
+  # DeepSpeed ships as source only; research/organism/gpu_suite.sh builds it without ops (DS_BUILD_OPS=0) on the GPU.
   if [ -n "${DEEPSPEED:-}" ]; then  # and its run-time dependencies the image lacks
     python3 -m pip download -q --no-deps --no-binary=:all: -d .whl "deepspeed==$DEEPSPEED"
     $PIPDL -d .whl hjson==3.1.0 py-cpuinfo==9.0.0 msgpack==1.2.4 ninja==1.13.2 einops==0.8.2 nvidia-ml-py==13.615.71

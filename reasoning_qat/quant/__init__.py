@@ -15,11 +15,13 @@ _HOMES = {
     "QuantScheme": "scheme",
     "QuantTargets": "scheme",
     "QuantSpec": "scheme",
+    "prepare": "runtime",
+    "install_quant_spec": "runtime",
 }
 
 __all__ = [  # noqa: RUF022 (grouped by home module)
     "FakeQuantLinear", "QuantizedWeight", "fake_quant_modules", "swap_in_fake_quant", "swap_out_fake_quant",
-    "QuantScheme", "QuantTargets", "QuantSpec",
+    "QuantScheme", "QuantTargets", "QuantSpec", "prepare", "install_quant_spec",
 ]
 
 

@@ -18,6 +18,20 @@ SPEC_FILE = "quant_spec.json"
 _LEGACY_KEY = "rqat_runtime"  # config.json key of checkpoints written before QuantSpec
 
 
+def prepare(model, spec: QuantSpec, init: dict | None = None, keep_latent: bool = False) -> dict[str, QuantScheme]:
+    """Turn `model` (its weights already rotated where `spec` rotates) into the fake-quant form of `spec`, in
+    place: every Linear `spec.weights` targets becomes a FakeQuantLinear (latents from `init`, {module name:
+    QuantizedWeight} as PTQ wrote them; round-to-nearest of the current weight where `init` has none;
+    `keep_latent`: the BF16 weight itself as the latent), then `spec`'s online parts are installed
+    (`install_quant_spec`). The one way the stages build a quantized model, as torchao's `quantize_(model,
+    config)`. Returns {module name: scheme}. Raises UserError where `init` holds another scheme than `spec`."""
+    from .fake_quant import swap_in_fake_quant
+
+    plan = swap_in_fake_quant(model, spec.weights, init, keep_latent)
+    install_quant_spec(model, spec)
+    return plan
+
+
 def install_quant_spec(model, spec: QuantSpec | None) -> bool:
     """Make `model` (whose weights hold the offline parts: rotated, quantized) compute `spec`'s online
     parts, once per model, and record the spec on it (`model.quant_spec`, which the writers save).

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from ..models import best_device
 from ..pipeline import StageContext
-from ..quant import swap_in_fake_quant
+from ..quant import prepare
 from ..quant.formats import save_quantized_checkpoint
 from ..quant.ptq import gptq_quantize_model, rtn_quantize_model
 from ..quant.runtime import install_quant_spec
@@ -58,8 +58,7 @@ def run(ctx: StageContext) -> dict:
                 # how much of each layer's input width the calibration data uses, on average
                 fraction = sum(ranks[n] / model.get_submodule(n).in_features for n in ranks) / max(len(ranks), 1)
                 model = load_rotated_teacher(ctx, home)  # GPTQ overwrote weights in place
-            swap_in_fake_quant(model, spec.weights, qws)
-            install_quant_spec(model, spec)  # the checkpoint carries its spec (quant_spec.json beside the weights)
+            prepare(model, spec, qws)  # the checkpoint carries its spec (quant_spec.json beside the weights)
             save_quantized_checkpoint(model, out, tok, {"method": method, "bits": bits})
             summary = {"mean_layer_error": sum(errors.values()) / len(errors), "max_layer_error": max(errors.values()),
                        "error_kind": "weight" if method == "rtn" else "output", "rotation": r.ptq.rotation,

@@ -31,10 +31,9 @@ from ..data.teacher_cache import CachedTeacherCollator, CachedTeacherDataset, Te
 from ..kd import KDTrainer
 from ..models import best_device
 from ..pipeline import StageContext, StageFailed, recipe_from_run
-from ..quant import swap_in_fake_quant
+from ..quant import prepare
 from ..quant.fake_quant import train_quantizers, use_compiled_fake_quant
 from ..quant.formats import read_quantized_weights, save_quantized_checkpoint
-from ..quant.runtime import install_quant_spec
 from ..run_layout import Variant, finished_metrics
 from ..training import (
     WeightAveraging,
@@ -138,12 +137,11 @@ def _init_student(ctx: StageContext, bits: int, device: str, compile: bool = Tru
     r = ctx.recipe
     spec = quant_spec(r, bits)
     student = load_rotated_teacher(ctx, device)  # float32 master weights (bf16 autocast on GPU), ptq's rotation
+    init = None
     if r.qat.init == "ptq":
         qws, _, _ = read_quantized_weights(ctx.layout.ptq(Variant(bits, r.ptq.method)))
-        swap_in_fake_quant(student, spec.weights, {k: v.to(device) for k, v in qws.items()})
-    else:
-        swap_in_fake_quant(student, spec.weights, keep_latent=r.qat.init == "bf16")
-    install_quant_spec(student, spec)  # activation/KV fake-quant and online Hadamards (W4A4KV4)
+        init = {k: v.to(device) for k, v in qws.items()}
+    prepare(student, spec, init, keep_latent=r.qat.init == "bf16")  # weights, activation/KV fake-quant, Hadamards
     if compile and compile_enabled(r.qat.compile, device):
         use_compiled_fake_quant(student)
         compile_decoder_layers(student)
@@ -306,7 +304,7 @@ def loss_spike(log_history: list[dict], initial: float, factor: float = LOSS_SPI
     the loss measured on the initialisation before step 1 (`KDTrainer.initial_loss`), in the same units
     (nats per token). Returns {"peak_logged_loss", "peak_loss_step", "peak_loss_over_initial",
     "loss_spike"}; the peak is None without logged losses. Why a peak and not the last loss: on the
-    GPU organism (benchmarks/results/organism-gpu/table-t350b) KD-QAT at W2G128 on foreign traces rose
+    GPU organism (research/organism/table-t350b) KD-QAT at W2G128 on foreign traces rose
     from 0.079 to 1.68 after the warm-up, came back to 0.069 (below its start) and scored 0.000 pass@1.
     Over the 48 QAT runs of the organism's tables (table-t350, -t350b, -t500) the peak is 0.8-7.2x the
     start in 42, and 13-21x in six: these two and KD-QAT from RTN at W2G128 (pass@1 0.363 on one

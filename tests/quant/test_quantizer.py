@@ -201,3 +201,27 @@ def test_asymmetric_zero_point_uses_the_whole_code_range(observer):
     out = fake_quantize(w, qw.scale, qw.zero, qw.g_idx, scheme.maxq)
     assert torch.equal(out, qw.dequantize())
     assert torch.equal(fake_quantize(w, qw.scale, torch.tensor([[-0.4]]), qw.g_idx, scheme.maxq), out)  # rounds to 0
+
+
+def test_prepare_builds_the_quantized_model_from_a_spec_and_its_init(tiny_model):
+    """quant.prepare: every targeted Linear becomes a FakeQuantLinear holding `init`'s latents where given (a
+    PTQ result) and RTN of its own weight elsewhere, the spec's activation quantizers are installed on them, the
+    spec is recorded on the model, and an init written under another scheme is refused."""
+    from reasoning_qat.errors import UserError
+    from reasoning_qat.quant import prepare
+    from reasoning_qat.quant.scheme import ActivationScheme, QuantSpec
+
+    name = "model.layers.0.mlp.down_proj"
+    other = tiny_qwen3()
+    spec = QuantSpec(QuantTargets(QuantScheme(4, 32)), ActivationScheme(8))
+    init = {name: QuantizedWeight.rtn(torch.randn_like(other.get_submodule(name).weight), QuantScheme(4, 32))}
+    plan = prepare(other, spec, init)
+    layers = {n: m for n, m in other.named_modules() if isinstance(m, FakeQuantLinear)}
+    assert set(layers) == set(plan) and name in plan
+    assert torch.equal(layers[name].quantized_weight(), init[name].dequantize())  # the init's grid values
+    rest = "model.layers.1.mlp.down_proj"
+    expect = QuantizedWeight.rtn(tiny_model.get_submodule(rest).weight.data, QuantScheme(4, 32)).dequantize()
+    assert torch.equal(layers[rest].quantized_weight(), expect)  # no init: RTN of the layer's own weight
+    assert other.quant_spec == spec and all(m.input_quantizer is not None for m in layers.values())
+    with pytest.raises(UserError, match="the checkpoint holds"):
+        prepare(tiny_qwen3(), QuantSpec(QuantTargets(QuantScheme(3, 32))), init)

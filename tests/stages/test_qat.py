@@ -233,7 +233,7 @@ def test_a_skipped_step_names_where_the_nan_entered_the_backward():
                                                ("t350b-kdf1", 3, False), ("t350b-own0", 2, False),
                                                ("t350b-cef0", 2, False)])
 def test_loss_spike_flags_the_organism_runs_that_diverged(run, bits, spike):
-    """On the GPU organism's recorded QAT logs (benchmarks/results/organism-gpu/table-t350b): KD on
+    """On the GPU organism's recorded QAT logs (research/organism/table-t350b): KD on
     foreign traces at W2G128 rose 16-21x above its start and scored 0.000, yet ended near its start;
     the same at W3G128 (peak 5.1x, pass@1 0.891) and KD on the teacher's own traces are not flagged."""
     import json
@@ -241,7 +241,7 @@ def test_loss_spike_flags_the_organism_runs_that_diverged(run, bits, spike):
 
     from reasoning_qat.stages.qat import loss_spike
 
-    root = Path(__file__).parents[2] / "benchmarks/results/organism-gpu/table-t350b/runs"
+    root = Path(__file__).parents[2] / "research/organism/table-t350b/runs"
     history = json.loads((root / f"organism-gpu-{run}" / "qat" / f"w{bits}-qat" / "log_history.json").read_text())
     initial = next(h["loss"] for h in history if h.get("initial"))
     found = loss_spike(history, initial)

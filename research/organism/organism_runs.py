@@ -7,7 +7,7 @@ A variant with `--share NAME` waits for NAME's teacher and starts from a copy of
 accepts the copy only if the teacher's recipe hash matches, i.e. the model section and seed agree);
 `--teacher-from RUN_DIR` gives every variant a copy of a teacher that is already there.
 
-  python benchmarks/organism_runs.py --base recipes/organism-gpu.yaml --out benchmarks/results/x \\
+  python research/organism/organism_runs.py --base recipes/organism-gpu.yaml --out benchmarks/results/x \\
       --variant l4 model.demo.num_layers=4 --variant l2 model.demo.num_layers=2 --parallel 2
 
 At the end (or the deadline) every run with a finished eval goes into one compare table (with the
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 

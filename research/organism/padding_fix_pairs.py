@@ -1,12 +1,12 @@
 """The W4A4KV4 padding fix on `table-t350d`'s teacher, paired per problem (issue 31; README of
-benchmarks/results/organism-gpu, "W4A4KV4 re-measured after the padding fix"):
+research/organism, "W4A4KV4 re-measured after the padding fix"):
 
 - each W4A4KV4 row after the fix - the same row before it (runs in table-t350d/runs and
   table-t350d/before-padding-fix/runs, the same seeds and problems);
 - CPU - H200 on the first 300 problems, seed 0, Hadamard + RTN: the CPU's float32 eval (cpu-padding-fix/,
   before and after the fix) against the H200's bfloat16 (before, after) and float32 (after) evals.
 
-    python benchmarks/padding_fix_pairs.py
+    python research/organism/padding_fix_pairs.py
 """
 
 from __future__ import annotations

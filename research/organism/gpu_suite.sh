@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (see README "GPU results"): installs the carried wheels and the
 # project, then runs the parts named on the command line; results land in $OUT/results.tar.gz.
-#   bash benchmarks/gpu_suite.sh bench        # benchmarks/*.py
-#   bash benchmarks/gpu_suite.sh demo         # recipes/demo-gpu.yaml end to end
-#   bash benchmarks/gpu_suite.sh ablations    # $ABLATIONS (recipes/*.yaml names) sharing one teacher, compared
+#   bash research/organism/gpu_suite.sh bench        # benchmarks/*.py
+#   bash research/organism/gpu_suite.sh demo         # recipes/demo-gpu.yaml end to end
+#   bash research/organism/gpu_suite.sh ablations    # $ABLATIONS (recipes/*.yaml names) sharing one teacher, compared
 #   parts qatstep, gen, gptq run one benchmark each (QAT_ARGS, GEN_ARGS, GPTQ_ARGS; T_* timeouts)
 #   part qatstage: the real qat stage vs a naive loop (STAGE_ARGS, e.g. "--arch qwen3-1.7b")
 #   part tests: pytest $TESTS (default tests/stages/test_qat_gpu.py); part multigpu: qat_multi_gpu.py $MULTI_ARGS
 #   part kvgen: benchmarks/kv_quant_generation.py $KVGEN_ARGS once per dtype in $KVGEN_DTYPES, JSON in runs/_kv
-#   part sdpa: benchmarks/sdpa_cudnn_nan.py $SDPA_ARGS (SDPA's cuDNN NaN query gradient, pytorch#196678), JSON in runs/_sdpa
+#   part sdpa: research/organism/sdpa_cudnn_nan.py $SDPA_ARGS (SDPA's cuDNN NaN query gradient, pytorch#196678), JSON in runs/_sdpa
 set -uo pipefail
 mkdir -p "${OUT:-/tmp/out}"
 echo "start $(date +%T)" | tee "${OUT:-/tmp/out}/log.txt"
@@ -42,7 +42,7 @@ for part in "$@"; do
     tests) timeout $(t ${T_TESTS:-300}) python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/stages/test_qat_gpu.py} 2>&1 | quiet ;;
     multigpu) (cd benchmarks; timeout $(t ${T_MULTI:-540}) python3 qat_multi_gpu.py ${MULTI_ARGS:-}) 2>&1 | quiet ;;
     sdpa)  # SDPA's cuDNN NaN query gradient (pytorch#196678) and the training stages' switch, kernel and model level
-      timeout $(t ${T_SDPA:-180}) python3 benchmarks/sdpa_cudnn_nan.py ${SDPA_ARGS:-} --out runs/_sdpa/sdpa_cudnn_nan.json 2>&1 | quiet ;;
+      timeout $(t ${T_SDPA:-180}) python3 research/organism/sdpa_cudnn_nan.py ${SDPA_ARGS:-} --out runs/_sdpa/sdpa_cudnn_nan.json 2>&1 | quiet ;;
     kvgen)  # W4A4KV4 generation: K/V transformed at cache write vs the whole cache every step, per dtype
       for d in ${KVGEN_DTYPES:-bfloat16}; do
         timeout $(t ${T_KVGEN:-240}) python3 benchmarks/kv_quant_generation.py ${KVGEN_ARGS:-} --dtype $d \
@@ -52,12 +52,12 @@ for part in "$@"; do
     gptq) (cd benchmarks; BENCH_TAG=${GPTQ_TAG:-} timeout $(t ${T_GPTQ:-240}) python3 gptq_time.py ${GPTQ_ARGS:-}) 2>&1 | quiet ;;
     demo) timeout $(t ${T_DEMO:-500}) rqat run recipes/demo-gpu.yaml 2>&1 | quiet ;;
     organism) timeout $(t ${T_ORG:-540}) rqat run recipes/organism-gpu.yaml 2>&1 | quiet ;;
-    runs)  # benchmarks/organism_runs.py $RUNS_ARGS, stopped (resumable) before the call's deadline;
+    runs)  # research/organism/organism_runs.py $RUNS_ARGS, stopped (resumable) before the call's deadline;
       # RUNS_ARGS2 (optional): a second set beside it, e.g. runs that train their own teachers and so
       # must not get the first set's --teacher-from
       dl=$(( $(t 9999) - ${RUNS_MARGIN:-45} ))
-      if [ -n "${RUNS_ARGS2:-}" ]; then python3 benchmarks/organism_runs.py --deadline $dl $RUNS_ARGS2 2>&1 | quiet & fi
-      python3 benchmarks/organism_runs.py --deadline $dl $RUNS_ARGS 2>&1 | quiet
+      if [ -n "${RUNS_ARGS2:-}" ]; then python3 research/organism/organism_runs.py --deadline $dl $RUNS_ARGS2 2>&1 | quiet & fi
+      python3 research/organism/organism_runs.py --deadline $dl $RUNS_ARGS 2>&1 | quiet
       wait ;;
     ablations)
       # Recipes whose model section matches share one teacher: the first run trains it and the
@@ -73,5 +73,5 @@ for part in "$@"; do
   esac
 done
 # Keep manifests, metrics, compare tables and plots (not the checkpoints).
-bash benchmarks/pack_results.sh "${OUT:-/tmp/out}/results.tar.gz"
+bash research/organism/pack_results.sh "${OUT:-/tmp/out}/results.tar.gz"
 ls -la "${OUT:-/tmp/out}"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Device-call helper: `bash benchmarks/bg.sh start PARTS...` starts benchmarks/gpu_suite.sh in the
+# Device-call helper: `bash research/organism/bg.sh start PARTS...` starts research/organism/gpu_suite.sh in the
 # background (its own session, so a call's time limit cannot kill it half-way through writing; DEADLINE
 # is the suite's whole budget: keep it inside the call), then waits up to WAIT seconds (default 560)
-# for it; `bash benchmarks/bg.sh wait` only waits. If the suite of an earlier call still runs (the
+# for it; `bash research/organism/bg.sh wait` only waits. If the suite of an earlier call still runs (the
 # machine stayed warm), `start` waits on it instead of starting a second one.
 # Every call brings back what there is so far, finished or not: logs, a results archive (manifests,
 # metrics, compare tables), per-problem correctness, and the teachers named by PACK.
@@ -15,14 +15,14 @@ BG=/tmp/bg
 if [ -d .carry ] && ls .carry/teacher.tgz.part-* >/dev/null 2>&1 && [ -n "${UNPACK:-}" ] && [ ! -d "$UNPACK/teacher" ]; then
   mkdir -p "$UNPACK" && cat .carry/teacher.tgz.part-* | tar xzf - -C "$UNPACK" && echo "unpacked teacher into $UNPACK"
 fi
-running() { pgrep -f "benchmarks/gpu_suite.sh" >/dev/null; }
+running() { pgrep -f "research/organism/gpu_suite.sh" >/dev/null; }
 if [ "$1" = start ]; then
   shift
   if running; then
     echo "the suite of an earlier call is still running: waiting on it"
   else
     mkdir -p $BG; rm -f $BG/results.tar.gz
-    OUT=$BG setsid nohup bash benchmarks/gpu_suite.sh "$@" > $BG/suite.log 2>&1 < /dev/null &
+    OUT=$BG setsid nohup bash research/organism/gpu_suite.sh "$@" > $BG/suite.log 2>&1 < /dev/null &
     sleep 1
   fi
 fi
@@ -32,7 +32,7 @@ for f in runs/_logs/*.log; do [ -f "$f" ] && echo "== $f: $(tail -c 300 "$f" | t
 tail -40 $BG/suite.log
 cp $BG/suite.log "$OUT"/ 2>/dev/null
 # the suite's own archive once it finished, else a snapshot of what is there now
-if [ -f $BG/results.tar.gz ]; then cp $BG/results.tar.gz "$OUT"/; else bash benchmarks/pack_results.sh "$OUT"/results.tar.gz; fi
+if [ -f $BG/results.tar.gz ]; then cp $BG/results.tar.gz "$OUT"/; else bash research/organism/pack_results.sh "$OUT"/results.tar.gz; fi
 # per-problem correctness of every evaluated variant (samples.jsonl stays behind: responses are large)
 python3 - "$OUT"/correctness.json <<'PY' 2>/dev/null
 import json, sys, pathlib

@@ -1,12 +1,12 @@
 """What a symmetric weight grid costs (issue 28, item 4): symmetric minus asymmetric pass@1 on the GPU
 organism, paired over the same held-out problems, per bit width and method, per seed and over both.
 
-Input: the per-problem correctness file a GPU call brings back (`benchmarks/bg.sh`: keys
+Input: the per-problem correctness file a GPU call brings back (`research/organism/bg.sh`: keys
 `organism-gpu-{sym,asym}-s{seed}/w{bits}-{method}/demo_arith`, values [problem, sample, correct]).
 The interval is 1.96 standard errors of the per-problem differences (each problem's score is its mean
 over samples, and over seeds for the pooled row).
 
-  python benchmarks/organism_symmetric.py benchmarks/results/organism-gpu/symmetric/correctness.json.gz
+  python research/organism/organism_symmetric.py research/organism/symmetric/correctness.json.gz
 """
 
 from __future__ import annotations

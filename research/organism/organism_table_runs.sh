@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The GPU organism's table (issue 16) as benchmarks/organism_runs.py variants of
+# The GPU organism's table (issue 16) as research/organism/organism_runs.py variants of
 # recipes/organism-gpu.yaml, all sharing the teacher of run kd0. Prints RUNS_ARGS for bg.sh:
-#   RUNS_ARGS="$(bash benchmarks/organism_table_runs.sh [VARIANT...])" bash benchmarks/bg.sh start runs
+#   RUNS_ARGS="$(bash research/organism/organism_table_runs.sh [VARIANT...])" bash research/organism/bg.sh start runs
 # Variants kd0 ... ce1 make the W3G128 / W2G128 columns, akd0 ... ace1 (prefix a) the W4A4KV4 column;
 # the digit is the seed. Naming some runs only these (a later call on a fresh machine leaves out the
 # runs that already came back); naming none runs all twenty. Each row is one override of the recipe, so
 # no row is tuned beyond what the recipe shows; seed 1 changes the calibration sample, the QAT/RL data
 # order and the eval's sampling, not the teacher (model.demo.seed).
 # The runs are named after the teacher's training steps (t350-kd0 ...: bg.sh's UNPACK then names
-# runs/organism-gpu-t350-kd0) and the table goes to benchmarks/results/organism-gpu/table-t350;
+# runs/organism-gpu-t350-kd0) and the table goes to research/organism/table-t350;
 # TEACHER_STEPS=N builds the same table on a teacher trained for N steps instead of the recipe's.
 # Issue 31/29 rows (the same teacher recipe; TAG=t350b- names a table of its own, SOURCE=own0 its teacher):
 #   own0/1  BF16, GPTQ and KD-QAT on the teacher's own traces (the reference rows of that teacher)
@@ -50,7 +50,7 @@ w4a4kv4="akd0 akd1 arlptq0 arlptq1 aptq0 aptq1 akdrtn0 akdrtn1 ace0 ace1"
 want=${*:-$w23 $w4a4kv4}
 steps=${TEACHER_STEPS:-$(awk '$1 == "train_steps:" {print $2; exit}' recipes/organism-gpu.yaml)}
 [ -n "$steps" ] || { echo "recipes/organism-gpu.yaml has no model.demo.train_steps: set TEACHER_STEPS" >&2; exit 2; }
-tag=${TAG:-t$steps-}; teacher="model.demo.train_steps=$steps"; out=benchmarks/results/organism-gpu/table-${tag%-}
+tag=${TAG:-t$steps-}; teacher="model.demo.train_steps=$steps"; out=research/organism/table-${tag%-}
 args="--base recipes/organism-gpu.yaml --out $out --parallel ${PARALLEL:-8}"
 # SOURCE's teacher (kd0 unless named) is everyone's: with SOURCE in the list the others wait for it (trained
 # there, or put there by bg.sh's UNPACK before the runs start); without, it must already be on disk

@@ -4,7 +4,7 @@ A run cut off before its end (a device call's machine gone) leaves no rl_metrics
 progress line per step ("rl w2: step 12/200 (6%) | loss ... | reward 0.531 | grad norm 0.112 | ..."). Runs of
 one seed see the same prompts at each step, so two logs of a seed compare step for step.
 
-    python benchmarks/organism_rewards.py LOG [LOG ...] --ranges 1-20 21-60
+    python research/organism/organism_rewards.py LOG [LOG ...] --ranges 1-20 21-60
 prints, per log: the last step reached, the steps whose gradient norm was NaN (the skipped steps), and the
 mean reward over each range (over the steps of that range the log has).
 """

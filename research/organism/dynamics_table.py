@@ -5,7 +5,7 @@ teacher: `organism_table_runs.sh` variants dcos/dwsd/dlawa). For each PTQ method
 the relative increase of held-out CE over the same run's BF16 teacher (mean over seeds, and each seed's) and
 the pass@1 drop, paired per problem against that teacher and pooled over seeds (95% CI over problems).
 
-  python benchmarks/dynamics_table.py runs/organism-gpu-dyn350-* [--correctness C.json] --out FILE.md
+  python research/organism/dynamics_table.py runs/organism-gpu-dyn350-* [--correctness C.json] --out FILE.md
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from organism_table import load_correctness, mean_ci, per_problem, run_arguments

@@ -2,7 +2,7 @@
 share one teacher), one row per method, one column per scheme, mean over seeds with a 95% CI, and
 the paper's four findings read off it.
 
-  python benchmarks/organism_table.py runs/organism-gpu-* [--correctness C1.json C2.json ...] --out FILE.md
+  python research/organism/organism_table.py runs/organism-gpu-* [--correctness C1.json C2.json ...] --out FILE.md
 
 Rows are named as `rqat compare` names them (BF16, RTN, GPTQ (generic calib), GPTQ (domain calib),
 KD-QAT, KD-QAT (RTN init), CE-QAT, KD-QAT + RL, RL from RTN). The CI pools the seeds per problem:
@@ -23,13 +23,13 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from reasoning_qat.compare import collect
 from reasoning_qat.pipeline import recipe_from_run
 from reasoning_qat.recipe import load_recipe
 
-BASE_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "organism-gpu.yaml"
+BASE_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "organism-gpu.yaml"
 
 
 @functools.cache

@@ -1,6 +1,6 @@
 """Does SDPA's cuDNN backward give a NaN query gradient here, and does `training.sdpa_cudnn(False)` stop it?
 
-The cause named for the rare NaN-gradient GRPO step (benchmarks/results/organism-gpu/README.md, "The cause"):
+The cause named for the rare NaN-gradient GRPO step (research/organism/README.md, "The cause"):
 pytorch/pytorch#196678 (also huggingface/trl#7181). On H100/H200 with torch >= 2.11, cuDNN's SDPA backward
 returns NaN in grad_q when a mask is passed, the padded length L is 64 mod 128 and a query row's logsumexp is
 below -88.7 (ln FLT_MAX). This script measures it two ways, for L in --lengths (64 mod 128 and not):
@@ -14,7 +14,7 @@ below -88.7 (ln FLT_MAX). This script measures it two ways, for L in --lengths (
   cross-entropy over the non-pad tokens; it lists the parameters whose gradient is non-finite, to compare with
   the records of the GPU runs' skipped steps (`nonfinite_steps.jsonl`).
 
-    python benchmarks/sdpa_cudnn_nan.py [--model DIR] [--lengths 576 640 704 768] [--out FILE.json]
+    python research/organism/sdpa_cudnn_nan.py [--model DIR] [--lengths 576 640 704 768] [--out FILE.json]
 
 Prints one line per case and writes them all to --out (JSON). On a machine without CUDA the cuDNN modes are
 left out (nothing to measure there); the rest runs on CPU.

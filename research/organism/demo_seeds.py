@@ -5,7 +5,7 @@ Every fresh `rqat run recipes/demo.yaml` trains its own teacher; which problems 
 the demo at several seeds (nothing else running), then:
 
     for s in 0 1 2; do rqat run recipes/demo.yaml seed=$s name=demo-seed$s --run-root /tmp/seeds/runs; done
-    python benchmarks/demo_seeds.py /tmp/seeds/runs/demo-seed{0,1,2} --out eval/results/demo-seeds
+    python research/organism/demo_seeds.py /tmp/seeds/runs/demo-seed{0,1,2} --out eval/results/demo-seeds
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from reasoning_qat.compare import collect, to_markdown
 
