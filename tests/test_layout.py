@@ -113,6 +113,7 @@ def test_status_never_writes_and_run_recovers_an_interrupted_rename(small_run, t
     assert res.returncode == 0, res.stderr[-2000:]
     assert (crashed / "ptq" / "manifest.json").is_file() and not (crashed / ".ptq.old").exists()
     assert "nothing to do" in res.stdout
+    assert "| run | task | bits | method | pass@1 |" in res.stdout  # a finished run shows its table again
 
 
 def test_status_can_tell_a_run_in_progress_from_a_crashed_one(tmp_path):

@@ -62,6 +62,10 @@ def test_stages_option_and_missing_input(tmp_path):
     with pytest.raises(RecipeError, match="--stages: b needs the a stage, which has not run"):
         p.run(["b"])
     assert calls == [] and not (tmp_path / "runs/toy/b").exists()
+    # every missing input at once, the ones it needs through others too, and the command that runs them
+    with pytest.raises(RecipeError, match=r"--stages: c needs the a, b stages, which have not run in .*"
+                                          r"`rqat run RECIPE --stages a,b,c`"):
+        p.run(["c"])
     with pytest.raises(RecipeError, match="unknown stage 'zz'"):
         p.plan(["zz"])
     p.run()

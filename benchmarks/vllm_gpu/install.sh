@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Install vLLM 0.26 (carried by benchmarks/vllm_gpu/prepare.sh) and the project on the lent GPU machine, in two
-# back-to-back device calls (everything lands in /tmp, which lives as long as the machine stays warm), then run
-# the command given after the part number:
-#   call 1: bash benchmarks/vllm_gpu/install.sh 1 [CMD...]   carry: .whl .vl/p1   project deps + vLLM's first half
-#   call 2: bash benchmarks/vllm_gpu/install.sh 2 [CMD...]   carry: .vl/p2        vLLM assembled, imported, patched
-#   later:  bash benchmarks/vllm_gpu/install.sh 0 [CMD...]   (nothing carried; the same warm machine)
+# Install vLLM 0.26 (prepared by benchmarks/vllm_gpu/prepare.sh where pip works) and the project on a GPU machine
+# without network access, in two steps (the parts land in /tmp, kept while the machine runs), then run the command
+# given after the step number:
+#   1: bash benchmarks/vllm_gpu/install.sh 1 [CMD...]   needs .whl and .vl/p1   project deps + vLLM's first half
+#   2: bash benchmarks/vllm_gpu/install.sh 2 [CMD...]   needs .vl/p2            vLLM assembled, imported, patched
+#   0: bash benchmarks/vllm_gpu/install.sh 0 [CMD...]   nothing new; vLLM already installed
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 [ -d /usr/local/cuda ] && export CUDA_HOME=/usr/local/cuda

