@@ -516,6 +516,6 @@ class KDTrainer(Trainer):
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"qat: the loss became {loss.item()} at step {self.state.global_step + 1}; the last good checkpoint is "
-                f"kept in {self.args.output_dir}; lower qat.lr or qat.scale_lr and re-run (it resumes from there)"
+                f"kept in {self.args.output_dir}; lower lr or scale_lr and re-run (it resumes from there)"
             )
         return (loss, None) if return_outputs else loss

@@ -59,7 +59,7 @@ def open_dataset(source: str, split: str = "train", subset: str | None = None, d
 
     if source == "demo":
         if demo_dir is None:
-            raise SpecError(field, "'demo' needs the demo teacher's data (model.demo in a recipe)")
+            raise SpecError(field, "'demo' needs the demo teacher's data (its test and train splits)")
         return Dataset.from_list(read_jsonl(Path(demo_dir) / f"{split}.jsonl"))
     if source.endswith(".jsonl"):
         if not Path(source).is_file():

@@ -67,7 +67,7 @@ def write_teacher_cache(model, dataset, out_dir: str | Path, top_k: int = 64, te
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if len(dataset) == 0:
-        raise UserError("qat.kd.teacher: cached, but the QAT set is empty")
+        raise SpecError("teacher", "cached, but the QAT set is empty")
     if hasattr(model, "prompt_top_k") and temperature != 1.0:
         raise SpecError("backend", f"vllm reports log-probabilities at temperature 1, not {temperature}; use the "
                                    "transformers backend, or temperature 1")

@@ -232,7 +232,7 @@ class VLLMBackend:
         except Exception as err:
             msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise SpecError("backend", f"vllm could not start on {model_path} ({type(err).__name__}: {msg}); check the "
-                                       "engine settings (eval.gpu_memory_utilization, max_model_len; vLLM needs the GPU's "
+                                       "engine settings (gpu_memory_utilization, max_model_len; vLLM needs the GPU's "
                                        "free memory to itself while it starts), or use backend: transformers") from err
         self.tokenizer = self.llm.get_tokenizer()
         from ..models import saved_end_token_ids

@@ -380,7 +380,7 @@ def gptq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     bits = qw.scheme.bits
     if bool((qw.zero < 1).any()):  # GPTQ v1 stores zero - 1 as an unsigned b-bit code
         raise SpecError("formats", "gptq cannot store a zero point of 0 (it writes zero - 1); GPTQ v1 is for "
-                        "symmetric schemes (quant.symmetric: true)")
+                        "symmetric schemes (symmetric: true)")
     return {
         "qweight": pack_bits(qw.codes, bits).t().contiguous(),  # packed along the input dimension
         "qzeros": pack_bits((qw.zero.t().round().to(torch.int64) - 1).contiguous(), bits),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UserError
+from ..errors import SpecError
 from .fake_quant import QuantizedWeight
 from .quantizer import find_params, quantize_codes
 from .scheme import QuantScheme
@@ -93,8 +93,8 @@ def gptq_quantize(
     try:
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except torch.linalg.LinAlgError:
-        raise UserError(f"ptq: GPTQ's Hessian is not positive definite even after damping by {damp} of its mean "
-                        "diagonal; raise ptq.damp (e.g. 0.1)") from None
+        raise SpecError("damp", f"GPTQ's Hessian is not positive definite even after damping by {damp} of its mean "
+                                "diagonal; raise damp (e.g. 0.1)") from None
 
     codes = torch.zeros_like(W, dtype=torch.uint8)
     n_groups = in_f // gs

@@ -1,6 +1,6 @@
 """The widths a Hadamard transform is built for here (torch-free: the recipe preflight checks them)."""
 
-from ..errors import UserError
+from ..errors import SpecError
 
 
 def hadamard_factors(n: int) -> tuple[int, int]:
@@ -10,5 +10,5 @@ def hadamard_factors(n: int) -> tuple[int, int]:
         m = n // factor
         if n % factor == 0 and m >= 1 and m & (m - 1) == 0:
             return factor, m
-    raise UserError(f"rotation: a Hadamard transform of size {n} is not built here (sizes 2^k and 12*2^k are); "
-                    "use ptq.rotation: none for this model")
+    raise SpecError("rotation", f"a Hadamard transform of size {n} is not built here (sizes 2^k and 12*2^k are); "
+                                "use rotation: none for this model")

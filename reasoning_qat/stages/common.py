@@ -33,8 +33,10 @@ def load_rotated_teacher(ctx, device: str):
     model = load_teacher(ctx, torch.float32, device)
     if ctx.recipe.ptq.rotation == "hadamard":
         from ..quant.rotation import rotate
+        from .specs import recipe_keys
 
-        rotate(model, ctx.recipe.ptq.rotation_seed)
+        with recipe_keys("ptq"):  # a width no Hadamard is built for: ptq.rotation
+            rotate(model, ctx.recipe.ptq.rotation_seed)
     return model
 
 

@@ -363,7 +363,7 @@ def _check_model_shapes(recipe) -> None:
     the Hadamard sizes built here. Torch-free for the dense decoder families
     (`test_errors.py::test_every_recipe_a_later_stage_rejects_is_refused_before_anything_is_created`)."""
     from ..architecture import config_int, head_dim
-    from ..errors import UserError
+    from ..errors import SpecError
     from ..quant.hadamard import hadamard_factors
     from ..recipe import RecipeError
     from .specs import quant_spec, recipe_keys
@@ -388,8 +388,8 @@ def _check_model_shapes(recipe) -> None:
                          ("intermediate_size", config_int(config, "intermediate_size")), ("head_dim", d)):
             try:
                 hadamard_factors(n)
-            except UserError as err:
-                raise RecipeError(f"ptq.rotation: the model's {field} is {n}; {err}") from None
+            except SpecError as err:
+                raise RecipeError(f"ptq.rotation: the model's {field} is {n}; {err.message}") from None
 
 
 def _check_sizes(recipe, config) -> None:

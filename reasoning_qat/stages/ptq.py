@@ -50,7 +50,7 @@ def run(ctx: StageContext) -> dict:
             else:
                 ids = calib["generic" if method == "gptq_generic" else "main"]
                 install_quant_spec(model, spec)  # GPTQ calibrates on what the quantized model will compute
-                with recipe_keys("quant"):
+                with recipe_keys("quant"), recipe_keys("ptq", only={"damp"}):
                     qws, errors = gptq_quantize_model(
                         model, plan, ids, damp=r.ptq.damp, block_size=r.ptq.block_size, act_order=r.ptq.act_order,
                         true_sequential=r.ptq.true_sequential, device=device, input_ranks=ranks, dead_columns=dead,

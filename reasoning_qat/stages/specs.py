@@ -32,12 +32,16 @@ if TYPE_CHECKING:
 
 
 @contextlib.contextmanager
-def recipe_keys(prefix: str, rename: dict[str, str] | None = None):
+def recipe_keys(prefix: str, rename: dict[str, str] | None = None, only: set[str] | None = None):
     """Within the block, a SpecError `field: message` becomes RecipeError `prefix.field: message`, where
-    `rename` may give a spec key its recipe name (the engine's `backend` is `rl.use_vllm` in RL)."""
+    `rename` may give a spec key its recipe name (the engine's `backend` is `rl.use_vllm` in RL). `only`: the spec
+    keys this block names (others pass through to an enclosing block: GPTQ's `damp` is `ptq.damp`, its group
+    sizes are `quant.*`)."""
     try:
         yield
     except SpecError as err:
+        if only is not None and err.field not in only:
+            raise
         key = (rename or {}).get(err.field, err.field)
         raise RecipeError(f"{prefix}.{key}: {err.message}" if prefix else f"{key}: {err.message}") from None
 

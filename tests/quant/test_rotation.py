@@ -4,7 +4,7 @@ KV-cache fake quantization, and cached generation under KV quantization."""
 import pytest
 import torch
 
-from reasoning_qat.errors import UserError
+from reasoning_qat.errors import SpecError, UserError
 from reasoning_qat.quant.act_quant import ActQuantizer, KVQuantizer, install_quant_attention
 from reasoning_qat.quant.rotation import (
     fwht,
@@ -38,7 +38,7 @@ def test_fast_hadamard_equals_the_dense_product(n):
 
 
 def test_unsupported_hadamard_size_is_a_clear_error():
-    with pytest.raises(UserError, match="size 20 is not built here.*ptq.rotation: none"):
+    with pytest.raises(SpecError, match="rotation: a Hadamard transform of size 20 is not built here.*use rotation: none"):
         hadamard_matrix(20)
 
 
@@ -287,6 +287,6 @@ def test_rotation_of_an_unsupported_width_is_refused_before_the_run_starts(tmp_p
                                     "quant": {"group_size": -1}, "ptq": {"rotation": "hadamard"},
                                     "export": {"formats": ["dequantized"]}, "eval": {"tasks": ["demo_arith"]},
                                     "run_root": str(tmp_path / "runs")})
-    with pytest.raises(RecipeError, match="ptq.rotation: the model's intermediate_size is 160; rotation: .*size 160"):
+    with pytest.raises(RecipeError, match="ptq.rotation: the model.s intermediate_size is 160; a Hadamard transform of size 160 is not built here"):
         preflight(recipe)
     assert not (tmp_path / "runs").exists()
