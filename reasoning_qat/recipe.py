@@ -269,7 +269,7 @@ class KDConfig(_Section):
     top_k: int | None = Field(None, ge=1, description="restrict the loss to the teacher's top-k tokens (none: full vocabulary)")
     chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the vocabulary projection")
     fused: bool = Field(True, description=(
-        "projection + loss + gradient in one pass per chunk (kd.py), sharded heads included (FSDP2, ZeRO-3); false "
+        "projection + loss + gradient in one pass per chunk (kd/fused.py), sharded heads included (FSDP2, ZeRO-3); false "
         "(or top_k, a head with a bias, a quantized head): autograd through checkpointed chunks"))
     teacher: Literal["online", "cached"] = Field("online", description=(
         "`online`: the BF16 teacher runs beside the student at every step; `cached`: the calibrate stage stores the "
