@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-import reasoning_qat.kd as kd_module
+import reasoning_qat.kd.heads as kd_module  # where batch_loss looks up the fused loss
 from reasoning_qat.kd import KDSpec, batch_loss, shard_frozen
 from reasoning_qat.quant import QuantScheme, QuantTargets, swap_in_fake_quant
 from reasoning_qat.quant.fake_quant import train_quantizers
