@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from .errors import UserError
+from .models import looks_like_path
 from .run_layout import RunLayout, Variant
 
 FORMATS = ("auto", "compressed-tensors", "dequantized")
@@ -68,8 +69,9 @@ def model_card(run_dir: str | Path, variant: str | Variant, fmt: str, repo_id: s
                           metric_name="pass@1", metric_value=round(m["pass@1"], 4))
                for task, m in evals[str(v)].items()]
     # the demo teacher is this project's own (Apache-2.0); a quantized model keeps its base model's license
-    license_ = {"license": "apache-2.0"} if recipe.model.id is None else \
-        {"license": "other", "license_name": "base-model-license", "license_link": f"https://huggingface.co/{recipe.model.id}"}
+    license_ = {"license": "apache-2.0"} if recipe.model.id is None else {"license": "other", "license_name": "base-model-license"}
+    if recipe.model.id is not None and not looks_like_path(recipe.model.id):  # a hub id: its page holds the license
+        license_["license_link"] = f"https://huggingface.co/{recipe.model.id}"
     data = ModelCardData(
         model_name=name, base_model=recipe.model.id, library_name="transformers", pipeline_tag="text-generation",
         **license_,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SpecError
+from . import is_saved_dataset
 from .reasoning import read_jsonl, tokenize_example
 
 
@@ -65,8 +66,7 @@ def open_dataset(source: str, split: str = "train", subset: str | None = None, d
         if not Path(source).is_file():
             raise SpecError(field, f"no such file {source!r}")
         return Dataset.from_list(read_jsonl(source))
-    saved = [Path(source) / f for f in ("dataset_dict.json", "dataset_info.json", "state.json")]
-    if Path(source).is_dir() and any(f.is_file() for f in saved):  # written by save_to_disk
+    if is_saved_dataset(source):
         ds = load_from_disk(source)
         if isinstance(ds, DatasetDict):
             if split not in ds:

@@ -61,6 +61,7 @@ def _check_rows(field: str, data, needs: list[tuple[str, str]]) -> None:
     import json
     from pathlib import Path
 
+    from ..data import is_saved_dataset
     from ..models import looks_like_path
     from ..recipe import RecipeError
 
@@ -69,7 +70,7 @@ def _check_rows(field: str, data, needs: list[tuple[str, str]]) -> None:
         return
     path = Path(source).expanduser()
     if path.is_dir():
-        if not any((path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
+        if not is_saved_dataset(path):
             raise RecipeError(f"{field}: {source!r} is a directory that datasets' save_to_disk did not write (no "
                               "dataset_info.json or dataset_dict.json); give a .jsonl file or a save_to_disk directory")
         return
@@ -164,11 +165,13 @@ def _check_gguf(ref: str | None) -> None:
 
     from ..recipe import RecipeError
 
+    if not (ref and ref.endswith(".gguf")):
+        return
     try:
         missing = importlib.util.find_spec("gguf") is None
     except (ValueError, ImportError):  # present in sys.modules as None: marked unimportable
         missing = True
-    if ref and ref.endswith(".gguf") and missing:
+    if missing:
         raise RecipeError(f"model.id: {ref} is a GGUF file, which transformers reads through the gguf package; "
                           "pip install gguf")
 
@@ -198,7 +201,8 @@ def _has_chat_template(ref: str) -> bool | None:
 
     path = Path(ref).expanduser()
     if ref.endswith(".gguf") and path.is_file():
-        from gguf import GGUFReader  # numpy only; reads every metadata field: ~4 s at 49k tokens, ~13 s at 262k
+        # numpy only; it reads every metadata field: ~4 s at 49k tokens, ~13 s at 262k
+        from gguf import GGUFReader
 
         return "tokenizer.chat_template" in GGUFReader(str(path)).fields
     if not path.is_dir():
